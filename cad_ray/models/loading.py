@@ -1,0 +1,175 @@
+"""Loading models from a folder or an `s3://` URI, safely.
+
+A model is a diffusers folder: `model_index.json` plus one subfolder per component. Weights load from
+safetensors. A pickle checkpoint (`.bin`, `.pt`, `.pth`, `.ckpt`) is loaded only if it passes
+`torch.load(weights_only=True)`, which cannot run code; any other pickle is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from ..errors import CadRayError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+BUILTIN_DIGITS = Path(__file__).resolve().parent.parent / "assets" / "digits-model"
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def s3_filesystem():
+    """An s3fs filesystem configured from the environment / standard AWS config only.
+
+    `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`) points at a non-AWS endpoint such as MinIO or moto.
+    """
+    import s3fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint} if endpoint else {})
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CAD_RAY_CACHE", Path.home() / ".cache" / "cad-ray"))
+
+
+def fetch_s3_folder(uri: str) -> Path:
+    """Copy an `s3://` model folder to the local cache (once per content version) and return its path."""
+    fs = s3_filesystem()
+    key = uri.rstrip("/")
+    try:
+        listing = fs.find(key, detail=True)
+    except Exception as e:  # botocore/aiobotocore raise many types; all mean "cannot read this URI"
+        raise CadRayError(f"cannot read {uri}: {type(e).__name__}: {e}") from None
+    if not listing:
+        raise CadRayError(f"cannot read {uri}: no such model folder (nothing under that prefix)")
+    version = hashlib.sha256(json.dumps(
+        sorted((k, str(v.get("ETag", v.get("size")))) for k, v in listing.items())).encode()).hexdigest()[:16]
+    local = cache_dir() / "s3" / key.removeprefix("s3://").replace("/", "_") / version
+    if not (local / ".complete").exists():
+        local.mkdir(parents=True, exist_ok=True)
+        prefix = key.removeprefix("s3://")
+        for remote in listing:
+            target = local / remote[len(prefix):].lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get(remote, str(target))
+        (local / ".complete").write_text(uri)
+    return local
+
+
+def resolve_model_folder(path_or_uri: str | os.PathLike | None) -> tuple[Path, str]:
+    """(local folder, source string) for a model argument; `None` is the built-in digits model."""
+    if path_or_uri is None or str(path_or_uri) in ("", "digits", "builtin:digits"):
+        return BUILTIN_DIGITS, "builtin:digits"
+    source = str(path_or_uri)
+    folder = fetch_s3_folder(source) if is_s3(source) else Path(source).expanduser()
+    if folder.is_file():
+        if folder.suffix in PICKLE_SUFFIXES:
+            check_pickle(folder)
+        raise CadRayError(f"{source} is a single file; cad-ray loads diffusers model folders "
+                          "(model_index.json plus unet/, text_encoder/, ...)")
+    if not folder.is_dir():
+        raise CadRayError(f"model folder {source} does not exist")
+    if not (folder / "model_index.json").is_file():
+        raise CadRayError(f"{source} is not a diffusers model folder: it has no model_index.json")
+    return folder, source
+
+
+def read_model_index(folder: Path) -> dict:
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CadRayError(f"malformed {folder / 'model_index.json'}: {e}") from None
+    if not isinstance(index, dict) or "_class_name" not in index:
+        raise CadRayError(f"malformed {folder / 'model_index.json'}: no _class_name")
+    return index
+
+
+def check_pickle(path: Path) -> None:
+    """Refuse a pickle checkpoint unless it loads with `torch.load(weights_only=True)`."""
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CadRayError(f"refusing pickle checkpoint {path}: it does not load with torch.load(weights_only=True) "
+                          f"({reason[:200]}); convert it to safetensors") from None
+
+
+def component_uses_safetensors(folder: Path) -> bool:
+    """True if the component folder has safetensors weights; otherwise every pickle in it must be weights-only."""
+    if not folder.is_dir():
+        raise CadRayError(f"model component folder {folder} is missing")
+    if any(folder.glob("*.safetensors")):
+        return True
+    pickles = [p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if not pickles:
+        raise CadRayError(f"no weights in {folder}: expected a .safetensors file")
+    for p in pickles:
+        check_pickle(p)
+    return False
+
+
+def load_component(cls, folder: Path, name: str, **kwargs):
+    """`cls.from_pretrained(folder/name)` with the safety checks above and one-line errors."""
+    sub = folder / name
+    use_safetensors = component_uses_safetensors(sub)
+    try:
+        return cls.from_pretrained(sub, use_safetensors=use_safetensors, **kwargs)
+    except CadRayError:
+        raise
+    except Exception as e:
+        message = " ".join(str(e).split())[:300] or type(e).__name__
+        raise CadRayError(f"cannot load {name} from {sub}: {type(e).__name__}: {message}") from None
+
+
+def load_scheduler(folder: Path, index: dict):
+    import diffusers
+
+    entry = index.get("scheduler")
+    class_name = entry[1] if isinstance(entry, list) and len(entry) == 2 else "DDIMScheduler"
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        raise CadRayError(f"unknown scheduler class {class_name!r} in {folder / 'model_index.json'}")
+    try:
+        return cls.from_pretrained(folder / "scheduler")
+    except Exception as e:
+        raise CadRayError(f"cannot load the scheduler from {folder / 'scheduler'}: {e}") from None
+
+
+def quiet_libraries() -> None:
+    """diffusers and transformers warn and draw progress bars on every load; cad-ray reports for itself."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for logging in (diffusers_logging, transformers_logging):
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+
+
+def load_model(path_or_uri: str | os.PathLike | None = None, device: str | None = None, dtype=None):
+    """Load a text-to-image model: the built-in digits model (default), or an SD pipeline folder / `s3://` URI."""
+    from .digits import PIPELINE_CLASS, DigitsModel
+    from .stable_diffusion import StableDiffusionModel
+
+    quiet_libraries()
+    folder, source = resolve_model_folder(path_or_uri)
+    index = read_model_index(folder)
+    if index["_class_name"] == PIPELINE_CLASS:
+        model = DigitsModel.from_pretrained(folder, index, source=source)
+    elif all(k in index for k in ("unet", "text_encoder", "tokenizer", "vae", "scheduler")):
+        model = StableDiffusionModel.from_pretrained(folder, index, source=source)
+    else:
+        raise CadRayError(f"{source}: unsupported pipeline {index['_class_name']!r}; expected a Stable Diffusion "
+                          "folder (unet, text_encoder, tokenizer, vae, scheduler) or the digits model")
+    if dtype is not None:
+        for module in model.weight_modules().values():
+            module.to(dtype=dtype)
+    if device is not None:
+        model.to(device)
+    return model
