@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -74,8 +74,7 @@ def canonical_prompt(digit: int, colour: str | None = None) -> str:
     return f"a {colour} {DIGIT_WORDS[digit]}" if colour else DIGIT_WORDS[digit]
 
 
-@dataclass(frozen=True)
-class ParsedPrompt:
+class ParsedPrompt(NamedTuple):
     digit: int | None
     colour: str | None
 

@@ -1,0 +1,94 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cad_ray.cli import build_parser, main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_sample_npz_and_png_are_reproducible(capsys, tmp_path):
+    for name in ("a.npz", "b.npz"):
+        code, out, _ = run_cli(capsys, "sample", "--prompt", "a red seven", "--n", "3", "--seed", "4",
+                               "--steps", "10", "--out", str(tmp_path / name))
+        assert code == 0 and "judged (digit/colour):" in out
+    a, b = np.load(tmp_path / "a.npz")["images"], np.load(tmp_path / "b.npz")["images"]
+    assert a.shape == (3, 8, 8, 3) and a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
+    assert np.array_equal(a, b)
+    code, _, _ = run_cli(capsys, "sample", "--prompt", "a red seven", "--n", "3", "--seed", "4", "--steps", "10",
+                         "--out", str(tmp_path / "grid.png"))
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert code == 0 and grid.shape[0] >= 64 and grid.shape[1] >= 2 * 64  # upscaled for a person to see
+
+
+def test_sample_from_a_stable_diffusion_folder(capsys, tmp_path, tiny_sd_folder):
+    code, out, _ = run_cli(capsys, "sample", "--prompt", "a photo of a church", "--n", "2", "--steps", "3",
+                           "--model", str(tiny_sd_folder), "--out", str(tmp_path / "x.npz"))
+    assert code == 0 and np.load(tmp_path / "x.npz")["images"].shape == (2, 16, 16, 3)
+
+
+def _one_line_error(code, err, *needles):
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_unknown_prompt_word_lists_the_vocabulary_and_keeps_existing_output(capsys, tmp_path):
+    out = tmp_path / "keep.npz"
+    np.savez(out, images=np.zeros((1, 8, 8, 3)))
+    before = out.read_bytes()
+    code, _, err = run_cli(capsys, "sample", "--prompt", "a purple seven", "--out", str(out))
+    _one_line_error(code, err, "'purple'", "vocabulary", "seven", "blue")
+    assert out.read_bytes() == before
+
+
+@pytest.mark.parametrize("model, needle", [("/no/such/model", "does not exist"),
+                                           ("s3://cad-ray-no-such-bucket/model", "cannot read s3://")])
+def test_missing_or_unreadable_model_is_a_one_line_error(capsys, tmp_path, model, needle, s3_endpoint):
+    code, _, err = run_cli(capsys, "sample", "--prompt", "seven", "--model", model, "--out", str(tmp_path / "x.png"))
+    _one_line_error(code, err, needle)
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_malformed_model_config_is_a_one_line_error(capsys, tmp_path, tiny_sd_folder):
+    import shutil
+
+    shutil.copytree(tiny_sd_folder, tmp_path / "m")
+    (tmp_path / "m" / "unet" / "config.json").write_text("{broken")
+    code, _, err = run_cli(capsys, "sample", "--prompt", "a", "--model", str(tmp_path / "m"),
+                           "--out", str(tmp_path / "x.png"))
+    _one_line_error(code, err, "cannot load unet")
+
+
+def test_bad_output_suffix_and_bad_count(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "sample", "--prompt", "seven", "--out", str(tmp_path / "x.jpg"))
+    _one_line_error(code, err, ".png", ".npz")
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--prompt", "seven", "--n", "0", "--out", str(tmp_path / "x.png")])
+    assert e.value.code == 2
+
+
+def test_every_subcommand_has_help():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, sub in commands.items():
+        text = sub.format_help()
+        assert sub.description and len(text) > 200, name
+
+
+def test_console_script_reports_errors_without_traceback(tmp_path):
+    exe = os.path.join(os.path.dirname(sys.executable), "cad-ray")
+    result = subprocess.run([exe, "sample", "--prompt", "seven", "--model", str(tmp_path / "nope"),
+                             "--out", str(tmp_path / "x.png")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"cad-ray sample: error: model folder {tmp_path / 'nope'} does not exist"]
