@@ -8,13 +8,14 @@ shared, so every model is attributed and edited the same way.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
+
+from ..seeds import derive_seed
 
 
 @dataclass
@@ -100,7 +101,7 @@ class TextToImageModel:
         """x_T for samples first_index .. first_index + n - 1; sample k's noise depends on (seed, k) alone,
         so a run gives the same images however it is batched."""
         shape = self.latent_shape
-        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(_mix(seed, k)))
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(seed, k)))
                  for k in range(first_index, first_index + n)]
         return torch.stack(noise).to(self.device, self.dtype) * self.scheduler.init_noise_sigma
 
@@ -160,8 +161,3 @@ class TextToImageModel:
         """Call after changing weights in place (an edit), so the fingerprint is recomputed."""
         self._fingerprint = None
 
-
-def _mix(seed: int, k: int) -> int:
-    """A 63-bit seed for stream k of a run seed, stable across processes and platforms."""
-    digest = hashlib.blake2b(json.dumps([int(seed), int(k)]).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)

@@ -1,0 +1,150 @@
+"""Concept objectives J(c, w): how strongly the model expresses concept c.
+
+Both objectives are J = sign * mean_k || eps(x_k, cond_k, t_k; w) - target_k ||^2 over evaluation points:
+
+- erase (sign +1): x_k are the points of guided sampling trajectories for the concept's prompts, target_k is
+  the stop-gradient noise prediction for the base prompt at the same point (computed once, at the weights
+  the points were made with);
+- amplify (sign -1): x_k = noised images of the concept (real ones when the concept has them, else the final
+  samples of its trajectories), target_k = the noise that was added.
+
+Each sample's randomness comes from (run seed, concept, sample index) alone, so the points of a sample are
+the same however the samples are split into shards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .errors import CadRayError
+from .seeds import derive_seed, numpy_rng, torch_generator
+
+
+@dataclass(frozen=True)
+class Concept:
+    """A concept: its prompts, the base prompt of each (erase objective), and optional real images (amplify).
+
+    `images` are in the model's input space (N, C, H, W); `base_prompts` has one entry per prompt.
+    """
+
+    name: str
+    prompts: tuple[str, ...]
+    base_prompts: tuple[str, ...] = ()
+    images: torch.Tensor | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self):
+        if not self.name:
+            raise CadRayError("a concept needs a name")
+        if not self.prompts:
+            raise CadRayError(f"concept {self.name!r} has an empty prompt list")
+        if not self.base_prompts:
+            object.__setattr__(self, "base_prompts", ("",) * len(self.prompts))
+        elif len(self.base_prompts) == 1:
+            object.__setattr__(self, "base_prompts", tuple(self.base_prompts) * len(self.prompts))
+        elif len(self.base_prompts) != len(self.prompts):
+            raise CadRayError(f"concept {self.name!r}: {len(self.base_prompts)} base prompts for "
+                              f"{len(self.prompts)} prompts")
+
+    def prompt(self, sample: int) -> tuple[str, str]:
+        k = sample % len(self.prompts)
+        return self.prompts[k], self.base_prompts[k]
+
+
+@dataclass
+class Points:
+    """The evaluation points of one sample."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    cond: torch.Tensor
+    target: torch.Tensor
+    sign: float
+    base_cond: torch.Tensor | None = None  # erase only: lets the base term be recomputed under an ablation
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def chunk(self, start: int, stop: int) -> "Points":
+        part = lambda v: None if v is None else v[start:stop]  # noqa: E731
+        return Points(part(self.x), part(self.t), part(self.cond), part(self.target), self.sign,
+                      part(self.base_cond))
+
+
+def point_values(model, points: Points, target: torch.Tensor | None = None) -> torch.Tensor:
+    """sign * ||eps - target||^2 (mean over elements) for each point; differentiable in the weights."""
+    eps = model.predict_noise(points.x, points.t, points.cond)
+    target = points.target if target is None else target
+    return points.sign * (eps.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+class EraseObjective:
+    name = "erase"
+    sign = 1.0
+
+    def __init__(self, guidance: float | None = None, steps: int | None = None, points_per_sample: int | None = None):
+        self.guidance, self.steps, self.points_per_sample = guidance, steps, points_per_sample
+
+    def describe(self) -> dict:
+        return {"name": self.name, "guidance": self.guidance, "steps": self.steps,
+                "points_per_sample": self.points_per_sample}
+
+    @torch.no_grad()
+    def points(self, model, concept: Concept, sample: int, seed: int) -> Points:
+        """One guided trajectory; every kept (x_t, t) is a point (or a seeded subset of them)."""
+        prompt, base = concept.prompt(sample)
+        traj = model.sample([prompt], seed=derive_seed(seed, concept.name, "trajectory"), guidance=self.guidance,
+                            steps=self.steps, first_index=sample)
+        keep = np.arange(len(traj.timesteps))
+        if self.points_per_sample and self.points_per_sample < len(keep):
+            keep = np.sort(numpy_rng(seed, concept.name, sample, "steps").choice(keep, self.points_per_sample,
+                                                                                 replace=False))
+        x, t = traj.latents[keep, 0], traj.timesteps[keep].to(model.device)
+        cond = model.encode([prompt]).expand(len(t), -1, -1)
+        base_cond = model.encode([base]).expand(len(t), -1, -1)
+        return Points(x, t, cond, model.predict_noise(x, t, base_cond), self.sign, base_cond)
+
+
+class AmplifyObjective:
+    name = "amplify"
+    sign = -1.0
+
+    def __init__(self, points_per_sample: int = 50, guidance: float | None = None, steps: int | None = None):
+        if points_per_sample < 1:
+            raise CadRayError("points_per_sample must be at least 1")
+        self.points_per_sample, self.guidance, self.steps = points_per_sample, guidance, steps
+
+    def describe(self) -> dict:
+        return {"name": self.name, "points_per_sample": self.points_per_sample, "guidance": self.guidance,
+                "steps": self.steps}
+
+    @torch.no_grad()
+    def points(self, model, concept: Concept, sample: int, seed: int) -> Points:
+        """One image of the concept, noised at `points_per_sample` seeded timesteps."""
+        prompt = concept.prompt(sample)[0]
+        if concept.images is not None:
+            x0 = concept.images[numpy_rng(seed, concept.name, sample, "image").integers(len(concept.images))]
+        else:
+            traj = model.sample([prompt], seed=derive_seed(seed, concept.name, "trajectory"), guidance=self.guidance,
+                                steps=self.steps, first_index=sample)
+            x0 = traj.latents[-1, 0]
+        k = self.points_per_sample
+        g = torch_generator(seed, concept.name, sample, "noise")
+        t = torch.randint(0, model.scheduler.config.num_train_timesteps, (k,), generator=g)
+        noise = torch.randn((k, *x0.shape), generator=g).to(model.device, model.dtype)
+        x0 = x0.to(model.device, model.dtype).expand(k, *x0.shape)
+        alphas = model.scheduler.alphas_cumprod[t].to(model.device, model.dtype).view(-1, 1, 1, 1)
+        x = alphas.sqrt() * x0 + (1 - alphas).sqrt() * noise
+        cond = model.encode([prompt]).expand(k, -1, -1)
+        return Points(x, t.to(model.device), cond, noise, self.sign)
+
+
+OBJECTIVES = {"erase": EraseObjective, "amplify": AmplifyObjective}
+
+
+def make_objective(name: str, **options):
+    if name not in OBJECTIVES:
+        raise CadRayError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name](**options)

@@ -1,0 +1,48 @@
+"""Scopes: which parameters of the denoiser are the components being attributed.
+
+`ff` (default, as the published method): the 2-D weights of the feed-forward layers in the transformer
+blocks (`...ff.net.0.proj.weight`, `...ff.net.2.weight`). `attn2`: cross-attention projections. `attn`:
+self- and cross-attention projections. `linear`: every 2-D weight. `all`: every parameter. Anything else is
+a pattern: a glob over parameter names (`*attn2.to_k.weight`) or, prefixed with `re:`, a regular expression.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+import torch
+
+from .errors import CadRayError
+
+NAMED_SCOPES = {
+    "ff": lambda name, p: p.dim() == 2 and re.search(r"\.ff\.net\.\d+(\.proj)?\.weight$", name) is not None,
+    "attn2": lambda name, p: p.dim() == 2 and ".attn2." in name,
+    "attn": lambda name, p: p.dim() == 2 and (".attn1." in name or ".attn2." in name),
+    "linear": lambda name, p: p.dim() == 2,
+    "all": lambda name, p: True,
+}
+
+
+def scope_matcher(scope: str):
+    if scope in NAMED_SCOPES:
+        return NAMED_SCOPES[scope]
+    if scope.startswith("re:"):
+        try:
+            pattern = re.compile(scope[3:])
+        except re.error as e:
+            raise CadRayError(f"scope {scope!r} is not a valid regular expression: {e}") from None
+        return lambda name, p: pattern.search(name) is not None
+    return lambda name, p: fnmatch.fnmatchcase(name, scope)
+
+
+def select_parameters(named_parameters, scope: str = "ff") -> list[tuple[str, torch.nn.Parameter]]:
+    """The (name, parameter) pairs in `scope`, in the model's order. A scope that matches nothing is an error."""
+    named = list(named_parameters)
+    match = scope_matcher(scope)
+    selected = [(n, p) for n, p in named if match(n, p)]
+    if not selected:
+        examples = ", ".join(n for n, _ in named[:3])
+        raise CadRayError(f"scope {scope!r} matches no parameter of the model; use one of "
+                          f"{', '.join(NAMED_SCOPES)}, a glob or re:REGEX over names such as {examples}")
+    return selected
