@@ -84,6 +84,101 @@ def cmd_quality(args: argparse.Namespace) -> None:
         write_atomically(Path(args.out), lambda p: p.write_text(text + "\n"))
 
 
+def _short_tensor(name: str) -> str:
+    return name.replace("transformer_blocks.", "tb.").replace("attentions.", "attn.")
+
+
+def print_top(store, concept: str, k: int, negative: bool, objective: str) -> None:
+    import pandas as pd
+
+    top = store.top(concept, k, negative=negative, objective=objective)
+    top["tensor"] = top["tensor"].map(_short_tensor)
+    kind = "most negative (inhibiting)" if negative else "top positive (inducing)"
+    print(f"\n{kind} components of {concept!r} under the {objective} objective:")
+    with pd.option_context("display.width", 200, "display.max_colwidth", 80, "display.float_format", "{:.4g}".format):
+        print(top.to_string(index=False))
+
+
+def print_layers(store, concept: str, objective: str) -> None:
+    import pandas as pd
+
+    layers = store.layers(concept, objective)[["tensor", "shape", "sum", "sum_positive", "sum_negative", "count"]]
+    layers["tensor"] = layers["tensor"].map(_short_tensor)
+    print(f"\nper-layer score summary of {concept!r} ({objective}):")
+    with pd.option_context("display.width", 200, "display.max_colwidth", 80, "display.float_format", "{:.4g}".format):
+        print(layers.to_string(index=False))
+
+
+def cmd_attribute(args: argparse.Namespace) -> None:
+    from .config import load_config
+    from .distributed import run_attribution
+    from .store import ScoreStore
+
+    config = load_config(args.config, {"workers": args.workers, "device": args.device})
+    root = args.root or str(Path("runs") / Path(args.config).stem)
+    manifest = run_attribution(config, root, address=args.address, overwrite=args.overwrite, local=args.local,
+                               progress=not args.quiet)
+    print(f"attribution complete in {root}: {len(config.pairs())} concept/objective pairs, "
+          f"{manifest['shards_computed']} shards computed, {manifest['shards_skipped']} already done, "
+          f"{manifest['workers']} worker(s), {manifest['run_seconds']:.1f} s")
+    store = ScoreStore(root)
+    for spec in config.concepts[: args.show]:
+        for objective in spec.objectives:
+            print_top(store, spec.name, 5, objective == "amplify", objective)
+    if config.concepts and args.show:
+        first = config.concepts[0]
+        print_layers(store, first.name, first.objectives[0])
+    print(f"\nquery them with pandas: pandas.read_parquet('{root}/scores', filters=[('concept', '==', "
+          f"'{config.concepts[0].name}')])")
+
+
+def cmd_top(args: argparse.Namespace) -> None:
+    from .store import ScoreStore
+
+    store = ScoreStore(args.root, allow_incomplete=args.allow_incomplete)
+    print_top(store, args.concept, args.k, args.negative, args.objective)
+
+
+def cmd_layers(args: argparse.Namespace) -> None:
+    from .store import ScoreStore
+
+    print_layers(ScoreStore(args.root, allow_incomplete=args.allow_incomplete), args.concept, args.objective)
+
+
+def cmd_overlap(args: argparse.Namespace) -> None:
+    from .store import ScoreStore
+
+    store = ScoreStore(args.root, allow_incomplete=args.allow_incomplete)
+    result = store.overlap(args.a, args.b, args.k, args.objective, args.negative)
+    print(f"top-{args.k} {'negative' if args.negative else 'positive'} components of {args.a!r} and {args.b!r} "
+          f"({args.objective}): {result['shared']} shared, Jaccard {result['jaccard']:.3f}")
+
+
+def _attribute_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML run config (see jobs/configs/)")
+    p.add_argument("--root", default=None, help="run root: local folder or s3://bucket/prefix "
+                                                "(default: runs/<config name>)")
+    p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: start a local Ray")
+    p.add_argument("--overwrite", action="store_true", help="replace a run made with another config in --root")
+    p.add_argument("--workers", type=_positive_int, default=None, help="number of workers (default: one per "
+                                                                       "GPU, else one per CPU)")
+    p.add_argument("--device", default=None, help="torch device for the workers (default: cuda if present)")
+    p.add_argument("--local", action="store_true", help="run in this process without Ray (debugging)")
+    p.add_argument("--show", type=int, default=3, help="concepts whose top components are printed (default: 3)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _query_arguments(p: argparse.ArgumentParser, pair: bool = False) -> None:
+    p.add_argument("--root", required=True, help="run root (local folder or s3://...)")
+    if pair:
+        p.add_argument("--a", required=True, help="first concept")
+        p.add_argument("--b", required=True, help="second concept")
+    else:
+        p.add_argument("--concept", required=True, help="concept name, e.g. seven")
+    p.add_argument("--objective", default="erase", choices=["erase", "amplify"])
+    p.add_argument("--allow-incomplete", action="store_true", help="read a run that has not completed")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cad-ray",
@@ -119,6 +214,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="also write the summary as JSON to this file")
     p.set_defaults(func=cmd_quality)
+
+    p = sub.add_parser("attribute", help="compute CAD scores for the concepts of a config (Ray job)",
+                       description="Compute attribution scores w * dJ/dw for every component in the scope, for "
+                                   "every concept and objective of the config, sharded over Ray workers, and "
+                                   "write Parquet tables scores/, neurons/, layers/ under --root. Re-running "
+                                   "the same config on the same root resumes and skips finished shards.")
+    _attribute_arguments(p)
+    p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("top", help="print a concept's top components",
+                       description="Print the k components with the largest scores of a concept (inducing it), "
+                                   "or with --negative the most negative ones (inhibiting it).")
+    _query_arguments(p)
+    p.add_argument("--k", type=_positive_int, default=20, help="how many (default: 20)")
+    p.add_argument("--negative", action="store_true", help="most negative scores instead")
+    p.set_defaults(func=cmd_top)
+
+    p = sub.add_parser("layers", help="print a concept's per-layer score summary",
+                       description="Print the sum, positive sum, negative sum and count of scores per tensor.")
+    _query_arguments(p)
+    p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("overlap", help="overlap of two concepts' top-k components",
+                       description="Count the components shared by the top-k sets of two concepts and their "
+                                   "Jaccard index.")
+    _query_arguments(p, pair=True)
+    p.add_argument("--k", type=_positive_int, default=100)
+    p.add_argument("--negative", action="store_true")
+    p.set_defaults(func=cmd_overlap)
     return parser
 
 

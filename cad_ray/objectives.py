@@ -77,7 +77,8 @@ def point_values(model, points: Points, target: torch.Tensor | None = None) -> t
     """sign * ||eps - target||^2 (mean over elements) for each point; differentiable in the weights."""
     eps = model.predict_noise(points.x, points.t, points.cond)
     target = points.target if target is None else target
-    return points.sign * (eps.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    dtype = torch.promote_types(eps.dtype, torch.float32)  # half-precision models: compare in float32
+    return points.sign * (eps.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(dim=1)
 
 
 class EraseObjective:

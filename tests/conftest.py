@@ -14,9 +14,6 @@ PEER_PROMPTS = Path(__file__).resolve().parents[1].parent / "shared" / "peer-pro
 def _isolated_cache(tmp_path_factory):
     """Model downloads from s3:// go to a per-session cache, never the user's."""
     os.environ["CAD_RAY_CACHE"] = str(tmp_path_factory.mktemp("cad-ray-cache"))
-    import torch
-
-    torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,108 @@
+"""Run configuration (YAML), validated with pydantic. Every field that changes results is in the config
+hash; `workers` and `device` are not, since the tables do not depend on them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import CadRayError
+
+ObjectiveName = Literal["erase", "amplify"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EraseOptions(Strict):
+    guidance: float | None = Field(None, description="guidance of the concept trajectories (default: model's)")
+    steps: int | None = Field(None, ge=1, description="sampling steps T (default: model's, 50)")
+    points_per_sample: int | None = Field(None, ge=1, description="x_t kept per trajectory (default: all T)")
+
+
+class AmplifyOptions(Strict):
+    points_per_sample: int = Field(50, ge=1, description="noised copies of each image")
+    guidance: float | None = None
+    steps: int | None = Field(None, ge=1)
+
+
+class ConceptSpec(Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    prompts: list[str] | None = None
+    base_prompt: str | list[str] | None = None
+    objectives: list[ObjectiveName] = Field(default_factory=lambda: ["erase"], min_length=1)
+
+    @field_validator("prompts")
+    @classmethod
+    def _non_empty(cls, v):
+        if v is not None and len(v) == 0:
+            raise ValueError("the prompt list is empty; give at least one prompt or leave it out")
+        return v
+
+
+class AttributionConfig(Strict):
+    model: str | None = Field(None, description="model folder or s3:// URI; null = built-in digits model")
+    seed: int = 0
+    scope: str = "ff"
+    samples: int = Field(8, ge=1, description="samples (trajectories or images) per concept and objective")
+    block: int = Field(4, ge=1, description="samples per shard")
+    chunk_size: int = Field(64, ge=1, description="points per forward/backward pass")
+    erase: EraseOptions = Field(default_factory=EraseOptions)
+    amplify: AmplifyOptions = Field(default_factory=AmplifyOptions)
+    concepts: list[ConceptSpec] = Field(min_length=1)
+    workers: int | None = Field(None, ge=1, description="Ray actors (default: one per GPU, else per CPU)")
+    device: str | None = Field(None, description="torch device of the workers (default: cuda if any, else cpu)")
+
+    @field_validator("concepts")
+    @classmethod
+    def _unique(cls, v):
+        names = [c.name for c in v]
+        if len(set(names)) != len(names):
+            raise ValueError("concept names must be unique")
+        return v
+
+    def result_fields(self) -> dict:
+        return self.model_dump(exclude={"workers", "device"}, mode="json")
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.result_fields(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def pairs(self) -> list[tuple[ConceptSpec, str]]:
+        return [(c, o) for c in self.concepts for o in c.objectives]
+
+
+def _one_line(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(x) for x in err["loc"]) or "config"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_config(data, source: str = "config") -> AttributionConfig:
+    if not isinstance(data, dict):
+        raise CadRayError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
+    try:
+        return AttributionConfig.model_validate(data)
+    except ValidationError as e:
+        raise CadRayError(f"invalid {source}: {_one_line(e)}") from None
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> AttributionConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise CadRayError(f"cannot read config {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise CadRayError(f"malformed YAML in {path}: {' '.join(str(e).split())}") from None
+    data = dict(data or {}) if isinstance(data, dict) or data is None else data
+    if isinstance(data, dict):
+        data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return parse_config(data, str(path))

@@ -1,0 +1,15 @@
+"""Ray job entry point for attribution: the same arguments as `cad-ray attribute`.
+
+    ray job submit --working-dir . -- python jobs/attribute.py --config jobs/configs/digits.yaml \
+        --root s3://my-bucket/runs/digits --address auto
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the submitted working dir holds cad_ray/
+
+from cad_ray.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["attribute", *sys.argv[1:]]))
