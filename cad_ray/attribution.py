@@ -85,8 +85,8 @@ def gradients_for(parameters):
 class CAD:
     """The CAD estimator (first order): `attribute(concept, samples)` -> Attribution.
 
-    `chunk_size` is the number of points per forward/backward pass; it changes memory use, not results
-    beyond float rounding.
+    `chunk_size` is the number of points per forward/backward pass; it changes memory use, and results only
+    by float rounding.
     """
 
     def __init__(self, model, objective, scope: str = "ff", chunk_size: int = 256, seed: int = 0):
@@ -101,21 +101,21 @@ class CAD:
     def gradient_sum(self, concept: Concept, samples: list[int]) -> GradientSum:
         """Sum over the given samples of dJ_s/dw, each sample's J_s being the mean over its points.
 
-        Every pass covers points of one sample only, so a sample's contribution is computed the same way
-        whichever block or shard it falls in; only the float64 additions depend on the grouping.
+        The block's trajectories are sampled in one batch and its points are processed in chunks of
+        `chunk_size`; blocks are fixed by the config, so the numbers do not depend on the number of workers.
         """
+        points = self.objective.points(self.model, concept, list(samples), self.seed, self.chunk_size)
+        weight = points.weights()
         params = [p for _, p in self.parameters]
         sums = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in self.parameters}
         objective_sum = 0.0
         with gradients_for(params):
-            for sample in samples:
-                points = self.objective.points(self.model, concept, sample, self.seed)
-                for start in range(0, len(points), self.chunk_size):
-                    values = point_values(self.model, points.chunk(start, start + self.chunk_size))
-                    total = values.double().sum() / len(points)
-                    total.backward()
-                    objective_sum += float(total.detach())
-                    self._collect(sums, concept)
+            for start in range(0, len(points), self.chunk_size):
+                values = point_values(self.model, points.chunk(start, start + self.chunk_size))
+                total = (values.double() * weight[start:start + self.chunk_size].to(values.device)).sum()
+                total.backward()
+                objective_sum += float(total.detach())
+                self._collect(sums, concept)
         return GradientSum(sums, len(samples), objective_sum)
 
     def _collect(self, sums: dict[str, torch.Tensor], concept: Concept) -> None:

@@ -55,12 +55,13 @@ class Concept:
 
 @dataclass
 class Points:
-    """The evaluation points of one sample."""
+    """Evaluation points of a block of samples; `sample[k]` is the sample index point k belongs to."""
 
     x: torch.Tensor
     t: torch.Tensor
     cond: torch.Tensor
     target: torch.Tensor
+    sample: torch.Tensor
     sign: float
     base_cond: torch.Tensor | None = None  # erase only: lets the base term be recomputed under an ablation
 
@@ -69,8 +70,13 @@ class Points:
 
     def chunk(self, start: int, stop: int) -> "Points":
         part = lambda v: None if v is None else v[start:stop]  # noqa: E731
-        return Points(part(self.x), part(self.t), part(self.cond), part(self.target), self.sign,
-                      part(self.base_cond))
+        return Points(part(self.x), part(self.t), part(self.cond), part(self.target), part(self.sample),
+                      self.sign, part(self.base_cond))
+
+    def weights(self) -> torch.Tensor:
+        """1 / (points of the same sample), so that each sample's J is the mean over its points."""
+        _, inverse, counts = torch.unique(self.sample, return_inverse=True, return_counts=True)
+        return 1.0 / counts[inverse].double()
 
 
 def point_values(model, points: Points, target: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,19 +99,25 @@ class EraseObjective:
                 "points_per_sample": self.points_per_sample}
 
     @torch.no_grad()
-    def points(self, model, concept: Concept, sample: int, seed: int) -> Points:
-        """One guided trajectory; every kept (x_t, t) is a point (or a seeded subset of them)."""
-        prompt, base = concept.prompt(sample)
-        traj = model.sample([prompt], seed=derive_seed(seed, concept.name, "trajectory"), guidance=self.guidance,
-                            steps=self.steps, first_index=sample)
-        keep = np.arange(len(traj.timesteps))
-        if self.points_per_sample and self.points_per_sample < len(keep):
-            keep = np.sort(numpy_rng(seed, concept.name, sample, "steps").choice(keep, self.points_per_sample,
+    def points(self, model, concept: Concept, samples: list[int], seed: int, chunk_size: int = 256) -> Points:
+        """One guided trajectory per sample; every kept (x_t, t) is a point (or a seeded subset of them)."""
+        prompts, bases = map(list, zip(*(concept.prompt(s) for s in samples)))
+        traj = model.sample(prompts, seed=derive_seed(seed, concept.name, "trajectory"), guidance=self.guidance,
+                            steps=self.steps, ids=samples)
+        xs, ts, rows = [], [], []
+        for row, s in enumerate(samples):
+            keep = np.arange(len(traj.timesteps))
+            if self.points_per_sample and self.points_per_sample < len(keep):
+                keep = np.sort(numpy_rng(seed, concept.name, s, "steps").choice(keep, self.points_per_sample,
                                                                                  replace=False))
-        x, t = traj.latents[keep, 0], traj.timesteps[keep].to(model.device)
-        cond = model.encode([prompt]).expand(len(t), -1, -1)
-        base_cond = model.encode([base]).expand(len(t), -1, -1)
-        return Points(x, t, cond, model.predict_noise(x, t, base_cond), self.sign, base_cond)
+            xs.append(traj.latents[keep, row])
+            ts.append(traj.timesteps[keep])
+            rows += [row] * len(keep)
+        x, t, rows = torch.cat(xs), torch.cat(ts).to(model.device), torch.tensor(rows)
+        cond, base_cond = model.encode(prompts)[rows.to(model.device)], model.encode(bases)[rows.to(model.device)]
+        target = torch.cat([model.predict_noise(x[i:i + chunk_size], t[i:i + chunk_size], base_cond[i:i + chunk_size])
+                            for i in range(0, len(t), chunk_size)])
+        return Points(x, t, cond, target, torch.tensor(samples)[rows], self.sign, base_cond)
 
 
 class AmplifyObjective:
@@ -122,24 +134,27 @@ class AmplifyObjective:
                 "steps": self.steps}
 
     @torch.no_grad()
-    def points(self, model, concept: Concept, sample: int, seed: int) -> Points:
-        """One image of the concept, noised at `points_per_sample` seeded timesteps."""
-        prompt = concept.prompt(sample)[0]
+    def points(self, model, concept: Concept, samples: list[int], seed: int, chunk_size: int = 256) -> Points:
+        """Per sample: one image of the concept, noised at `points_per_sample` seeded timesteps."""
+        prompts = [concept.prompt(s)[0] for s in samples]
         if concept.images is not None:
-            x0 = concept.images[numpy_rng(seed, concept.name, sample, "image").integers(len(concept.images))]
+            x0 = torch.stack([concept.images[numpy_rng(seed, concept.name, s, "image").integers(len(concept.images))]
+                              for s in samples])
         else:
-            traj = model.sample([prompt], seed=derive_seed(seed, concept.name, "trajectory"), guidance=self.guidance,
-                                steps=self.steps, first_index=sample)
-            x0 = traj.latents[-1, 0]
-        k = self.points_per_sample
-        g = torch_generator(seed, concept.name, sample, "noise")
-        t = torch.randint(0, model.scheduler.config.num_train_timesteps, (k,), generator=g)
-        noise = torch.randn((k, *x0.shape), generator=g).to(model.device, model.dtype)
-        x0 = x0.to(model.device, model.dtype).expand(k, *x0.shape)
+            x0 = model.sample(prompts, seed=derive_seed(seed, concept.name, "trajectory"), guidance=self.guidance,
+                              steps=self.steps, ids=samples).latents[-1]
+        k, n_train = self.points_per_sample, model.scheduler.config.num_train_timesteps
+        ts, noises = [], []
+        for s in samples:
+            g = torch_generator(seed, concept.name, s, "noise")
+            ts.append(torch.randint(0, n_train, (k,), generator=g))
+            noises.append(torch.randn((k, *x0.shape[1:]), generator=g))
+        t, noise = torch.cat(ts), torch.cat(noises).to(model.device, model.dtype)
+        rows = torch.arange(len(samples)).repeat_interleave(k)
         alphas = model.scheduler.alphas_cumprod[t].to(model.device, model.dtype).view(-1, 1, 1, 1)
-        x = alphas.sqrt() * x0 + (1 - alphas).sqrt() * noise
-        cond = model.encode([prompt]).expand(k, -1, -1)
-        return Points(x, t.to(model.device), cond, noise, self.sign)
+        x = alphas.sqrt() * x0.to(model.device, model.dtype)[rows.to(model.device)] + (1 - alphas).sqrt() * noise
+        cond = model.encode(prompts)[rows.to(model.device)]
+        return Points(x, t.to(model.device), cond, noise, torch.tensor(samples)[rows], self.sign)
 
 
 OBJECTIVES = {"erase": EraseObjective, "amplify": AmplifyObjective}

@@ -17,7 +17,7 @@ def judge_samples(model, prompts: list[str], seed: int, guidance: float | None =
     rows = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        images = model.sample(chunk, seed=seed, guidance=guidance, steps=steps, first_index=start).images
+        images = model.sample(chunk, seed=seed, guidance=guidance, steps=steps, ids=range(start, start + len(chunk))).images
         digits, colours = judges.digits(images), judges.colours(images)
         for prompt, d, c in zip(chunk, digits, colours):
             asked = parse_prompt(prompt)

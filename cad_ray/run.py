@@ -19,7 +19,7 @@ from . import __version__
 from .attribution import CAD, GradientSum
 from .config import AttributionConfig
 from .errors import CadRayError
-from .store import METADATA_KEY, RunRoot, partition, score_tables, table_metadata
+from .store import METADATA_KEY, SCORE_SCHEMA, RunRoot, aggregate_tables, partition, score_parts, table_metadata
 
 RESULT_TABLES = ("scores", "neurons", "layers")
 
@@ -102,13 +102,17 @@ class AttributionWorker:
             raise CadRayError(f"shards of {concept}/{objective} are missing or damaged; re-run to recompute them")
         total = GradientSum.reduce(parts)
         attribution = estimator.finish(self.concepts[concept], total)
-        scores, neurons, layers = score_tables(estimator.tensor_names, attribution.weights, attribution.grads)
+        names, weights, grads = estimator.tensor_names, attribution.weights, attribution.grads
         meta = table_metadata(manifest, concept, objective, {"samples": total.samples, "scope": self.config.scope,
                                                               "objective_value": attribution.objective_value})
-        for name, table in zip(RESULT_TABLES, (scores, neurons, layers)):
-            self.run.write_table(table, name, partition(concept, objective), "part-0.parquet", metadata=meta)
+        where = (partition(concept, objective), "part-0.parquet")
+        # scores last: their presence marks the (concept, objective) as finished
+        neurons, layers = aggregate_tables(names, weights, grads)
+        self.run.write_table(neurons, "neurons", *where, metadata=meta)
+        self.run.write_table(layers, "layers", *where, metadata=meta)
+        self.run.write_parts(SCORE_SCHEMA, score_parts(names, weights, grads), "scores", *where, metadata=meta)
         return {"concept": concept, "objective": objective, "objective_value": attribution.objective_value,
-                "components": scores.num_rows}
+                "components": sum(w.numel() for w in weights.values())}
 
 
 def _shard_footer(run: RunRoot, shard: Shard) -> tuple[dict, int] | None:

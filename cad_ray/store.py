@@ -13,10 +13,11 @@ Plain `pandas.read_parquet(root + "/scores", filters=[("concept", "==", "seven")
 
 from __future__ import annotations
 
-import io
 import json
 import os
+import tempfile
 import uuid
+from typing import Iterable, Iterator
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -103,12 +104,38 @@ class RunRoot:
         return self.fs.cat_file(self.join(*parts))
 
     def write_table(self, table: pa.Table, *parts: str, metadata: dict | None = None) -> None:
+        self.write_parts(table.schema, [table], *parts, metadata=metadata)
+
+    def write_parts(self, schema: pa.Schema, tables: Iterable[pa.Table], *parts: str,
+                    metadata: dict | None = None) -> None:
+        """Stream tables into one Parquet file (zstd, large row groups) that appears only when complete."""
         if metadata is not None:
-            table = table.replace_schema_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
-        sink = io.BytesIO()
-        pq.write_table(table, sink, row_group_size=ROW_GROUP_SIZE, compression="zstd",
-                       use_dictionary=["tensor"], column_encoding={"index": "DELTA_BINARY_PACKED"})
-        self.write_bytes(sink.getvalue(), *parts)
+            schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
+        target = self.join(*parts)
+        if self.is_s3:
+            handle, tmp = tempfile.mkstemp(suffix=".parquet")
+            os.close(handle)
+        else:
+            self.fs.makedirs(str(PurePosixPath(target).parent), exist_ok=True)
+            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+        try:
+            options = {"compression": "zstd"}
+            if "tensor" in schema.names:
+                options["use_dictionary"] = ["tensor"]
+            if "index" in schema.names:
+                options["column_encoding"] = {"index": "DELTA_BINARY_PACKED"}
+            with pq.ParquetWriter(tmp, schema, **options) as writer:
+                for table in tables:
+                    writer.write_table(table.cast(schema), row_group_size=ROW_GROUP_SIZE)
+            if self.is_s3:
+                self.fs.put_file(tmp, target)  # one upload: the object appears whole or not at all
+            else:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def read_table(self, *parts: str) -> pa.Table:
         with self.fs.open(self.join(*parts), "rb") as f:
@@ -141,26 +168,34 @@ def table_metadata(manifest: dict, concept: str, objective: str, extra: dict | N
             "model": manifest.get("model"), **(extra or {})}
 
 
-def score_tables(tensor_names: list[str], weights: dict, grads: dict) -> tuple[pa.Table, pa.Table, pa.Table]:
-    """(scores, neurons, layers) tables for one concept and objective.
+def _as_numpy(values) -> np.ndarray:
+    return values.double().numpy() if hasattr(values, "numpy") else np.asarray(values, dtype=np.float64)
 
-    Scores are computed in float64 (w * mean grad) and stored as float32; the aggregates are float64 sums of
-    the float64 scores.
+
+def score_parts(tensor_names: list[str], weights: dict, grads: dict) -> Iterator[pa.Table]:
+    """The score table of one concept and objective, one tensor at a time (so it streams at SD scale).
+
+    Scores are computed in float64 (w * mean grad) and stored as float32.
     """
     dictionary = pa.array(tensor_names, pa.string())
-    score_parts, neuron_rows, layer_rows = [], [], []
     for code, name in enumerate(tensor_names):
-        w = weights[name].double().numpy() if hasattr(weights[name], "numpy") else np.asarray(weights[name])
-        g = grads[name].double().numpy() if hasattr(grads[name], "numpy") else np.asarray(grads[name])
-        s = (w * g).reshape(-1)
-        n = s.size
-        score_parts.append(pa.table({
+        w, g = _as_numpy(weights[name]).reshape(-1), _as_numpy(grads[name]).reshape(-1)
+        n = w.size
+        yield pa.table({
             "tensor": pa.DictionaryArray.from_arrays(pa.array(np.full(n, code, np.int32)), dictionary),
             "index": pa.array(np.arange(n, dtype=np.int64)),
-            "weight": pa.array(w.reshape(-1).astype(np.float32)),
-            "grad": pa.array(g.reshape(-1).astype(np.float32)),
-            "score": pa.array(s.astype(np.float32)),
-        }, schema=SCORE_SCHEMA))
+            "weight": pa.array(w.astype(np.float32)),
+            "grad": pa.array(g.astype(np.float32)),
+            "score": pa.array((w * g).astype(np.float32)),
+        }, schema=SCORE_SCHEMA)
+
+
+def aggregate_tables(tensor_names: list[str], weights: dict, grads: dict) -> tuple[pa.Table, pa.Table]:
+    """(neurons, layers): float64 sums of the scores per output row and per tensor."""
+    neuron_rows, layer_rows = [], []
+    for name in tensor_names:
+        w, g = _as_numpy(weights[name]), _as_numpy(grads[name])
+        s = (w * g).reshape(-1)
         rows = s.reshape(w.shape[0], -1) if w.ndim > 1 else s.reshape(-1, 1)
         neuron_rows.append(pd.DataFrame({
             "tensor": name, "row": np.arange(rows.shape[0], dtype=np.int64), "sum": rows.sum(1),
@@ -168,10 +203,10 @@ def score_tables(tensor_names: list[str], weights: dict, grads: dict) -> tuple[p
             "count": np.full(rows.shape[0], rows.shape[1], dtype=np.int64)}))
         layer_rows.append({"tensor": name, "shape": "x".join(map(str, w.shape)), "sum": s.sum(),
                            "sum_positive": s[s > 0].sum(), "sum_negative": s[s < 0].sum(),
-                           "sum_abs": np.abs(s).sum(), "count": n})
+                           "sum_abs": np.abs(s).sum(), "count": s.size})
     neurons = pa.Table.from_pandas(pd.concat(neuron_rows, ignore_index=True), preserve_index=False)
     layers = pa.Table.from_pandas(pd.DataFrame(layer_rows), preserve_index=False)
-    return pa.concat_tables(score_parts), neurons, layers
+    return neurons, layers
 
 
 class ScoreStore:

@@ -39,7 +39,7 @@ def test_builtin_digits_model_has_stable_diffusion_scopes_and_keeps_trajectories
 
 def test_same_seed_same_images_however_the_batch_is_cut(digits_model):
     both = digits_model.sample(["a red seven", "a blue two"], seed=11, steps=10).images
-    second = digits_model.sample(["a blue two"], seed=11, steps=10, first_index=1).images
+    second = digits_model.sample(["a blue two"], seed=11, steps=10, ids=[1]).images
     np.testing.assert_allclose(both[1], second[0], atol=1e-5)
     other_seed = digits_model.sample(["a red seven"], seed=12, steps=10).images
     assert np.abs(other_seed[0] - both[0]).max() > 1e-3

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -97,27 +97,29 @@ class TextToImageModel:
         scheduler.set_timesteps(steps, device=self.device)
         return scheduler
 
-    def initial_noise(self, n: int, seed: int, first_index: int = 0) -> torch.Tensor:
-        """x_T for samples first_index .. first_index + n - 1; sample k's noise depends on (seed, k) alone,
-        so a run gives the same images however it is batched."""
+    def initial_noise(self, n: int, seed: int, ids: Sequence[int] | None = None) -> torch.Tensor:
+        """x_T for n samples; sample k's noise depends on (seed, ids[k]) alone (ids default to 0..n-1),
+        so a run gives the same starting points however it is batched."""
+        ids = range(n) if ids is None else ids
+        if len(ids) != n:
+            raise ValueError(f"{n} samples but {len(ids)} ids")
         shape = self.latent_shape
-        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(seed, k)))
-                 for k in range(first_index, first_index + n)]
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(seed, int(k)))) for k in ids]
         return torch.stack(noise).to(self.device, self.dtype) * self.scheduler.init_noise_sigma
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int = 0, guidance: float | None = None, steps: int | None = None,
-               negative_prompt: str = "", first_index: int = 0, progress: bool = False) -> Trajectory:
+               negative_prompt: str = "", ids: Sequence[int] | None = None, progress: bool = False) -> Trajectory:
         """Sample one image per prompt with classifier-free guidance, keeping every x_t on the way.
 
-        Image k's starting noise comes from (seed, first_index + k); DDIM-type schedulers then make the
+        Image k's starting noise comes from (seed, ids[k]); DDIM-type schedulers then make the
         whole trajectory a function of it."""
         guidance = self.default_guidance if guidance is None else guidance
         steps = self.default_steps if steps is None else steps
         scheduler = self.new_scheduler(steps)
         cond = self.encode(list(prompts))
         uncond = self.encode([negative_prompt] * len(prompts))
-        x = self.initial_noise(len(prompts), seed, first_index)
+        x = self.initial_noise(len(prompts), seed, ids)
         kept = []
         timesteps = scheduler.timesteps
         iterator = timesteps

@@ -1,0 +1,188 @@
+"""The attribution stage end to end: tables, sharding invariance, resume, refusals, queries."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cad_ray.config import load_config, parse_config
+from cad_ray.distributed import run_attribution
+from cad_ray.errors import CadRayError
+from cad_ray.store import ScoreStore
+
+SMALL = {"samples": 3, "block": 1, "erase": {"steps": 8}, "amplify": {"points_per_sample": 6},
+         "concepts": [{"name": "seven", "objectives": ["erase", "amplify"]}, {"name": "red"}]}
+
+
+def small_config(**changes):
+    return parse_config({**SMALL, **changes})
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("runs") / "small")
+    run_attribution(small_config(), root, local=True, progress=False)
+    return root
+
+
+def table(root, name="scores", concept="seven"):
+    frame = pd.read_parquet(os.path.join(root, name), filters=[("concept", "==", concept)])
+    frame = frame.astype({c: str for c in ("concept", "objective", "tensor") if c in frame})
+    return frame.sort_values([c for c in ("objective", "tensor", "index", "row") if c in frame]).reset_index(drop=True)
+
+
+def assert_same_scores(a, b, rel=1e-6):
+    assert len(a) == len(b) and (a["tensor"].values == b["tensor"].values).all()
+    diff = np.abs(a["score"].values.astype(np.float64) - b["score"].values)
+    assert diff.max() <= rel * np.abs(b["score"].values).max()
+
+
+def test_tables_are_readable_with_plain_pandas(small_run):
+    scores = pd.read_parquet(small_run + "/scores", filters=[("concept", "==", "seven")])
+    assert {"concept", "objective", "tensor", "index", "weight", "grad", "score"} <= set(scores.columns)
+    assert set(scores["objective"].astype(str)) == {"erase", "amplify"}
+    assert scores["score"].dtype == np.float32 and scores["index"].dtype == np.int64
+    np.testing.assert_allclose(scores["score"], scores["weight"].astype(np.float64) * scores["grad"], rtol=1e-5,
+                               atol=1e-12)
+    layers = table(small_run, "layers")
+    erase = scores[scores["objective"] == "erase"]
+    assert layers[layers["objective"] == "erase"]["count"].sum() == len(erase)
+    np.testing.assert_allclose(layers[layers["objective"] == "erase"]["sum"].sum(),
+                               erase["score"].astype(np.float64).sum(), rtol=1e-4)
+    neurons = table(small_run, "neurons")
+    assert neurons.groupby(["objective", "tensor"])["count"].sum().equals(
+        layers.set_index(["objective", "tensor"])["count"])
+
+
+def test_tables_carry_fingerprint_and_config(small_run, digits_model):
+    store = ScoreStore(small_run)
+    meta = store.metadata("seven", "erase")
+    assert meta["fingerprint"] == digits_model.fingerprint() == store.fingerprint
+    assert meta["config_hash"] == small_config().config_hash() and meta["objective"] == "erase"
+    manifest = json.loads(open(os.path.join(small_run, "_manifest.json")).read())
+    assert manifest["complete"] is True and manifest["config"]["samples"] == 3
+
+
+def test_query_api_top_layers_overlap(small_run):
+    store = ScoreStore(small_run)
+    top = store.top("seven", 10)
+    scores = table(small_run)
+    erase = scores[scores["objective"] == "erase"]
+    np.testing.assert_array_equal(top["score"].values, np.sort(erase["score"].values)[::-1][:10])
+    negative = store.top("seven", 10, negative=True, objective="amplify")
+    assert (negative["score"].values <= 0).all() and negative["score"].is_monotonic_increasing
+    same = store.overlap("seven", "seven", 50)
+    assert same["shared"] == 50 and same["jaccard"] == 1.0
+    assert 0 <= store.overlap("seven", "red", 50)["jaccard"] < 1
+    with pytest.raises(CadRayError, match="no scores for concept 'eight'"):
+        store.top("eight")
+
+
+def test_shards_do_not_change_the_scores(small_run, tmp_path):
+    one_shard = str(tmp_path / "one")
+    run_attribution(small_config(block=3), one_shard, local=True, progress=False)
+    for concept in ("seven", "red"):
+        assert_same_scores(table(one_shard, concept=concept), table(small_run, concept=concept))
+
+
+def test_ray_workers_give_the_same_table_as_in_process(small_run, tmp_path):
+    ray = pytest.importorskip("ray")
+    root = str(tmp_path / "ray")
+    try:
+        manifest = run_attribution(small_config(workers=2), root, progress=False)
+    finally:
+        ray.shutdown()
+    assert manifest["workers"] == 2
+    assert_same_scores(table(root), table(small_run))
+
+
+def test_resume_skips_finished_shards_and_recomputes_damaged_ones(small_run, tmp_path):
+    import shutil
+
+    root = tmp_path / "resumed"
+    shutil.copytree(small_run, root)
+    shards = sorted((root / "_shards" / "concept=seven" / "objective=erase").iterdir())
+    shards[0].unlink()
+    shards[1].write_bytes(shards[1].read_bytes()[:200])  # a truncated part
+    for name in ("scores", "neurons", "layers"):
+        shutil.rmtree(root / name / "concept=seven" / "objective=erase")
+    manifest = json.loads((root / "_manifest.json").read_text())
+    (root / "_manifest.json").write_text(json.dumps(dict(manifest, complete=False)))
+    with pytest.raises(CadRayError, match="did not complete"):
+        ScoreStore(str(root))
+    result = run_attribution(small_config(), str(root), local=True, progress=False)
+    assert result["shards_computed"] == 2 and result["shards_skipped"] == 3 * 3 - 2
+    resumed, original = table(str(root)), table(small_run)
+    assert len(resumed) == len(original)
+    assert_same_scores(resumed, original, rel=0)
+
+
+def test_a_root_with_another_config_is_refused_unless_overwrite(small_run, tmp_path):
+    import shutil
+
+    root = tmp_path / "other"
+    shutil.copytree(small_run, root)
+    before = (root / "_manifest.json").read_text()
+    with pytest.raises(CadRayError, match="another config.*--overwrite"):
+        run_attribution(small_config(seed=1), str(root), local=True, progress=False)
+    assert (root / "_manifest.json").read_text() == before
+    assert ScoreStore(str(root)).top("seven", 3) is not None  # the existing run is intact
+    changed = small_config(seed=1, concepts=[{"name": "red"}], samples=1)
+    run_attribution(changed, str(root), local=True, progress=False, overwrite=True)
+    assert list(ScoreStore(str(root)).concepts()["concept"]) == ["red"]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"concepts": [{"name": "purple"}]}, "concept 'purple' has no prompts"),
+    ({"concepts": [{"name": "x", "prompts": ["a purple seven"]}]}, "does not know the word"),
+    ({"scope": "*.nothing.weight"}, "matches no parameter"),
+])
+def test_bad_input_leaves_no_table_marked_complete(tmp_path, change, message):
+    root = tmp_path / "bad"
+    with pytest.raises(CadRayError, match=message):
+        run_attribution(small_config(**change), str(root), local=True, progress=False)
+    manifest = root / "_manifest.json"
+    assert not manifest.exists() or json.loads(manifest.read_text())["complete"] is False
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"concepts": []}, "concepts"), ({"concepts": [{"name": "x", "prompts": []}]}, "prompt list is empty"),
+    ({**SMALL, "samples": 0}, "samples"), ({**SMALL, "colour": 1}, "colour"),
+])
+def test_invalid_configs_are_one_line_errors(data, message):
+    with pytest.raises(CadRayError, match=message) as e:
+        parse_config(data)
+    assert "\n" not in str(e.value)
+
+
+def test_unwritable_root_fails_before_any_work(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(CadRayError, match="cannot write to"):
+        run_attribution(small_config(), str(blocker / "root"), local=True, progress=False)
+
+
+def test_config_files_in_jobs_are_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        config = load_config(path)
+        assert config.concepts
+    digits = load_config(Path(__file__).parents[1] / "jobs" / "configs" / "digits.yaml")
+    names = {c.name for c in digits.concepts}
+    assert {"zero", "nine", "red", "blue", "white", "green"} <= names
+    assert all("amplify" in c.objectives for c in digits.concepts if c.name not in ("white", "red", "green", "blue"))
+
+
+def test_cli_top_prints_the_table(small_run, capsys):
+    from cad_ray.cli import main
+
+    assert main(["top", "--root", small_run, "--concept", "seven", "--k", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "top positive" in out and out.count("ff.net") == 4
+    assert main(["top", "--root", small_run, "--concept", "eight"]) == 1
+    assert "no scores for concept 'eight'" in capsys.readouterr().err
