@@ -106,7 +106,8 @@ def run_attribution(config: AttributionConfig, root: str, address: str | None = 
     run.check_writable()
     pool = _LocalPool(config, root) if local else _RayPool(config, root, address)
     started = time.time()
-    fingerprint = pool.first("fingerprint")
+    fingerprint = pool.first("fingerprint")  # the first call loads the model
+    setup_seconds = time.time() - started
     manifest = open_run(config, root, fingerprint, overwrite)
     layout = pool.first("tensor_layout")
     shards = plan_shards(config)
@@ -125,6 +126,7 @@ def run_attribution(config: AttributionConfig, root: str, address: str | None = 
     results = [r for _, r in pool.map([(p, "finalize", (*p, by_pair[p], manifest)) for p in todo])]
     manifest = mark_complete(run, manifest, results)
     manifest["run_seconds"] = time.time() - started
+    manifest["setup_seconds"] = setup_seconds  # Ray start-up and model loading
     manifest["shards_computed"] = len(pending)
     manifest["shards_skipped"] = len(done)
     manifest["workers"] = pool.size

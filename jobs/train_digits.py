@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     model = DigitsModel.build(seed=args.seed)
-    noise_scheduler = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
+    noise_scheduler = DDPMScheduler(**SCHEDULER_CONFIG)
     modules = torch.nn.ModuleDict({"unet": model.unet, "text_encoder": model.text_encoder})
     modules.requires_grad_(True).train()
     ema = copy.deepcopy(modules).requires_grad_(False).eval()

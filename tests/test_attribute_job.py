@@ -186,3 +186,21 @@ def test_cli_top_prints_the_table(small_run, capsys):
     assert "top positive" in out and out.count("ff.net") == 4
     assert main(["top", "--root", small_run, "--concept", "eight"]) == 1
     assert "no scores for concept 'eight'" in capsys.readouterr().err
+
+
+def test_s3_root_round_trip_and_pandas_query(s3_endpoint):
+    from cad_ray.models.loading import s3_filesystem
+
+    s3_filesystem().mkdir("cad-runs")
+    root = "s3://cad-runs/small"
+    run_attribution(small_config(samples=1, concepts=[{"name": "seven"}]), root, local=True, progress=False)
+    scores = pd.read_parquet(root + "/scores", filters=[("concept", "==", "seven")],
+                             storage_options={"client_kwargs": {"endpoint_url": s3_endpoint}})
+    assert len(scores) > 0 and ScoreStore(root).top("seven", 3)["score"].is_monotonic_decreasing
+    manifest = s3_filesystem().cat_file("cad-runs/small/_manifest.json").decode()
+    assert "testing" not in manifest and "AWS" not in manifest  # no credentials or endpoint in the manifest
+
+
+def test_nonexistent_bucket_is_refused_before_any_work(s3_endpoint):
+    with pytest.raises(CadRayError, match="bucket 'no-such-bucket-here' does not exist"):
+        run_attribution(small_config(), "s3://no-such-bucket-here/run", local=True, progress=False)

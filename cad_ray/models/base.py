@@ -8,6 +8,7 @@ shared, so every model is attributed and edited the same way.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -112,14 +113,19 @@ class TextToImageModel:
                negative_prompt: str = "", ids: Sequence[int] | None = None, progress: bool = False) -> Trajectory:
         """Sample one image per prompt with classifier-free guidance, keeping every x_t on the way.
 
-        Image k's starting noise comes from (seed, ids[k]); DDIM-type schedulers then make the
-        whole trajectory a function of it."""
+        Image k's starting noise, and the step noise of a stochastic sampler, come from (seed, ids[k])
+        alone, so an image is the same whatever else is in the batch."""
         guidance = self.default_guidance if guidance is None else guidance
         steps = self.default_steps if steps is None else steps
         scheduler = self.new_scheduler(steps)
         cond = self.encode(list(prompts))
         uncond = self.encode([negative_prompt] * len(prompts))
         x = self.initial_noise(len(prompts), seed, ids)
+        # stochastic samplers draw their step noise from one generator per image, seeded by (seed, id)
+        ids = range(len(prompts)) if ids is None else ids
+        step_kwargs = {}
+        if "generator" in inspect.signature(scheduler.step).parameters:
+            step_kwargs["generator"] = [torch.Generator().manual_seed(derive_seed(seed, int(k), "steps")) for k in ids]
         kept = []
         timesteps = scheduler.timesteps
         iterator = timesteps
@@ -132,7 +138,7 @@ class TextToImageModel:
             x_in = scheduler.scale_model_input(torch.cat([x, x]), t)
             eps_u, eps_c = self.predict_noise(x_in, t, torch.cat([uncond, cond])).chunk(2)
             eps = eps_u + guidance * (eps_c - eps_u)
-            x = scheduler.step(eps, t, x, return_dict=False)[0]
+            x = scheduler.step(eps, t, x, return_dict=False, **step_kwargs)[0]
         kept.append(x)
         return Trajectory(list(prompts), torch.stack(kept), timesteps.detach().cpu(), self.decode(x), guidance)
 

@@ -45,7 +45,6 @@ SCHEDULER_CONFIG = dict(
     beta_schedule="squaredcos_cap_v2",
     prediction_type="epsilon",
     clip_sample=True,
-    set_alpha_to_one=True,
     timestep_spacing="trailing",
 )
 
@@ -65,13 +64,13 @@ class DigitsModel(TextToImageModel):
     @classmethod
     def build(cls, seed: int = 0) -> "DigitsModel":
         """A freshly initialised (untrained) digits model."""
-        from diffusers import DDIMScheduler, UNet2DConditionModel
+        from diffusers import DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
         torch.manual_seed(seed)
         unet = UNet2DConditionModel(**UNET_CONFIG)
         text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_ENCODER_CONFIG))
-        return cls(unet, text_encoder, DigitsTokenizer(), DDIMScheduler(**SCHEDULER_CONFIG))
+        return cls(unet, text_encoder, DigitsTokenizer(), DDPMScheduler(**SCHEDULER_CONFIG))
 
     def sampling_defaults(self) -> dict:
         return self.sampling
