@@ -89,9 +89,9 @@ class CAD:
     by float rounding.
     """
 
-    def __init__(self, model, objective, scope: str = "ff", chunk_size: int = 256, seed: int = 0):
+    def __init__(self, model, objective, scope: str = "ff", chunk_size: int = 256, seed: int = 0, batch: int = 4):
         self.model, self.objective, self.scope = model, objective, scope
-        self.chunk_size, self.seed = chunk_size, seed
+        self.chunk_size, self.seed, self.batch = chunk_size, seed, batch
         self.parameters = select_parameters(model.named_parameters(), scope)
 
     @property
@@ -101,21 +101,27 @@ class CAD:
     def gradient_sum(self, concept: Concept, samples: list[int]) -> GradientSum:
         """Sum over the given samples of dJ_s/dw, each sample's J_s being the mean over its points.
 
-        The block's trajectories are sampled in one batch and its points are processed in chunks of
-        `chunk_size`; blocks are fixed by the config, so the numbers do not depend on the number of workers.
+        Samples are processed in batches aligned on the global grid of `batch` sample indices (sample s is
+        in batch s // batch): trajectories of a batch are sampled together and its points go through the
+        forward/backward passes together. So a sample's numbers are the same in whatever block or shard
+        it is computed; only the float64 additions of whole batches depend on the grouping.
         """
-        points = self.objective.points(self.model, concept, list(samples), self.seed, self.chunk_size)
-        weight = points.weights()
         params = [p for _, p in self.parameters]
         sums = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in self.parameters}
         objective_sum = 0.0
+        groups: dict[int, list[int]] = {}
+        for sample in samples:
+            groups.setdefault(sample // self.batch, []).append(sample)
         with gradients_for(params):
-            for start in range(0, len(points), self.chunk_size):
-                values = point_values(self.model, points.chunk(start, start + self.chunk_size))
-                total = (values.double() * weight[start:start + self.chunk_size].to(values.device)).sum()
-                total.backward()
-                objective_sum += float(total.detach())
-                self._collect(sums, concept)
+            for group in groups.values():
+                points = self.objective.points(self.model, concept, group, self.seed, self.chunk_size)
+                weight = points.weights()
+                for start in range(0, len(points), self.chunk_size):
+                    values = point_values(self.model, points.chunk(start, start + self.chunk_size))
+                    total = (values.double() * weight[start:start + self.chunk_size].to(values.device)).sum()
+                    total.backward()
+                    objective_sum += float(total.detach())
+                    self._collect(sums, concept)
         return GradientSum(sums, len(samples), objective_sum)
 
     def _collect(self, sums: dict[str, torch.Tensor], concept: Concept) -> None:

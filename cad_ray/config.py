@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import CadRayError
 
@@ -51,7 +51,8 @@ class AttributionConfig(Strict):
     seed: int = 0
     scope: str = "ff"
     samples: int = Field(8, ge=1, description="samples (trajectories or images) per concept and objective")
-    block: int = Field(4, ge=1, description="samples per shard")
+    block: int = Field(4, ge=1, description="samples per shard (a multiple of batch)")
+    batch: int = Field(4, ge=1, description="samples whose trajectories are sampled and differentiated together")
     chunk_size: int = Field(64, ge=1, description="points per forward/backward pass")
     erase: EraseOptions = Field(default_factory=EraseOptions)
     amplify: AmplifyOptions = Field(default_factory=AmplifyOptions)
@@ -66,6 +67,13 @@ class AttributionConfig(Strict):
         if len(set(names)) != len(names):
             raise ValueError("concept names must be unique")
         return v
+
+    @model_validator(mode="after")
+    def _block_holds_whole_batches(self):
+        if self.block % self.batch:
+            raise ValueError(f"block ({self.block}) must be a multiple of batch ({self.batch}), so that a "
+                             "sample's numbers do not depend on the shard it falls in")
+        return self
 
     def result_fields(self) -> dict:
         return self.model_dump(exclude={"workers", "device"}, mode="json")

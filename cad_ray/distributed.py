@@ -16,6 +16,7 @@ from .run import (AttributionWorker, RunRoot, mark_complete, open_run, pairs_to_
                   shard_status)
 
 IN_FLIGHT_PER_WORKER = 2
+CPU_WORKER_THREADS = 1  # float results depend on torch's thread count; all CPU workers use the same
 
 
 class WorkerHost:
@@ -26,13 +27,17 @@ class WorkerHost:
         self.config, self.root, self.threads, self.worker = config, root, threads, None
 
     def call(self, method: str, *args):
-        if self.worker is None:
-            import torch
+        import torch
 
-            if self.threads:
-                torch.set_num_threads(self.threads)
-            self.worker = AttributionWorker(self.config, self.root)
-        return getattr(self.worker, method)(*args)
+        previous = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            if self.worker is None:
+                self.worker = AttributionWorker(self.config, self.root)
+            return getattr(self.worker, method)(*args)
+        finally:
+            torch.set_num_threads(previous)
 
 
 def _unwrap(error: Exception) -> Exception:
@@ -42,10 +47,11 @@ def _unwrap(error: Exception) -> Exception:
 
 
 class _LocalPool:
-    """The same calls, in this process (for tests and for measuring Ray's overhead)."""
+    """The same calls, in this process (for tests and for measuring Ray's overhead), with the thread count
+    of a CPU Ray worker so that both give the same numbers."""
 
     def __init__(self, config, root):
-        self.host = WorkerHost(config, root)
+        self.host = WorkerHost(config, root, threads=CPU_WORKER_THREADS)
         self.size = 1
 
     def first(self, method, *args):
@@ -66,10 +72,11 @@ class _RayPool:
         self.ray = ray
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-        request = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
         self.size = max(1, config.workers or (gpus if gpus else cpus))
+        # one GPU per actor; on CPUs a share of the CPUs so that every requested actor can start
+        request = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": min(1.0, cpus / self.size)}
         remote = ray.remote(max_restarts=4, max_task_retries=4, **request)(WorkerHost)
-        self.actors = [remote.remote(config, root, None if gpus else 1) for _ in range(self.size)]
+        self.actors = [remote.remote(config, root, None if gpus else CPU_WORKER_THREADS) for _ in range(self.size)]
 
     def first(self, method, *args):
         try:

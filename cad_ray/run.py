@@ -76,7 +76,7 @@ class AttributionWorker:
     def estimator(self, objective: str) -> CAD:
         if objective not in self.estimators:
             self.estimators[objective] = CAD(self.model, objective_for(self.config, objective), self.config.scope,
-                                             self.config.chunk_size, self.config.seed)
+                                             self.config.chunk_size, self.config.seed, self.config.batch)
         return self.estimators[objective]
 
     def tensor_layout(self) -> list[tuple[str, tuple[int, ...]]]:

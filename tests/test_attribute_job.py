@@ -12,7 +12,7 @@ from cad_ray.distributed import run_attribution
 from cad_ray.errors import CadRayError
 from cad_ray.store import ScoreStore
 
-SMALL = {"samples": 3, "block": 1, "erase": {"steps": 8}, "amplify": {"points_per_sample": 6},
+SMALL = {"samples": 4, "block": 2, "batch": 2, "erase": {"steps": 8}, "amplify": {"points_per_sample": 6},
          "concepts": [{"name": "seven", "objectives": ["erase", "amplify"]}, {"name": "red"}]}
 
 
@@ -62,7 +62,7 @@ def test_tables_carry_fingerprint_and_config(small_run, digits_model):
     assert meta["fingerprint"] == digits_model.fingerprint() == store.fingerprint
     assert meta["config_hash"] == small_config().config_hash() and meta["objective"] == "erase"
     manifest = json.loads(open(os.path.join(small_run, "_manifest.json")).read())
-    assert manifest["complete"] is True and manifest["config"]["samples"] == 3
+    assert manifest["complete"] is True and manifest["config"]["samples"] == 4
 
 
 def test_query_api_top_layers_overlap(small_run):
@@ -82,7 +82,7 @@ def test_query_api_top_layers_overlap(small_run):
 
 def test_shards_do_not_change_the_scores(small_run, tmp_path):
     one_shard = str(tmp_path / "one")
-    run_attribution(small_config(block=3), one_shard, local=True, progress=False)
+    run_attribution(small_config(block=4), one_shard, local=True, progress=False)
     for concept in ("seven", "red"):
         assert_same_scores(table(one_shard, concept=concept), table(small_run, concept=concept))
 
@@ -91,10 +91,10 @@ def test_ray_workers_give_the_same_table_as_in_process(small_run, tmp_path):
     ray = pytest.importorskip("ray")
     root = str(tmp_path / "ray")
     try:
-        manifest = run_attribution(small_config(workers=2), root, progress=False)
+        manifest = run_attribution(small_config(workers=3), root, progress=False)
     finally:
         ray.shutdown()
-    assert manifest["workers"] == 2
+    assert manifest["workers"] == 3
     assert_same_scores(table(root), table(small_run))
 
 
@@ -113,7 +113,7 @@ def test_resume_skips_finished_shards_and_recomputes_damaged_ones(small_run, tmp
     with pytest.raises(CadRayError, match="did not complete"):
         ScoreStore(str(root))
     result = run_attribution(small_config(), str(root), local=True, progress=False)
-    assert result["shards_computed"] == 2 and result["shards_skipped"] == 3 * 3 - 2
+    assert result["shards_computed"] == 2 and result["shards_skipped"] == 3 * 2 - 2
     resumed, original = table(str(root)), table(small_run)
     assert len(resumed) == len(original)
     assert_same_scores(resumed, original, rel=0)
@@ -150,6 +150,7 @@ def test_bad_input_leaves_no_table_marked_complete(tmp_path, change, message):
 @pytest.mark.parametrize("data, message", [
     ({"concepts": []}, "concepts"), ({"concepts": [{"name": "x", "prompts": []}]}, "prompt list is empty"),
     ({**SMALL, "samples": 0}, "samples"), ({**SMALL, "colour": 1}, "colour"),
+    ({**SMALL, "block": 3}, "multiple of batch"),
 ])
 def test_invalid_configs_are_one_line_errors(data, message):
     with pytest.raises(CadRayError, match=message) as e:

@@ -39,7 +39,7 @@ def test_score_is_weight_times_autograd_gradient(small_model, objective):
         p.requires_grad_(False)
     for (name, p), g in zip(cad.parameters, grads):
         torch.testing.assert_close(attribution.scores[name], (p.detach() * g).double(), rtol=1e-9, atol=1e-15)
-    assert attribution.objective_value == pytest.approx(float(j), rel=1e-9)
+    assert attribution.objective_value == pytest.approx(float(j.detach()), rel=1e-9)
 
 
 def test_first_order_prediction_matches_tiny_ablations(small_model):
@@ -98,7 +98,11 @@ def test_empty_prompt_list_is_refused():
 
 
 def test_zeroing_top_components_erases_far_more_than_random(digits_model):
-    """On the trained digits model: the top-scored components of 'seven' carry it; random ones do not."""
+    """On the trained digits model: the top-scored components of 'seven' carry it; random ones do not.
+
+    J is measured as the full counterfactual (the base prediction recomputed with the ablated weights): with
+    the base frozen at the original weights, zeroing the top components raises J, because they change the
+    prediction for every prompt (see docs/attribution.md)."""
     concept = Concept("seven", ("seven", "a 7", "the digit 7"))
     objective = EraseObjective(steps=20)
     cad = CAD(digits_model, objective, "ff")
@@ -118,11 +122,12 @@ def test_zeroing_top_components_erases_far_more_than_random(digits_model):
             for _, p in cad.parameters:
                 p.view(-1)[mask[offset:offset + p.numel()]] = 0
                 offset += p.numel()
-            j1, _ = objective_value(digits_model, objective, concept, range(3), points=points)
+            ablated_base = digits_model.predict_noise(points.x, points.t, points.base_cond)
+            j1 = (point_values(digits_model, points, ablated_base).double() * points.weights()).sum() / 3
             for (_, p), s in zip(cad.parameters, saved):
                 p.copy_(s)
         return float(j0 - j1)
 
     top_drop, random_drop = drop(top), drop(random)
-    assert top_drop > 0.2 * float(j0)
-    assert top_drop > 5 * abs(random_drop)
+    assert top_drop > 0.5 * float(j0)
+    assert top_drop > 10 * abs(random_drop)
