@@ -4,8 +4,9 @@ against the limit (generate the trajectories once + one batched forward/backward
     python bench/attribution_speed.py [--model PATH] [--samples 4] [--steps 50] [--device cpu]
 
 The reference re-samples from pure noise down to every timestep t and runs one forward/backward at x_t:
-about T^2/2 guided UNet steps per sample. With a deterministic (DDIM) sampler it visits exactly the points
-that one kept trajectory visits, so both must give the same scores; the script checks that too.
+about T^2/2 guided UNet steps per sample. With the same starting noise and the same per-image step noise it
+visits exactly the points that one kept trajectory visits, so both must give the same scores; the script
+checks that too.
 """
 
 from __future__ import annotations
@@ -32,12 +33,15 @@ def reference_scores(model, objective, concept, samples, seed, parameters):
         uncond = model.encode([""])
         for k in range(steps):
             scheduler = model.new_scheduler(steps)
-            x = model.initial_noise(1, derive_seed(seed, concept.name, "trajectory"), ids=[s])
+            stream = derive_seed(seed, concept.name, "trajectory")
+            x = model.initial_noise(1, stream, ids=[s])
+            # the same per-image step noise as TextToImageModel.sample, so the re-sampled x_t are the same
+            step_noise = {"generator": [torch.Generator().manual_seed(derive_seed(stream, s, "steps"))]}
             with torch.no_grad():
                 for t in scheduler.timesteps[:k]:  # re-sample from pure noise down to step k
                     x_in = scheduler.scale_model_input(torch.cat([x, x]), t)
                     eps_u, eps_c = model.predict_noise(x_in, t, torch.cat([uncond, cond])).chunk(2)
-                    x = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, x, return_dict=False)[0]
+                    x = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, x, return_dict=False, **step_noise)[0]
                 t = scheduler.timesteps[k].reshape(1).to(model.device)
                 target = model.predict_noise(x, t, base_cond)
             with gradients_for([p for _, p in parameters]):
