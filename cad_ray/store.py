@@ -164,7 +164,7 @@ def partition(concept: str, objective: str) -> str:
 
 def table_metadata(manifest: dict, concept: str, objective: str, extra: dict | None = None) -> dict:
     return {"concept": concept, "objective": objective, "fingerprint": manifest["fingerprint"],
-            "config_hash": manifest["config_hash"], "code_version": __version__,
+            "config_hash": manifest["config_hash"], "config": manifest["config"], "code_version": __version__,
             "model": manifest.get("model"), **(extra or {})}
 
 

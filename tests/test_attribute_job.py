@@ -205,3 +205,18 @@ def test_s3_root_round_trip_and_pandas_query(s3_endpoint):
 def test_nonexistent_bucket_is_refused_before_any_work(s3_endpoint):
     with pytest.raises(CadRayError, match="bucket 'no-such-bucket-here' does not exist"):
         run_attribution(small_config(), "s3://no-such-bucket-here/run", local=True, progress=False)
+
+
+def test_stable_diffusion_pipeline_through_the_whole_stage(tiny_sd_folder, tmp_path):
+    """Explicit prompts, the erase objective and the amplify objective on the model's own samples."""
+    config = parse_config({"model": str(tiny_sd_folder), "samples": 2, "block": 2, "batch": 2, "scope": "attn2",
+                           "erase": {"steps": 4}, "amplify": {"points_per_sample": 3, "steps": 4},
+                           "concepts": [{"name": "parachute", "prompts": ["a photo of a parachute"],
+                                         "objectives": ["erase", "amplify"]}]})
+    root = str(tmp_path / "sd")
+    run_attribution(config, root, local=True, progress=False)
+    store = ScoreStore(root)
+    scores = store.scores("parachute", "amplify")
+    assert len(scores) > 0 and scores["tensor"].astype(str).str.contains("attn2").all()
+    assert np.isfinite(scores["score"]).all() and (scores["score"] != 0).any()
+    assert store.metadata("parachute")["config"]["scope"] == "attn2"

@@ -92,3 +92,16 @@ def test_console_script_reports_errors_without_traceback(tmp_path):
                              "--out", str(tmp_path / "x.png")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [f"cad-ray sample: error: model folder {tmp_path / 'nope'} does not exist"]
+
+
+@pytest.mark.parametrize("text, needle", [(None, "cannot read config"), ("concepts: [", "malformed YAML"),
+                                          ("concepts: []", "concepts"), ("concepts: [{name: purple}]", "'purple'")])
+def test_attribute_config_errors_are_one_line(capsys, tmp_path, text, needle):
+    config = tmp_path / "run.yaml"
+    if text is not None:
+        config.write_text(text)
+    code, _, err = run_cli(capsys, "attribute", "--config", str(config), "--root", str(tmp_path / "root"),
+                           "--local", "--quiet")
+    _one_line_error(code, err, needle)
+    manifest = tmp_path / "root" / "_manifest.json"
+    assert not manifest.exists() or '"complete": false' in manifest.read_text()
