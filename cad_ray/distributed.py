@@ -2,13 +2,13 @@
 
 Thin by design: planning, computing, reducing and writing live in cad_ray.run; this module only places
 those calls on actors (one GPU each where the cluster has GPUs, one CPU each otherwise), bounds the work in
-flight, retries on worker loss and shows progress.
+flight, moves work off dead workers and shows progress.
 """
 
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 
 from .config import AttributionConfig
 from .errors import CadRayError
@@ -52,7 +52,7 @@ class _LocalPool:
 
     def __init__(self, config, root):
         self.host = WorkerHost(config, root, threads=CPU_WORKER_THREADS)
-        self.size = 1
+        self.size, self.lost = 1, 0
 
     def first(self, method, *args):
         return self.host.call(method, *args)
@@ -63,6 +63,10 @@ class _LocalPool:
 
 
 class _RayPool:
+    """Actors that each load the model once. A task whose actor dies (a lost node, a crashed worker) is put
+    back in the queue for the other actors, and a replacement actor is started; it takes work once it has
+    loaded the model. Shard work is idempotent (it rewrites the same file), so a rerun is harmless."""
+
     def __init__(self, config: AttributionConfig, root: str, address: str | None):
         import ray
 
@@ -75,33 +79,62 @@ class _RayPool:
         self.size = max(1, config.workers or (gpus if gpus else cpus))
         # one GPU per actor; on CPUs a share of the CPUs so that every requested actor can start
         request = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": min(1.0, cpus / self.size)}
-        remote = ray.remote(max_restarts=4, max_task_retries=4, **request)(WorkerHost)
-        self.actors = [remote.remote(config, root, None if gpus else CPU_WORKER_THREADS) for _ in range(self.size)]
+        self.remote = ray.remote(max_restarts=0, **request)(WorkerHost)
+        self.args = (config, root, None if gpus else CPU_WORKER_THREADS)
+        self.actors = [self.remote.remote(*self.args) for _ in range(self.size)]
+        self.replacements_left = 4 * self.size
+        self.lost = 0
 
     def first(self, method, *args):
-        try:
-            return self.ray.get(self.actors[0].call.remote(method, *args))
-        except Exception as e:
-            raise _unwrap(e) from None
+        for actor in list(self.actors):
+            try:
+                return self.ray.get(actor.call.remote(method, *args))
+            except self.ray.exceptions.RayActorError:
+                self.actors.remove(actor)
+            except Exception as e:
+                raise _unwrap(e) from None
+        raise CadRayError("every Ray worker died before it could load the model; see the Ray logs")
 
     def map(self, calls):
         """Run calls on the actors with at most IN_FLIGHT_PER_WORKER each; yield (key, result) as they finish."""
-        queue = list(calls)
-        running = {}
+        queue = deque(calls)
+        running = {}  # object ref -> (call, actor)
+        starting = {}  # readiness ref -> replacement actor
         load = defaultdict(int)
         while queue or running:
-            while queue and len(running) < IN_FLIGHT_PER_WORKER * len(self.actors):
-                actor = min(range(len(self.actors)), key=lambda a: load[a])
-                key, method, args = queue.pop(0)
-                running[self.actors[actor].call.remote(method, *args)] = (key, actor)
+            while queue and self.actors and len(running) < IN_FLIGHT_PER_WORKER * len(self.actors):
+                actor = min(self.actors, key=lambda a: load[a])
+                call = queue.popleft()
+                running[actor.call.remote(call[1], *call[2])] = (call, actor)
                 load[actor] += 1
-            ready, _ = self.ray.wait(list(running), num_returns=1)
-            key, actor = running.pop(ready[0])
+            if not running and not starting:
+                raise CadRayError("every Ray worker died and no replacement could be started; see the Ray logs")
+            ready, _ = self.ray.wait(list(running) + list(starting), num_returns=1)
+            if ready[0] in starting:
+                actor = starting.pop(ready[0])
+                try:
+                    self.ray.get(ready[0])
+                    self.actors.append(actor)
+                except self.ray.exceptions.RayActorError:
+                    pass
+                continue
+            call, actor = running.pop(ready[0])
             load[actor] -= 1
             try:
-                yield key, self.ray.get(ready[0])
+                result = self.ray.get(ready[0])
+            except self.ray.exceptions.RayActorError:
+                queue.appendleft(call)
+                if actor in self.actors:
+                    self.lost += 1
+                    self.actors.remove(actor)
+                    if self.replacements_left > 0:
+                        self.replacements_left -= 1
+                        replacement = self.remote.remote(*self.args)
+                        starting[replacement.call.remote("fingerprint")] = replacement
+                continue
             except Exception as e:
                 raise _unwrap(e) from None
+            yield call[0], result
 
 
 def run_attribution(config: AttributionConfig, root: str, address: str | None = None, overwrite: bool = False,
@@ -137,4 +170,5 @@ def run_attribution(config: AttributionConfig, root: str, address: str | None = 
     manifest["shards_computed"] = len(pending)
     manifest["shards_skipped"] = len(done)
     manifest["workers"] = pool.size
+    manifest["workers_lost"] = pool.lost
     return manifest
