@@ -53,6 +53,13 @@ def filesystem(root: str):
     return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(str(root)))
 
 
+def hidden_temporary(target: str) -> str:
+    """A temporary name beside `target` that starts with a dot, so that Parquet dataset readers (which skip
+    names starting with '.' or '_') never pick up a file left half-written by a crash."""
+    path = PurePosixPath(target)
+    return str(path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}"))
+
+
 class RunRoot:
     """Reading and writing the files of one run root."""
 
@@ -93,7 +100,7 @@ class RunRoot:
             self.fs.pipe_file(target, data)  # a single PUT: the object appears whole or not at all
             return
         self.fs.makedirs(str(PurePosixPath(target).parent), exist_ok=True)
-        tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+        tmp = hidden_temporary(target)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -117,7 +124,7 @@ class RunRoot:
             os.close(handle)
         else:
             self.fs.makedirs(str(PurePosixPath(target).parent), exist_ok=True)
-            tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+            tmp = hidden_temporary(target)
         try:
             options = {"compression": "zstd"}
             if "tensor" in schema.names:

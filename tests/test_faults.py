@@ -136,3 +136,16 @@ def test_losing_a_gpu_node_mid_run_still_gives_the_failure_free_table(tmp_path):
         assert len(a) == len(b)
         scale = np.abs(b["score"].values).max()
         assert np.abs(a["score"].values.astype(np.float64) - b["score"].values).max() <= 1e-6 * scale
+
+
+def test_a_file_left_half_written_by_a_crash_is_invisible_to_readers(tmp_path):
+    from cad_ray.store import RunRoot, hidden_temporary
+
+    run = RunRoot(str(tmp_path))
+    table = pd.DataFrame({"x": [1, 2, 3]})
+    import pyarrow as pa
+
+    run.write_table(pa.Table.from_pandas(table), "t", "concept=a", "part-0.parquet")
+    target = str(tmp_path / "t" / "concept=a" / "part-0.parquet")
+    Path(hidden_temporary(target)).write_bytes(b"PAR1 truncated")  # what a crash mid-write leaves
+    assert pd.read_parquet(tmp_path / "t")["x"].tolist() == [1, 2, 3]
