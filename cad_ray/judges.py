@@ -7,7 +7,6 @@ not depend on colour; its penultimate layer gives the features for the Frechet d
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -112,7 +111,3 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     covmean = covmean.real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
-
-def judge_metadata(folder: Path = JUDGES_DIR) -> dict:
-    path = folder / "training.json"
-    return json.loads(path.read_text()) if path.exists() else {}

@@ -71,9 +71,6 @@ class RunRoot:
     def join(self, *parts: str) -> str:
         return str(PurePosixPath(self.path, *parts))
 
-    def uri_of(self, *parts: str) -> str:
-        return ("s3://" if self.is_s3 else "") + self.join(*parts)
-
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.join(*parts))
 

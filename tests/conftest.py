@@ -7,7 +7,6 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-PEER_PROMPTS = Path(__file__).resolve().parents[1].parent / "shared" / "peer-prompts"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -165,7 +165,3 @@ class TextToImageModel:
             self._fingerprint = h.hexdigest()[:32]
         return self._fingerprint
 
-    def invalidate_fingerprint(self) -> None:
-        """Call after changing weights in place (an edit), so the fingerprint is recomputed."""
-        self._fingerprint = None
-
