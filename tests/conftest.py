@@ -54,3 +54,13 @@ def s3_endpoint():
         else:
             os.environ[k] = v
     server.stop()
+
+
+def untrained_float64_model(seed: int):
+    """An untrained digits model in float64, for identities that hold whatever the weights."""
+    from cad_ray.models.digits import DigitsModel
+
+    model = DigitsModel.build(seed=seed)
+    for module in model.weight_modules().values():
+        module.double()
+    return model

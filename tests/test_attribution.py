@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import untrained_float64_model
 
 from cad_ray.attribution import CAD
 from cad_ray.errors import CadRayError
@@ -12,11 +13,7 @@ from cad_ray.scopes import select_parameters
 
 @pytest.fixture(scope="module")
 def small_model():
-    """An untrained digits model in float64: the identities below hold whatever the weights."""
-    model = DigitsModel.build(seed=5)
-    for module in model.weight_modules().values():
-        module.double()
-    return model
+    return untrained_float64_model(seed=5)
 
 
 def objective_value(model, objective, concept, samples, seed=0, points=None):

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from conftest import untrained_float64_model
 
 from cad_ray.attribution import CAD
 from cad_ray.errors import CadRayError
-from cad_ray.models.digits import DigitsModel
 from cad_ray.objectives import Concept, EraseObjective
 from cad_ray.validation import (AblationEvaluator, bootstrap_interval, first_order_prediction, pearson,
                                 random_subset, spearman)
@@ -37,10 +37,7 @@ def test_planted_linear_relation_has_correlation_one():
 
 @pytest.fixture(scope="module")
 def float64_model():
-    model = DigitsModel.build(seed=7)
-    for module in model.weight_modules().values():
-        module.double()
-    return model
+    return untrained_float64_model(seed=7)
 
 
 def test_actual_change_restores_weights_and_matches_first_order_for_tiny_ablations(float64_model):
