@@ -55,13 +55,11 @@ def reference_scores(model, objective, concept, samples, seed, parameters):
 def limit_seconds(model, objective, concept, samples, seed, parameters) -> float:
     """Generate the same trajectories, then one batched forward/backward over all kept points."""
     from cad_ray.attribution import gradients_for
-    from cad_ray.objectives import Points, point_values
-    from cad_ray.seeds import derive_seed
+    from cad_ray.objectives import Points, concept_trajectories, point_values
 
     start = time.perf_counter()
     prompts = [concept.prompt(s)[0] for s in samples]
-    traj = model.sample(prompts, seed=derive_seed(seed, concept.name, "trajectory"), steps=objective.steps,
-                        ids=samples)
+    traj = concept_trajectories(model, concept, prompts, samples, seed, objective.guidance, objective.steps)
     steps = len(traj.timesteps)
     x = traj.latents[:-1].reshape(-1, *traj.latents.shape[2:])
     t = traj.timesteps.repeat_interleave(len(samples)).to(model.device)

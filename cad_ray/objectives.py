@@ -87,6 +87,13 @@ def point_values(model, points: Points, target: torch.Tensor | None = None) -> t
     return points.sign * (eps.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(dim=1)
 
 
+def concept_trajectories(model, concept: Concept, prompts: list[str], samples: list[int], seed: int,
+                         guidance: float | None, steps: int | None):
+    """Guided trajectories of a concept's samples; sample s starts from noise seeded by (seed, concept, s)."""
+    return model.sample(prompts, seed=derive_seed(seed, concept.name, "trajectory"), guidance=guidance, steps=steps,
+                        ids=samples)
+
+
 class EraseObjective:
     name = "erase"
     sign = 1.0
@@ -94,16 +101,11 @@ class EraseObjective:
     def __init__(self, guidance: float | None = None, steps: int | None = None, points_per_sample: int | None = None):
         self.guidance, self.steps, self.points_per_sample = guidance, steps, points_per_sample
 
-    def describe(self) -> dict:
-        return {"name": self.name, "guidance": self.guidance, "steps": self.steps,
-                "points_per_sample": self.points_per_sample}
-
     @torch.no_grad()
     def points(self, model, concept: Concept, samples: list[int], seed: int, chunk_size: int = 256) -> Points:
         """One guided trajectory per sample; every kept (x_t, t) is a point (or a seeded subset of them)."""
         prompts, bases = map(list, zip(*(concept.prompt(s) for s in samples)))
-        traj = model.sample(prompts, seed=derive_seed(seed, concept.name, "trajectory"), guidance=self.guidance,
-                            steps=self.steps, ids=samples)
+        traj = concept_trajectories(model, concept, prompts, samples, seed, self.guidance, self.steps)
         xs, ts, rows = [], [], []
         for row, s in enumerate(samples):
             keep = np.arange(len(traj.timesteps))
@@ -129,10 +131,6 @@ class AmplifyObjective:
             raise CadRayError("points_per_sample must be at least 1")
         self.points_per_sample, self.guidance, self.steps = points_per_sample, guidance, steps
 
-    def describe(self) -> dict:
-        return {"name": self.name, "points_per_sample": self.points_per_sample, "guidance": self.guidance,
-                "steps": self.steps}
-
     @torch.no_grad()
     def points(self, model, concept: Concept, samples: list[int], seed: int, chunk_size: int = 256) -> Points:
         """Per sample: one image of the concept, noised at `points_per_sample` seeded timesteps."""
@@ -141,8 +139,7 @@ class AmplifyObjective:
             x0 = torch.stack([concept.images[numpy_rng(seed, concept.name, s, "image").integers(len(concept.images))]
                               for s in samples])
         else:
-            x0 = model.sample(prompts, seed=derive_seed(seed, concept.name, "trajectory"), guidance=self.guidance,
-                              steps=self.steps, ids=samples).latents[-1]
+            x0 = concept_trajectories(model, concept, prompts, samples, seed, self.guidance, self.steps).latents[-1]
         k, n_train = self.points_per_sample, model.scheduler.config.num_train_timesteps
         ts, noises = [], []
         for s in samples:

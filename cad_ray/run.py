@@ -166,8 +166,7 @@ def open_run(config: AttributionConfig, root: str, fingerprint: str, overwrite: 
     A root written with another config or model is refused unless `overwrite`, which first removes that
     run's tables.
     """
-    run = RunRoot(root)
-    run.check_writable()
+    run = RunRoot(root)  # the caller has checked that it is writable, before any work
     manifest = run.read_manifest()
     if manifest is not None and (manifest.get("config_hash") != config.config_hash()
                                  or manifest.get("fingerprint") != fingerprint):
