@@ -154,6 +154,52 @@ def cmd_overlap(args: argparse.Namespace) -> None:
           f"({args.objective}): {result['shared']} shared, Jaccard {result['jaccard']:.3f}")
 
 
+def stage_config(root: str, config_file: str | None, section: str, overrides: dict):
+    """The run's config for a later stage: the --config file if given (checked against the root by the stage),
+    else the config stored in the root's manifest; `overrides` replace fields of its `section`."""
+    from .config import load_config, parse_config
+    from .store import RunRoot
+
+    if config_file:
+        config = load_config(config_file)
+    else:
+        manifest = RunRoot(root).read_manifest()
+        if manifest is None:
+            raise CadRayError(f"no attribution run in {root}: run 'cad-ray attribute' with this --root first")
+        config = parse_config(manifest["config"], f"{root}/_manifest.json")
+    data = config.model_dump(mode="json")
+    data[section].update({k: v for k, v in overrides.items() if v is not None})
+    return parse_config(data, "options")
+
+
+def cmd_validate(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from .distributed import run_validation
+
+    config = stage_config(args.root, args.config, "validation", {
+        "ablations": args.ablations, "fractions": args.fractions, "concepts": args.concepts,
+        "held_out": False if args.in_sample else None})
+    config = config.model_copy(update={"workers": args.workers or config.workers,
+                                       "device": args.device or config.device})
+    result = run_validation(config, args.root, address=args.address, overwrite=args.overwrite, local=args.local,
+                            progress=not args.quiet)
+    options = config.validation
+    summary = result["summary"]
+    print(f"validation complete in {args.root}: {len(summary['concept'].unique())} concept(s), "
+          f"{options.ablations} ablations at each fraction {options.fractions}, "
+          f"{'held-out' if options.held_out else 'in-sample'} evaluation points, {result['shards_computed']} "
+          f"shards computed, {result['shards_skipped']} already done, {result['run_seconds']:.1f} s")
+    table = summary.groupby(["estimator", "fraction"])[["pearson", "spearman", "pearson_ablated_base"]].mean()
+    with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
+        print("\nmean over concepts, test split (actual = change of J with the base term frozen):")
+        print(table.unstack("fraction").to_string())
+        print("\nlocalization (share of total |score| in the top components):")
+        print(result["localization"][["concept", "top_0.1%_share", "top_1%_share"]].to_string(index=False))
+    print(f"\ntables: {args.root}/validation, validation_summary, localization, overlap; plots: "
+          f"{args.root}/plots/validation/")
+
+
 def _attribute_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML run config (see jobs/configs/)")
     p.add_argument("--root", default=None, help="run root: local folder or s3://bucket/prefix "
@@ -222,6 +268,29 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the same config on the same root resumes and skips finished shards.")
     _attribute_arguments(p)
     p.set_defaults(func=cmd_attribute)
+
+    p = sub.add_parser("validate", help="check the scores against random ablations (Ray job)",
+                       description="Draw M random subsets of the scope's components at each ablation fraction, "
+                                   "measure the actual change of J with them zeroed on a fixed batch of held-out "
+                                   "points, and compare it with three estimators: cad (first order), cad2 (first "
+                                   "order plus a sketched Gauss-Newton term) and coar (ridge regression on "
+                                   "per-neuron ablations, fit on a training split). Writes validation/, "
+                                   "validation_summary/, localization/, overlap/ and plots/validation/ under "
+                                   "--root. Options come from the config's 'validation:' section.")
+    p.add_argument("--root", required=True, help="root of a completed attribution run (local folder or s3://...)")
+    p.add_argument("--config", default=None, help="YAML config (the root's own by default); must describe the "
+                                                  "same attribution run, its 'validation:' section may differ")
+    p.add_argument("--ablations", type=int, default=None, help="random subsets M per fraction")
+    p.add_argument("--fractions", type=float, nargs="+", default=None, help="ablation fractions, each in (0, 1)")
+    p.add_argument("--concepts", nargs="+", default=None, help="concepts to validate (default: all)")
+    p.add_argument("--in-sample", action="store_true", help="evaluate on the attribution's own samples")
+    p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: start a local Ray")
+    p.add_argument("--overwrite", action="store_true", help="replace a validation made with other options")
+    p.add_argument("--workers", type=_positive_int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--local", action="store_true", help="run in this process without Ray (debugging)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("top", help="print a concept's top components",
                        description="Print the k components with the largest scores of a concept (inducing it), "

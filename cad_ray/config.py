@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import CadRayError
 
 ObjectiveName = Literal["erase", "amplify"]
+LATER_STAGES = ("validation",)  # sections read by later stages; they do not change the score tables
 
 
 class Strict(BaseModel):
@@ -46,6 +47,45 @@ class ConceptSpec(Strict):
         return v
 
 
+class ValidationOptions(Strict):
+    """Random-ablation validation (`cad-ray validate`); not part of the attribution's config hash."""
+
+    fractions: list[float] = Field(default_factory=lambda: [0.001, 0.01, 0.05], min_length=1,
+                                   description="ablation fractions rho, each in (0, 1)")
+    ablations: int = Field(100, description="random subsets M per fraction")
+    concepts: list[str] | None = Field(None, description="concepts to validate (default: all with the objective)")
+    objective: ObjectiveName = "erase"
+    eval_samples: int = Field(4, ge=1, description="samples whose points form the fixed evaluation batch")
+    eval_points_per_sample: int | None = Field(10, ge=1, description="points per evaluation sample (null: all)")
+    held_out: bool = Field(True, description="evaluate on samples the scores were not computed on")
+    projections: int = Field(64, ge=1, description="random projections K of the second-order estimator")
+    sketch_points_per_sample: int | None = Field(10, ge=1, description="points per attribution sample in "
+                                                 "the second-order sketch (null: all)")
+    coar_train_fraction: float = Field(0.5, gt=0, lt=1, description="share of the ablations COAR is fit on")
+    block: int = Field(50, ge=1, description="ablations per shard")
+
+    @field_validator("fractions")
+    @classmethod
+    def _open_interval(cls, v):
+        bad = [f for f in v if not 0 < f < 1]
+        if bad:
+            raise ValueError(f"ablation fractions must be in (0, 1), got {bad}")
+        if len(set(v)) != len(v):
+            raise ValueError("ablation fractions must be distinct")
+        return sorted(v)
+
+    @field_validator("ablations")
+    @classmethod
+    def _at_least_one(cls, v):
+        if v < 1:
+            raise ValueError(f"the number of ablations M must be at least 1, got {v}")
+        return v
+
+    def options_hash(self) -> str:
+        fields = self.model_dump(exclude={"block"}, mode="json")
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class AttributionConfig(Strict):
     model: str | None = Field(None, description="model folder or s3:// URI; null = built-in digits model")
     seed: int = 0
@@ -59,6 +99,7 @@ class AttributionConfig(Strict):
     concepts: list[ConceptSpec] = Field(min_length=1)
     workers: int | None = Field(None, ge=1, description="Ray actors (default: one per GPU, else per CPU)")
     device: str | None = Field(None, description="torch device of the workers (default: cuda if any, else cpu)")
+    validation: ValidationOptions = Field(default_factory=ValidationOptions)
 
     @field_validator("concepts")
     @classmethod
@@ -76,7 +117,7 @@ class AttributionConfig(Strict):
         return self
 
     def result_fields(self) -> dict:
-        return self.model_dump(exclude={"workers", "device"}, mode="json")
+        return self.model_dump(exclude={"workers", "device", *LATER_STAGES}, mode="json")
 
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.result_fields(), sort_keys=True).encode()).hexdigest()[:16]

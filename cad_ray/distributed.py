@@ -1,7 +1,7 @@
-"""The distributed attribution job: Ray actors that load the model once and compute shards.
+"""The distributed jobs (attribution, validation): Ray actors that load the model once and compute shards.
 
-Thin by design: planning, computing, reducing and writing live in cad_ray.run; this module only places
-those calls on actors (one GPU each where the cluster has GPUs, one CPU each otherwise), bounds the work in
+Thin by design: planning, computing, reducing and writing live in cad_ray.run and cad_ray.validation_run;
+this module only places those calls on actors (one GPU each where the cluster has GPUs, one CPU each otherwise), bounds the work in
 flight, moves work off dead workers and shows progress.
 """
 
@@ -20,11 +20,11 @@ CPU_WORKER_THREADS = 1  # float results depend on torch's thread count; all CPU 
 
 
 class WorkerHost:
-    """What a Ray actor holds: an AttributionWorker, built on the first call so that its errors (a missing
-    model, an unknown prompt word) come back as the task's exception instead of a dead actor."""
+    """What a Ray actor holds: a stage's worker (`worker_class(config, root)`), built on the first call so that
+    its errors (a missing model, an unknown prompt word) come back as the task's exception, not a dead actor."""
 
-    def __init__(self, config: AttributionConfig, root: str, threads: int | None = None):
-        self.config, self.root, self.threads, self.worker = config, root, threads, None
+    def __init__(self, worker_class, config: AttributionConfig, root: str, threads: int | None = None):
+        self.worker_class, self.config, self.root, self.threads, self.worker = worker_class, config, root, threads, None
 
     def call(self, method: str, *args):
         import torch
@@ -34,7 +34,7 @@ class WorkerHost:
             torch.set_num_threads(self.threads)
         try:
             if self.worker is None:
-                self.worker = AttributionWorker(self.config, self.root)
+                self.worker = self.worker_class(self.config, self.root)
             return getattr(self.worker, method)(*args)
         finally:
             torch.set_num_threads(previous)
@@ -50,8 +50,8 @@ class _LocalPool:
     """The same calls, in this process (for tests and for measuring Ray's overhead), with the thread count
     of a CPU Ray worker so that both give the same numbers."""
 
-    def __init__(self, config, root):
-        self.host = WorkerHost(config, root, threads=CPU_WORKER_THREADS)
+    def __init__(self, worker_class, config, root):
+        self.host = WorkerHost(worker_class, config, root, threads=CPU_WORKER_THREADS)
         self.size, self.lost = 1, 0
 
     def first(self, method, *args):
@@ -67,7 +67,7 @@ class _RayPool:
     back in the queue for the other actors, and a replacement actor is started; it takes work once it has
     loaded the model. Shard work is idempotent (it rewrites the same file), so a rerun is harmless."""
 
-    def __init__(self, config: AttributionConfig, root: str, address: str | None):
+    def __init__(self, worker_class, config: AttributionConfig, root: str, address: str | None):
         import ray
 
         if not ray.is_initialized():
@@ -80,7 +80,7 @@ class _RayPool:
         # one GPU per actor; on CPUs a share of the CPUs so that every requested actor can start
         request = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": min(1.0, cpus / self.size)}
         self.remote = ray.remote(max_restarts=0, **request)(WorkerHost)
-        self.args = (config, root, None if gpus else CPU_WORKER_THREADS)
+        self.args = (worker_class, config, root, None if gpus else CPU_WORKER_THREADS)
         self.actors = [self.remote.remote(*self.args) for _ in range(self.size)]
         self.replacements_left = 4 * self.size
         self.lost = 0
@@ -137,6 +137,10 @@ class _RayPool:
             yield call[0], result
 
 
+def worker_pool(worker_class, config: AttributionConfig, root: str, address: str | None, local: bool):
+    return _LocalPool(worker_class, config, root) if local else _RayPool(worker_class, config, root, address)
+
+
 def run_attribution(config: AttributionConfig, root: str, address: str | None = None, overwrite: bool = False,
                     local: bool = False, progress: bool = True) -> dict:
     """Compute (or resume) every shard, reduce and write the tables; returns the completed manifest."""
@@ -144,7 +148,7 @@ def run_attribution(config: AttributionConfig, root: str, address: str | None = 
 
     run = RunRoot(root)
     run.check_writable()
-    pool = _LocalPool(config, root) if local else _RayPool(config, root, address)
+    pool = worker_pool(AttributionWorker, config, root, address, local)
     started = time.time()
     fingerprint = pool.first("fingerprint")  # the first call loads the model
     setup_seconds = time.time() - started
@@ -172,3 +176,31 @@ def run_attribution(config: AttributionConfig, root: str, address: str | None = 
     manifest["workers"] = pool.size
     manifest["workers_lost"] = pool.lost
     return manifest
+
+
+def run_validation(config: AttributionConfig, root: str, address: str | None = None, overwrite: bool = False,
+                   local: bool = False, progress: bool = True) -> dict:
+    """Random-ablation validation of a completed attribution run (config.validation says what to draw)."""
+    from tqdm.auto import tqdm
+
+    from .validation_run import (ValidationWorker, finish_validation, open_validation, plan_validation,
+                                 shard_is_done)
+
+    run = RunRoot(root)
+    run.check_writable()
+    shards = plan_validation(config, config.validation)  # checks the concepts before Ray starts
+    pool = worker_pool(ValidationWorker, config, root, address, local)
+    started = time.time()
+    manifest = open_validation(config, root, pool.first("fingerprint"), overwrite)
+    pending = [s for s in shards if not shard_is_done(run, s, manifest)]
+    bar = tqdm(total=len(shards), initial=len(shards) - len(pending), unit="shard", desc="validation",
+               disable=not progress)
+    # sketches first: each is one long task, so they start while the short ablation blocks fill the gaps
+    pending.sort(key=lambda s: s.kind != "sketch")
+    for _ in pool.map([(s, "run_shard", (s,)) for s in pending]):
+        bar.update(1)
+    bar.close()
+    result = finish_validation(config, root, manifest)
+    result.update(run_seconds=time.time() - started, shards_computed=len(pending),
+                  shards_skipped=len(shards) - len(pending), workers=pool.size)
+    return result

@@ -298,6 +298,16 @@ class ScoreStore:
             table[col] = table[col].astype(str)
         return table
 
+    def table(self, name: str) -> pd.DataFrame:
+        """A whole (small) table of the run root, such as `validation_summary` or `evaluation`."""
+        if not self.run.exists(name):
+            raise CadRayError(f"no {name!r} table in {self.run.uri}")
+        table = self._dataset(name).to_table().to_pandas()
+        for col in ("concept", "objective"):
+            if col in table and isinstance(table[col].dtype, pd.CategoricalDtype):
+                table[col] = table[col].astype(str)
+        return table
+
     def neurons(self, concept: str, objective: str = "erase") -> pd.DataFrame:
         self._check_known(concept, objective)
         return self._dataset("neurons").to_table(filter=self._filter(concept, objective)).to_pandas()

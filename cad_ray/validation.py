@@ -1,9 +1,20 @@
 """Random-ablation validation, core part (no Ray): seeded random subsets of a scope's components, the actual
-change of J when they are zeroed, and the statistics that compare it with a prediction.
+change of J when they are zeroed, three estimators of that change, and the statistics that compare them.
 
 The actual change is measured on a fixed evaluation batch of points in two conventions: the base term of the
-erase objective frozen at the original weights (exactly what the first-order estimate approximates), and
-the base term recomputed with the ablated weights (the full counterfactual).
+erase objective frozen at the original weights (exactly what the estimators approximate), and the base term
+recomputed with the ablated weights (the full counterfactual).
+
+Estimators of J(w with S zeroed) - J(w), for a subset S:
+
+- `cad`: first order, -sum_{i in S} w_i dJ/dw_i (the published method; the score table).
+- `cad2`: first order plus the Gauss-Newton second-order term. J = sign * sum_p c_p ||r_p(w)||^2 is a sum of
+  squared residuals, so zeroing S adds sign * sum_p c_p ||J_p w_S||^2 to second order (J_p the Jacobian of
+  the residual; the residual's own curvature is left out, which is exact where residuals are small). That
+  quadratic form is sketched once per concept with K random projections: u_k = J^T (sqrt(c) v_k), v_k
+  Gaussian, so that ||sqrt(c) J w_S||^2 ~ mean_k (sum_{i in S} w_i u_k,i)^2 for every S at no further cost.
+- `coar`: a ridge regression of the actual change on per-neuron ablated shares, fit on a training split of
+  the random ablations (COAR, Shah et al. 2024) and evaluated on the rest.
 """
 
 from __future__ import annotations
@@ -14,9 +25,12 @@ import numpy as np
 import torch
 
 from .errors import CadRayError
+from .attribution import gradients_for
 from .objectives import Concept, point_values
 from .scopes import select_parameters
-from .seeds import numpy_rng
+from .seeds import numpy_rng, torch_generator
+
+ESTIMATORS = ("cad", "cad2", "coar")
 
 
 def random_subset(n_components: int, fraction: float, ablation: int, seed: int) -> np.ndarray:
@@ -58,12 +72,16 @@ class AblationEvaluator:
     @torch.no_grad()
     def _values(self) -> tuple[float, float]:
         p = self.points
-        frozen = (point_values(self.model, p).double() * self.weights).sum() / self.n_samples
+        eps = self.model.predict_noise(p.x, p.t, p.cond).double()
+
+        def value(target):
+            per_point = p.sign * (eps - target.double()).pow(2).flatten(1).mean(dim=1)
+            return float((per_point * self.weights.to(per_point.device)).sum() / self.n_samples)
+
+        frozen = value(p.target)
         if p.base_cond is None:  # amplify: no base term, both conventions agree
-            return float(frozen), float(frozen)
-        target = self.model.predict_noise(p.x, p.t, p.base_cond)
-        recomputed = (point_values(self.model, p, target).double() * self.weights).sum() / self.n_samples
-        return float(frozen), float(recomputed)
+            return frozen, frozen
+        return frozen, value(self.model.predict_noise(p.x, p.t, p.base_cond))
 
     @torch.no_grad()
     def change(self, flat_indices: np.ndarray) -> ObjectiveChange:
@@ -90,6 +108,106 @@ class AblationEvaluator:
 def first_order_prediction(flat_scores: np.ndarray, flat_indices: np.ndarray) -> float:
     """CAD's prediction of J(ablated) - J: minus the sum of the zeroed components' scores."""
     return -float(np.asarray(flat_scores, dtype=np.float64)[flat_indices].sum())
+
+
+class SecondOrderSketch:
+    """K random projections of the residual Jacobian, times the weights: `attribute(concept, samples)` returns
+    a (K, n_components) float64 array `uw` with which `quadratic(uw, S)` is the Gauss-Newton term of zeroing S.
+
+    Cost: K vector-Jacobian products over the points, batched (`is_grads_batched`), i.e. about K backward
+    passes over the points of `samples` once per concept, and nothing per subset.
+    """
+
+    def __init__(self, model, objective, scope: str, projections: int = 64, seed: int = 0, chunk_size: int = 64,
+                 batch: int = 4):
+        if projections < 1:
+            raise CadRayError("the second-order sketch needs at least one projection")
+        self.model, self.objective, self.projections = model, objective, projections
+        self.seed, self.chunk_size, self.batch = seed, chunk_size, batch
+        self.parameters = select_parameters(model.named_parameters(), scope)
+
+    def attribute(self, concept: Concept, samples: list[int]) -> np.ndarray:
+        params = [p for _, p in self.parameters]
+        total = torch.zeros((self.projections, sum(p.numel() for p in params)), dtype=torch.float64)
+        groups: dict[int, list[int]] = {}
+        for sample in samples:  # the same batch grid as CAD, so the points are the scores' points
+            groups.setdefault(sample // self.batch, []).append(sample)
+        with gradients_for(params):
+            for group in groups.values():
+                points = self.objective.points(self.model, concept, group, self.seed, self.chunk_size)
+                size = points.target[0].numel()
+                scale = (points.weights() / (len(samples) * size)).sqrt()
+                # per-sample projections, so that they do not depend on how samples are grouped
+                directions = torch.cat([torch.randn((self.projections, int((points.sample == s).sum()),
+                                                     *points.target.shape[1:]),
+                                                    generator=torch_generator(self.seed, concept.name, s, "sketch"))
+                                        for s in group], dim=1)
+                for start in range(0, len(points), self.chunk_size):
+                    part = points.chunk(start, start + self.chunk_size)
+                    eps = self.model.predict_noise(part.x, part.t, part.cond)
+                    v = directions[:, start:start + self.chunk_size] * scale[start:start + self.chunk_size].view(
+                        1, -1, *([1] * (eps.dim() - 1)))
+                    grads = torch.autograd.grad(eps, params, grad_outputs=v.to(eps.device, eps.dtype),
+                                                is_grads_batched=True)
+                    total += torch.cat([g.reshape(self.projections, -1).double().cpu() for g in grads], dim=1)
+        weights = torch.cat([p.detach().reshape(-1).double().cpu() for p in params])
+        return (total * weights).numpy() / np.sqrt(self.projections)
+
+
+def quadratic(uw: np.ndarray, flat_indices: np.ndarray, sign: float) -> float:
+    """The sketched Gauss-Newton term of zeroing `flat_indices`: sign * sum_k (sum_{i in S} uw_k,i)^2
+    (uw already carries the 1/sqrt(K) of the mean)."""
+    z = uw[:, flat_indices].sum(axis=1)
+    return sign * float(z @ z)
+
+
+def neuron_index(shapes: list[tuple[int, ...]]) -> tuple[np.ndarray, int]:
+    """(flat component -> neuron id, neuron count): a neuron is one output row of a tensor."""
+    ids, offset = [], 0
+    for shape in shapes:
+        rows = shape[0] if len(shape) > 1 else 1
+        per_row = int(np.prod(shape)) // rows
+        ids.append(offset + np.repeat(np.arange(rows), per_row))
+        offset += rows
+    return np.concatenate(ids), offset
+
+
+def neuron_shares(subsets: list[np.ndarray], neuron_of: np.ndarray, n_neurons: int) -> np.ndarray:
+    """COAR's design matrix: for each subset, the share of every neuron's components that it zeroes."""
+    sizes = np.bincount(neuron_of, minlength=n_neurons)
+    x = np.zeros((len(subsets), n_neurons))
+    for row, subset in enumerate(subsets):
+        x[row] = np.bincount(neuron_of[subset], minlength=n_neurons) / sizes
+    return x
+
+
+def fit_coar(x_train: np.ndarray, y_train: np.ndarray):
+    """Ridge regression with its penalty chosen by leave-one-out error; returns the fitted model."""
+    from sklearn.linear_model import RidgeCV
+
+    if len(y_train) < 3:
+        raise CadRayError(f"COAR needs at least 3 training ablations, got {len(y_train)}; raise 'ablations'")
+    return RidgeCV(alphas=np.logspace(-8, 4, 25)).fit(x_train, y_train)
+
+
+def concentration(scores: np.ndarray, shares=(0.001, 0.01)) -> dict[float, float]:
+    """Share of the total |score| held by the top `share` of components by |score|."""
+    magnitude = np.sort(np.abs(np.asarray(scores, dtype=np.float64)))[::-1]
+    total = magnitude.sum()
+    return {s: float(magnitude[:max(1, int(round(s * len(magnitude))))].sum() / total) if total else float("nan")
+            for s in shares}
+
+
+def top_set(scores: np.ndarray, share: float) -> np.ndarray:
+    """Flat indices of the top `share` of components by (positive) score: what CAD-Erase would zero."""
+    k = max(1, int(round(share * len(scores))))
+    return np.argpartition(-np.asarray(scores), k - 1)[:k]
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.unique(a), np.unique(b)
+    union = len(np.union1d(a, b))
+    return len(np.intersect1d(a, b, assume_unique=True)) / union if union else 0.0
 
 
 def _rank(values: np.ndarray) -> np.ndarray:

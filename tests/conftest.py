@@ -7,6 +7,25 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+SMALL = {"samples": 4, "block": 2, "batch": 2, "erase": {"steps": 8}, "amplify": {"points_per_sample": 6},
+         "concepts": [{"name": "seven", "objectives": ["erase", "amplify"]}, {"name": "red"}]}
+
+
+def small_config(**changes):
+    """A small digits attribution config: two concepts, 4 samples of 8 steps."""
+    from cad_ray.config import parse_config
+
+    return parse_config({**SMALL, **changes})
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory):
+    """A completed attribution run of small_config() (read-only: copy it before writing into it)."""
+    from cad_ray.distributed import run_attribution
+
+    root = str(tmp_path_factory.mktemp("runs") / "small")
+    run_attribution(small_config(), root, local=True, progress=False)
+    return root
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -12,20 +12,7 @@ from cad_ray.distributed import run_attribution
 from cad_ray.errors import CadRayError
 from cad_ray.store import ScoreStore
 
-SMALL = {"samples": 4, "block": 2, "batch": 2, "erase": {"steps": 8}, "amplify": {"points_per_sample": 6},
-         "concepts": [{"name": "seven", "objectives": ["erase", "amplify"]}, {"name": "red"}]}
-
-
-def small_config(**changes):
-    return parse_config({**SMALL, **changes})
-
-
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("runs") / "small")
-    run_attribution(small_config(), root, local=True, progress=False)
-    return root
-
+from conftest import SMALL, small_config
 
 def table(root, name="scores", concept="seven"):
     frame = pd.read_parquet(os.path.join(root, name), filters=[("concept", "==", concept)])

@@ -1,0 +1,71 @@
+"""Figures as PNG bytes (matplotlib, no display), so that stages can write them under any run root."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def validation_scatter(table: pd.DataFrame) -> bytes:
+    """Predicted against actual change of J (base frozen), one panel per (fraction, estimator), test split."""
+    plt = _pyplot()
+    test = table[table["split"] == "test"]
+    fractions, estimators = sorted(test["fraction"].unique()), list(dict.fromkeys(test["estimator"]))
+    fig, axes = plt.subplots(len(fractions), len(estimators), figsize=(3.2 * len(estimators), 3 * len(fractions)),
+                             squeeze=False)
+    for i, fraction in enumerate(fractions):
+        for j, estimator in enumerate(estimators):
+            ax = axes[i][j]
+            g = test[(test["fraction"] == fraction) & (test["estimator"] == estimator)]
+            ax.scatter(g["predicted"], g["actual"], s=6, alpha=0.6)
+            low = min(g["predicted"].min(), g["actual"].min())
+            high = max(g["predicted"].max(), g["actual"].max())
+            ax.plot([low, high], [low, high], color="grey", lw=0.8, ls="--")
+            r = np.corrcoef(g["predicted"], g["actual"])[0, 1] if len(g) > 1 else float("nan")
+            ax.set_title(f"{estimator}, rho={fraction:g}, r={r:.2f}", fontsize=9)
+            ax.tick_params(labelsize=7)
+            if i == len(fractions) - 1:
+                ax.set_xlabel("predicted dJ", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("actual dJ (base frozen)", fontsize=8)
+    fig.suptitle(f"random ablations of {table['concept'].iloc[0]!r} ({table['objective'].iloc[0]} objective)")
+    return _png(fig)
+
+
+def overlap_heatmap(overlap: pd.DataFrame) -> bytes:
+    """Jaccard index of the top-1% component sets of every pair of concepts."""
+    plt = _pyplot()
+    matrix = overlap.pivot(index="concept_a", columns="concept_b", values="jaccard")
+    order = list(dict.fromkeys(overlap["concept_a"]))
+    matrix = matrix.loc[order, order]
+    fig, ax = plt.subplots(figsize=(1 + 0.5 * len(order), 0.8 + 0.5 * len(order)))
+    image = ax.imshow(matrix.to_numpy(), vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(order)), order, rotation=60, fontsize=8)
+    ax.set_yticks(range(len(order)), order, fontsize=8)
+    for i in range(len(order)):
+        for j in range(len(order)):
+            ax.text(j, i, f"{matrix.iat[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if matrix.iat[i, j] < 0.5 else "black")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="Jaccard of top-1% sets")
+    ax.set_title("overlap of the components CAD-Erase would zero", fontsize=9)
+    return _png(fig)
