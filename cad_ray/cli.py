@@ -200,6 +200,79 @@ def cmd_validate(args: argparse.Namespace) -> None:
           f"{args.root}/plots/validation/")
 
 
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from .distributed import run_evaluation
+
+    config = stage_config(args.root, args.config, "evaluation", {
+        "targets": args.targets, "edits": args.edits, "ratios": args.ratios, "prompts": args.prompts,
+        "images_per_prompt": args.images_per_prompt})
+    config = config.model_copy(update={"workers": args.workers or config.workers,
+                                       "device": args.device or config.device})
+    result = run_evaluation(config, args.root, address=args.address, local=args.local, progress=not args.quiet)
+    summary = result["summary"]
+    print(f"evaluation complete in {args.root}: {result['images']} images judged by {result['actors']} actor(s), "
+          f"{result['edits_made']} fine-tuned edit(s) made, {result['run_seconds']:.1f} s")
+    columns = ["edit", "target", "ratio", "guidance", "zeroed", "target_accuracy", "others_accuracy",
+               "worst_other_retained", "fd_rise", "best"]
+    with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
+        print(summary[columns].to_string(index=False))
+    print(f"\ntables: {args.root}/evaluation (one row per image), {args.root}/evaluation_summary")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import write_report
+
+    print(f"report: {write_report(args.root, args.out)}")
+
+
+def cmd_edit(args: argparse.Namespace) -> None:
+    from .editing import ZEROING_EDITS, check_fingerprint, check_ratio, select, zero_components
+    from .models import load_model
+    from .store import ScoreStore
+
+    if args.edit not in ZEROING_EDITS:
+        raise CadRayError(f"unknown edit {args.edit!r}; 'cad-ray edit' makes {', '.join(ZEROING_EDITS)} "
+                          "(the fine-tuning baselines are made by 'cad-ray evaluate')")
+    if (args.ratio is None) == (args.count is None):
+        raise CadRayError("give --ratio or --count")
+    if args.ratio is not None:
+        check_ratio(args.ratio)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise CadRayError(f"{out} exists and is not empty; choose a new folder for the edited model")
+    store = ScoreStore(args.root)
+    model = load_model(args.model if args.model else store.manifest["config"].get("model"))
+    check_fingerprint(model, store.fingerprint)
+    objective, largest = ZEROING_EDITS[args.edit]
+    masks = select(store.tensor_scores(args.target, objective), ratio=args.ratio, count=args.count,
+                   granularity=args.granularity, largest=largest)
+    zeroed = zero_components(model, masks)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp)
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    os.replace(tmp, out)
+    print(f"wrote {out}: {args.edit} of {args.target!r}, {zeroed} components zeroed ({args.granularity}); "
+          f"load it with --model {out}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    """attribute, validate, evaluate, report: the default pipeline."""
+    root = args.root or str(Path("runs") / Path(args.config).stem)
+    common = ["--root", root, *(["--address", args.address] if args.address else []),
+              *(["--workers", str(args.workers)] if args.workers else []), *(["--quiet"] if args.quiet else [])]
+    for stage, extra in (("attribute", ["--config", args.config, "--show", "1"]), ("validate", ["--config", args.config]),
+                         ("evaluate", ["--config", args.config])):
+        print(f"\n=== cad-ray {stage} ===", flush=True)
+        stage_args = build_parser().parse_args([stage, *extra, *common])
+        stage_args.func(stage_args)
+    from .report import write_report
+
+    print(f"\nreport: {write_report(root)}")
+
+
 def _attribute_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML run config (see jobs/configs/)")
     p.add_argument("--root", default=None, help="run root: local folder or s3://bucket/prefix "
@@ -291,6 +364,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="run in this process without Ray (debugging)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("evaluate", help="edit the model and judge the images (Ray Data job)",
+                       description="Make every edit of the config's 'evaluation:' section (cad-erase, random, "
+                                   "cad-amplify at each ratio; finetune, cad-finetune, finetune+cad-amplify), "
+                                   "generate images of every prompt with the same seeds before and after, judge them "
+                                   "with Ray Data actors and write evaluation/ (one row per image) and "
+                                   "evaluation_summary/ (accuracy of the target and of the others, Frechet distance, "
+                                   "best ratio) under --root.")
+    p.add_argument("--root", required=True, help="root of a completed attribution run")
+    p.add_argument("--config", default=None, help="YAML config (the root's own by default)")
+    p.add_argument("--targets", nargs="+", default=None, help="concepts to edit")
+    p.add_argument("--edits", nargs="+", default=None, help="edits: cad-erase random cad-amplify finetune "
+                                                            "cad-finetune finetune+cad-amplify")
+    p.add_argument("--ratios", type=float, nargs="+", default=None, help="shares of components zeroed, in (0, 1]")
+    p.add_argument("--prompts", default=None, help="prompt CSV (columns prompt, evaluation_seed[, class])")
+    p.add_argument("--images-per-prompt", type=_positive_int, default=None)
+    p.add_argument("--address", default=None)
+    p.add_argument("--workers", type=_positive_int, default=None, help="actors (default: one per GPU, else CPU)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--local", action="store_true", help="run in this process without Ray (debugging)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("report", help="write the HTML report of a run root",
+                       description="Write a self-contained HTML page (images embedded, opens offline) with the "
+                                   "per-layer scores, the validation and the judged edits of --root.")
+    p.add_argument("--root", required=True)
+    p.add_argument("--out", default=None, help="local file (default: <root>/report.html)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("edit", help="save a CAD-edited model as a diffusers folder",
+                       description="Zero the top components of a concept (cad-erase: largest erase scores; "
+                                   "cad-amplify: most negative amplify scores) and save the model in diffusers "
+                                   "layout (safetensors); load it back with --model FOLDER. The model must be the "
+                                   "one the scores were computed on (fingerprint).")
+    p.add_argument("--root", required=True, help="run root with the score tables")
+    p.add_argument("--edit", required=True, help="cad-erase or cad-amplify")
+    p.add_argument("--target", required=True, help="concept to edit")
+    p.add_argument("--ratio", type=float, default=None, help="share of each unit's components, in (0, 1]")
+    p.add_argument("--count", type=int, default=None, help="number of components per unit instead of a ratio")
+    p.add_argument("--granularity", default="global", choices=["global", "tensor", "row"])
+    p.add_argument("--model", default=None, help="model to edit (default: the run's)")
+    p.add_argument("--out", required=True, help="new folder for the edited model")
+    p.set_defaults(func=cmd_edit)
+
+    p = sub.add_parser("run", help="the whole pipeline: attribute, validate, evaluate, report",
+                       description="Run attribute, validate and evaluate with one config on one root (each resumes "
+                                   "what is done), then write the report and print where it is.")
+    p.add_argument("--config", required=True)
+    p.add_argument("--root", default=None, help="run root (default: runs/<config name>)")
+    p.add_argument("--address", default=None)
+    p.add_argument("--workers", type=_positive_int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("top", help="print a concept's top components",
                        description="Print the k components with the largest scores of a concept (inducing it), "

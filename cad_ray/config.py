@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import CadRayError
 
 ObjectiveName = Literal["erase", "amplify"]
-LATER_STAGES = ("validation",)  # sections read by later stages; they do not change the score tables
+LATER_STAGES = ("validation", "evaluation")  # sections read by later stages; they do not change the score tables
 
 
 class Strict(BaseModel):
@@ -86,6 +86,54 @@ class ValidationOptions(Strict):
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class FinetuneOptions(Strict):
+    steps: int = Field(100, ge=1, description="Adam steps of the finetune baselines")
+    lr: float = Field(3e-3, gt=0)
+    samples: int = Field(8, ge=1, description="trajectories whose points the fine-tuning fits")
+    ratio: float = Field(0.01, gt=0, le=1, description="share of components cad-finetune may move")
+    negative_guidance: float = Field(1.0, ge=0, description="ESD's eta: the target is base - eta*(concept - base)")
+
+
+class EvaluationOptions(Strict):
+    """Edits judged by images (`cad-ray evaluate`); not part of the attribution's config hash."""
+
+    targets: list[str] = Field(default_factory=lambda: ["seven"], min_length=1, description="concepts to edit")
+    edits: list[str] = Field(default_factory=lambda: ["cad-erase", "random", "cad-amplify"], min_length=1)
+    ratios: list[float] = Field(default_factory=lambda: [0.01, 0.03, 0.1], min_length=1,
+                                description="shares of components zeroed, each in (0, 1]")
+    recovery_ratios: list[float] = Field(default_factory=lambda: [0.01, 0.03])
+    granularity: Literal["global", "tensor", "row"] = "global"
+    images_per_prompt: int = Field(10, ge=1)
+    prompts: str | None = Field(None, description="prompt CSV (benchmark format); null: the digits prompts")
+    seed: int = Field(1000, description="seed of the evaluation images (with each row's seed)")
+    guidance: float | None = Field(None, description="guidance of the images (default: the model's)")
+    amplify_guidance: float = Field(1.0, description="guidance at which CAD-Amplify is judged (weak conditioning)")
+    steps: int | None = Field(None, ge=1, description="sampling steps (default: the model's)")
+    batch_size: int = Field(50, ge=1, description="rows per Ray Data batch")
+    finetune: FinetuneOptions = Field(default_factory=FinetuneOptions)
+
+    @field_validator("edits")
+    @classmethod
+    def _known_edits(cls, v):
+        known = ("cad-erase", "cad-amplify", "random", "finetune", "cad-finetune", "finetune+cad-amplify")
+        bad = [e for e in v if e not in known]
+        if bad:
+            raise ValueError(f"unknown edit {bad[0]!r}; choose from {', '.join(known)}")
+        return v
+
+    @field_validator("ratios", "recovery_ratios")
+    @classmethod
+    def _ratio_range(cls, v):
+        bad = [r for r in v if not 0 < r <= 1]
+        if bad:
+            raise ValueError(f"edit ratios must be in (0, 1], got {bad}")
+        return sorted(v)
+
+    def options_hash(self) -> str:
+        fields = self.model_dump(exclude={"batch_size"}, mode="json")
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class AttributionConfig(Strict):
     model: str | None = Field(None, description="model folder or s3:// URI; null = built-in digits model")
     seed: int = 0
@@ -100,6 +148,7 @@ class AttributionConfig(Strict):
     workers: int | None = Field(None, ge=1, description="Ray actors (default: one per GPU, else per CPU)")
     device: str | None = Field(None, description="torch device of the workers (default: cuda if any, else cpu)")
     validation: ValidationOptions = Field(default_factory=ValidationOptions)
+    evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
 
     @field_validator("concepts")
     @classmethod

@@ -57,6 +57,9 @@ class _LocalPool:
     def first(self, method, *args):
         return self.host.call(method, *args)
 
+    def close(self):
+        self.host = None
+
     def map(self, calls):
         for key, method, args in calls:
             yield key, self.host.call(method, *args)
@@ -84,6 +87,12 @@ class _RayPool:
         self.actors = [self.remote.remote(*self.args) for _ in range(self.size)]
         self.replacements_left = 4 * self.size
         self.lost = 0
+
+    def close(self):
+        """Stop the actors, so that their CPUs or GPUs are free for the next stage."""
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors = []
 
     def first(self, method, *args):
         for actor in list(self.actors):
@@ -168,6 +177,7 @@ def run_attribution(config: AttributionConfig, root: str, address: str | None = 
         by_pair[(shard.concept, shard.objective)].append(shard)
     todo = pairs_to_finalize(run, config)
     results = [r for _, r in pool.map([(p, "finalize", (*p, by_pair[p], manifest)) for p in todo])]
+    pool.close()
     manifest = mark_complete(run, manifest, results)
     manifest["run_seconds"] = time.time() - started
     manifest["setup_seconds"] = setup_seconds  # Ray start-up and model loading
@@ -200,7 +210,79 @@ def run_validation(config: AttributionConfig, root: str, address: str | None = N
     for _ in pool.map([(s, "run_shard", (s,)) for s in pending]):
         bar.update(1)
     bar.close()
+    pool.close()
     result = finish_validation(config, root, manifest)
     result.update(run_seconds=time.time() - started, shards_computed=len(pending),
                   shards_skipped=len(shards) - len(pending), workers=pool.size)
     return result
+
+
+def run_evaluation(config: AttributionConfig, root: str, address: str | None = None, local: bool = False,
+                   progress: bool = True) -> dict:
+    """Make the fine-tuned edits (actors), then generate and judge every row with Ray Data (`map_batches` on an
+    actor pool, a GPU per actor where there are GPUs) and write evaluation/ and evaluation_summary/."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from .evaluation import (EditWorker, ImageJudge, digits_prompt_set, edit_folder, evaluation_metadata, plan_rows,
+                             read_prompt_set, real_features, summarize_evaluation)
+    from .store import ScoreStore
+
+    options = config.evaluation
+    run = RunRoot(root)
+    run.check_writable()
+    store = ScoreStore(root)
+    if store.manifest["config_hash"] != config.config_hash():
+        raise CadRayError(f"--config describes another attribution run than the one in {root}")
+    known = {(c, o) for c, o in store.concepts().itertuples(index=False)}
+    for target in options.targets:
+        for edit in options.edits:
+            objective = "amplify" if edit == "cad-amplify" else "erase"
+            if edit != "finetune" and (target, objective) not in known:
+                raise CadRayError(f"edit {edit} of {target!r} needs {objective} scores for it in {root}; "
+                                  f"the run has {', '.join(sorted(f'{c}/{o}' for c, o in known))}")
+    prompts = read_prompt_set(options.prompts) if options.prompts else digits_prompt_set(options.images_per_prompt,
+                                                                                         options.seed)
+    started = time.time()
+    pool = worker_pool(EditWorker, config, root, address, local)
+    guidance = pool.first("default_guidance")
+    if options.guidance is None:
+        config = config.model_copy(update={"evaluation": options.model_copy(update={"guidance": guidance})})
+        options = config.evaluation
+    todo = [(e, t) for t in options.targets for e in ("finetune", "cad-finetune")
+            if (e in options.edits or (e == "finetune" and "finetune+cad-amplify" in options.edits))
+            and not run.exists(*edit_folder(e, t), "model", "model_index.json")]
+    for _ in pool.map([((e, t), "make", (e, t)) for e, t in todo]):
+        pass
+    pool.close()
+    rows = plan_rows(options, prompts)
+    if local:
+        judge = ImageJudge(config, root, threads=CPU_WORKER_THREADS)
+        parts = [judge(rows.iloc[i:i + options.batch_size]) for i in range(0, len(rows), options.batch_size)]
+        table, actors = pd.concat(parts), 1
+    else:
+        import ray
+
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
+        actors = max(1, config.workers or (gpus if gpus else cpus))
+        # on CPUs the actors leave a little CPU for Ray Data's own tasks, which would otherwise wait forever
+        request = {"num_gpus": 1} if gpus else {"num_cpus": min(1.0, 0.9 * cpus / actors)}
+        blocks = [rows.iloc[i:i + options.batch_size] for i in range(0, len(rows), options.batch_size)]
+        dataset = ray.data.from_pandas(blocks)
+        judged = dataset.map_batches(ImageJudge, fn_constructor_kwargs={
+            "config": config, "root": root, "threads": None if gpus else CPU_WORKER_THREADS},
+            batch_size=options.batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors),
+            **request)
+        table = judged.to_pandas()
+    key = ["edit", "target", "ratio", "guidance", "label", "prompt", "seed"]
+    table = table.sort_values(key, kind="stable").reset_index(drop=True)
+    reference = real_features() if "features" in table else None
+    summary = summarize_evaluation(table, reference)
+    meta = evaluation_metadata(store.manifest, options)
+    stored = table.drop(columns=[c for c in ("features",) if c in table])
+    run.write_table(pa.Table.from_pandas(stored, preserve_index=False), "evaluation", "part-0.parquet", metadata=meta)
+    run.write_table(pa.Table.from_pandas(summary, preserve_index=False), "evaluation_summary", "part-0.parquet",
+                    metadata=meta)
+    return {"summary": summary, "images": len(table), "actors": actors, "run_seconds": time.time() - started,
+            "edits_made": len(todo)}

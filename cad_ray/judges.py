@@ -102,9 +102,12 @@ def builtin_judges() -> DigitsJudges:
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (as FID, on judge features)."""
+    """Frechet distance between Gaussians fitted to two feature sets (as FID, on judge features); NaN when a set
+    has no more images than feature dimensions."""
     from scipy import linalg
 
+    if min(len(a), len(b)) <= a.shape[1]:
+        return float("nan")  # fewer images than feature dimensions: the covariance is singular
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)

@@ -69,3 +69,48 @@ def overlap_heatmap(overlap: pd.DataFrame) -> bytes:
     fig.colorbar(image, ax=ax, fraction=0.046, label="Jaccard of top-1% sets")
     ax.set_title("overlap of the components CAD-Erase would zero", fontsize=9)
     return _png(fig)
+
+
+def ratio_sweep(summary: pd.DataFrame, target: str) -> bytes:
+    """Accuracy of the target and of the other labels against the edit ratio, one line per edit."""
+    plt = _pyplot()
+    rows = summary[(summary["target"] == target) & summary["edit"].isin(["cad-erase", "random", "cad-amplify",
+                                                                          "finetune+cad-amplify"])]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for edit, g in rows.groupby("edit"):
+        g = g.sort_values("ratio")
+        axes[0].plot(g["ratio"], g["target_accuracy"], marker="o", label=edit)
+        axes[1].plot(g["ratio"], g["others_accuracy"], marker="o", label=edit)
+    none = summary[summary["edit"] == "none"]
+    for ax, title in zip(axes, (f"{target!r} (target)", "other labels")):
+        for guidance, g in none.groupby("guidance"):
+            column = "others_accuracy"
+            ax.axhline(g[column].iloc[0], color="grey", lw=0.8, ls=":", label=f"unedited, guidance {guidance:g}")
+        ax.set_xscale("log")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_xlabel("share of components zeroed")
+        ax.set_ylabel("judged accuracy")
+        ax.set_title(title, fontsize=9)
+    axes[1].legend(fontsize=7, loc="lower left")
+    return _png(fig)
+
+
+def layer_summary(layers: pd.DataFrame) -> bytes:
+    """Positive and negative score mass per tensor, one bar group per concept."""
+    plt = _pyplot()
+    short = layers["tensor"].str.replace("transformer_blocks.", "tb.").str.replace("attentions.", "attn.")
+    table = layers.assign(tensor=short)
+    concepts = list(dict.fromkeys(table["concept"]))
+    tensors = list(dict.fromkeys(table["tensor"]))
+    fig, ax = plt.subplots(figsize=(10, 0.3 * len(tensors) + 1.5))
+    height = 0.8 / max(1, len(concepts))
+    for k, concept in enumerate(concepts):
+        g = table[table["concept"] == concept].set_index("tensor").reindex(tensors)
+        y = np.arange(len(tensors)) + k * height
+        ax.barh(y, g["sum_positive"], height, label=f"{concept} +")
+        ax.barh(y, g["sum_negative"], height, alpha=0.5)
+    ax.set_yticks(np.arange(len(tensors)) + 0.4 - height / 2, tensors, fontsize=6)
+    ax.axvline(0, color="black", lw=0.6)
+    ax.set_xlabel("sum of positive (right) and negative (left) scores")
+    ax.legend(fontsize=6, ncol=4)
+    return _png(fig)

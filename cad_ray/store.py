@@ -298,6 +298,23 @@ class ScoreStore:
             table[col] = table[col].astype(str)
         return table
 
+    def tensor_scores(self, concept: str, objective: str = "erase") -> dict[str, np.ndarray]:
+        """Every scoped tensor's scores, shaped like the tensor, in the run's tensor order."""
+        layers = self.layers(concept, objective)
+        table = self._dataset("scores").to_table(columns=["tensor", "index", "score"],
+                                                 filter=self._filter(concept, objective))
+        tensors = table.column("tensor").combine_chunks()
+        names = np.asarray(tensors.dictionary.to_pylist(), dtype=object)[tensors.indices.to_numpy()]
+        index, score = table.column("index").to_numpy(), table.column("score").to_numpy()
+        out = {}
+        for name, shape in zip(layers["tensor"], layers["shape"]):
+            shape = tuple(int(x) for x in shape.split("x"))
+            rows = np.flatnonzero(names == name)
+            values = np.empty(int(np.prod(shape)), dtype=np.float32)
+            values[index[rows]] = score[rows]
+            out[name] = values.reshape(shape)
+        return out
+
     def table(self, name: str) -> pd.DataFrame:
         """A whole (small) table of the run root, such as `validation_summary` or `evaluation`."""
         if not self.run.exists(name):

@@ -213,12 +213,9 @@ def open_validation(config: AttributionConfig, root: str, fingerprint: str, over
 
 def _flat_scores(store: ScoreStore, concept: str, objective: str) -> tuple[np.ndarray, list[tuple[int, ...]]]:
     """Scores in the flat order of the scope (tensor order of the run, index within tensor), and the shapes."""
-    layers = store.layers(concept, objective)
-    table = store.scores(concept, objective, columns=["tensor", "index", "score"])
-    order = {name: k for k, name in enumerate(layers["tensor"])}
-    table = table.assign(code=table["tensor"].astype(str).map(order)).sort_values(["code", "index"], kind="stable")
-    shapes = [tuple(int(x) for x in s.split("x")) for s in layers["shape"]]
-    return table["score"].to_numpy(np.float64), shapes
+    scores = store.tensor_scores(concept, objective)
+    return (np.concatenate([s.reshape(-1) for s in scores.values()]).astype(np.float64),
+            [s.shape for s in scores.values()])
 
 
 def predictions(config: AttributionConfig, options: ValidationOptions, scores: np.ndarray,

@@ -1,0 +1,220 @@
+"""Edits of a model's scoped components (core, no Ray): selection from a score table, zeroing, and the
+fine-tuning baselines.
+
+- `cad-erase`: zero the top positive scores of the erase objective; `cad-amplify`: zero the most negative
+  scores of the amplify objective. Selected by ratio (of the components in each unit) or count, with the unit
+  `global`, `tensor` or `row` (the published code ranks within each output row).
+- `random`: the same number of components in each unit, chosen at random: the baseline of every zeroing edit.
+- `finetune`: ESD-style gradient steps on every scoped weight that pull the concept's noise prediction to the
+  base prompt's (frozen) prediction at points of the concept's trajectories: gradient descent on the erase
+  objective J itself. `cad-finetune`: the same steps restricted to the components CAD-Erase selects.
+
+A selection is only made from a score table whose model fingerprint is the model's own.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from .errors import CadRayError
+from .scopes import select_parameters
+from .seeds import numpy_rng
+
+ZEROING_EDITS = {"cad-erase": ("erase", True), "cad-amplify": ("amplify", False)}
+EDITS = ("cad-erase", "cad-amplify", "random", "finetune", "cad-finetune")
+GRANULARITIES = ("global", "tensor", "row")
+
+
+def check_ratio(ratio: float) -> float:
+    if not 0 < ratio <= 1:
+        raise CadRayError(f"edit ratio must be in (0, 1], got {ratio}")
+    return float(ratio)
+
+
+def check_edit(name: str) -> str:
+    if name not in EDITS:
+        raise CadRayError(f"unknown edit {name!r}; choose one of {', '.join(EDITS)}")
+    return name
+
+
+def _units(score: np.ndarray, granularity: str) -> np.ndarray:
+    """The tensor's scores as (units, components per unit) for ranking within units."""
+    if granularity == "row":
+        return score.reshape(score.shape[0], -1) if score.ndim > 1 else score.reshape(1, -1)
+    return score.reshape(1, -1)
+
+
+def select(scores: dict[str, np.ndarray], ratio: float | None = None, count: int | None = None,
+           granularity: str = "row", largest: bool = True) -> dict[str, np.ndarray]:
+    """Boolean masks (per tensor, tensor-shaped) of the components to zero.
+
+    `largest=True` takes the largest positive scores (CAD-Erase), `False` the most negative (CAD-Amplify);
+    only components of that sign are eligible. `ratio` is the share of each unit's components (a unit is the
+    whole scope, a tensor, or an output row); `count` is a number of components per unit.
+    """
+    if granularity not in GRANULARITIES:
+        raise CadRayError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+    if (ratio is None) == (count is None):
+        raise CadRayError("give an edit ratio or a count, not both")
+    if ratio is not None:
+        check_ratio(ratio)
+    elif count < 1:
+        raise CadRayError(f"edit count must be at least 1, got {count}")
+    key = {name: (s if largest else -s).astype(np.float64) for name, s in scores.items()}
+    if granularity == "global":
+        flat = np.concatenate([k.reshape(-1) for k in key.values()])
+        k = count if count is not None else max(1, int(round(ratio * flat.size)))
+        chosen = np.zeros(flat.size, dtype=bool)
+        order = np.argsort(-flat, kind="stable")[:min(k, flat.size)]
+        chosen[order[flat[order] > 0]] = True
+        masks, offset = {}, 0
+        for name, s in scores.items():
+            masks[name] = chosen[offset:offset + s.size].reshape(s.shape)
+            offset += s.size
+        return masks
+    masks = {}
+    for name, s in key.items():
+        units = _units(s, granularity)
+        k = count if count is not None else max(1, int(round(ratio * units.shape[1])))
+        k = min(k, units.shape[1])
+        order = np.argsort(-units, axis=1, kind="stable")[:, :k]
+        chosen = np.zeros(units.shape, dtype=bool)
+        np.put_along_axis(chosen, order, True, axis=1)
+        masks[name] = (chosen & (units > 0)).reshape(s.shape)
+    return masks
+
+
+def random_like(masks: dict[str, np.ndarray], granularity: str, seed: int) -> dict[str, np.ndarray]:
+    """Random masks with the same number of components in each unit as `masks`."""
+    rng = numpy_rng(seed, "random-edit", granularity)
+    if granularity == "global":
+        sizes = [m.size for m in masks.values()]
+        chosen = np.zeros(sum(sizes), dtype=bool)
+        chosen[rng.choice(sum(sizes), int(sum(m.sum() for m in masks.values())), replace=False)] = True
+        out, offset = {}, 0
+        for (name, m), size in zip(masks.items(), sizes):
+            out[name] = chosen[offset:offset + size].reshape(m.shape)
+            offset += size
+        return out
+    out = {}
+    for name, m in masks.items():
+        units = _units(m, granularity)
+        chosen = np.zeros(units.shape, dtype=bool)
+        for u, n in enumerate(units.sum(axis=1)):
+            chosen[u, rng.choice(units.shape[1], int(n), replace=False)] = True
+        out[name] = chosen.reshape(m.shape)
+    return out
+
+
+def check_fingerprint(model, table_fingerprint: str, what: str = "the score table") -> None:
+    if model.fingerprint() != table_fingerprint:
+        raise CadRayError(f"{what} was computed on another model (fingerprint {table_fingerprint}, this model "
+                          f"{model.fingerprint()}); an edit is only made with scores of the model it edits")
+
+
+def _forget_fingerprint(model) -> None:
+    model._fingerprint = None  # the weights changed: the next fingerprint() hashes them again
+
+
+@torch.no_grad()
+def zero_components(model, masks: dict[str, np.ndarray]) -> int:
+    """Zero the masked components in place; returns how many were zeroed."""
+    params = dict(model.named_parameters())
+    unknown = [n for n in masks if n not in params]
+    if unknown:
+        raise CadRayError(f"the edit names tensors this model does not have: {', '.join(unknown[:3])}")
+    zeroed = 0
+    for name, mask in masks.items():
+        p = params[name]
+        if tuple(mask.shape) != tuple(p.shape):
+            raise CadRayError(f"mask of {name} has shape {mask.shape}, the tensor {tuple(p.shape)}")
+        p[torch.from_numpy(mask).to(p.device)] = 0
+        zeroed += int(mask.sum())
+    _forget_fingerprint(model)
+    return zeroed
+
+
+@contextmanager
+def edited(model, masks: dict[str, np.ndarray]):
+    """Zero the masked components for the duration of the block, then restore the weights exactly."""
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in masks if n in params}
+    try:
+        zero_components(model, masks)
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+        _forget_fingerprint(model)
+
+
+@contextmanager
+def weights_replaced(model, weights: dict[str, torch.Tensor]):
+    """Use other values for some tensors (a fine-tuned scope) for the duration of the block."""
+    params = dict(model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in weights}
+    try:
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value.to(params[name].device, params[name].dtype))
+        _forget_fingerprint(model)
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                params[name].copy_(value)
+        _forget_fingerprint(model)
+
+
+def finetune(model, concept, objective, scope: str, samples: list[int], seed: int, steps: int, lr: float,
+             masks: dict[str, np.ndarray] | None = None, chunk_size: int = 256,
+             negative_guidance: float = 0.0) -> dict[str, torch.Tensor]:
+    """Gradient descent (Adam) on the erase objective: the concept's prediction is pulled to the base prompt's
+    prediction made by the original weights, or with `negative_guidance` eta beyond it, to
+    base - eta * (concept - base) as ESD does. With `masks`, only the masked components move. Returns the new
+    values of the scoped tensors; the model itself is left as it was."""
+    from .objectives import point_values
+
+    if steps < 1:
+        raise CadRayError(f"fine-tuning needs at least one step, got {steps}")
+    parameters = select_parameters(model.named_parameters(), scope)
+    original = {n: p.detach().clone() for n, p in parameters}
+    points = objective.points(model, concept, samples, seed, chunk_size)  # targets: the original weights
+    if negative_guidance:
+        with torch.no_grad():
+            own = torch.cat([model.predict_noise(points.x[i:i + chunk_size], points.t[i:i + chunk_size],
+                                                 points.cond[i:i + chunk_size]) for i in range(0, len(points), chunk_size)])
+        points.target = points.target - negative_guidance * (own - points.target)
+    weights = points.weights()
+    grad_masks = {n: torch.from_numpy(masks[n]).to(p.device, p.dtype) for n, p in parameters
+                  if masks is not None and n in masks}
+    params = [p for _, p in parameters]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    order = numpy_rng(seed, concept.name, "finetune")
+    batch = min(len(points), chunk_size)
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for _ in range(steps):
+            pick = torch.from_numpy(order.choice(len(points), batch, replace=False))
+            part = points.chunk(0, len(points))
+            part.x, part.t, part.cond, part.target = part.x[pick], part.t[pick], part.cond[pick], part.target[pick]
+            loss = (point_values(model, part).double() * weights[pick].to(part.x.device)).sum() / weights[pick].sum()
+            optimizer.zero_grad()
+            loss.backward()
+            if masks is not None:
+                for name, p in parameters:
+                    p.grad *= grad_masks[name] if name in grad_masks else 0
+            optimizer.step()
+        return {n: p.detach().clone() for n, p in parameters}
+    finally:
+        with torch.no_grad():
+            for name, p in parameters:
+                p.requires_grad_(False)
+                p.grad = None
+                p.copy_(original[name])
+        _forget_fingerprint(model)

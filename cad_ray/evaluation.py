@@ -1,0 +1,323 @@
+"""Edits judged by images (core, no Ray): prompt sets, the plan of what to generate, the worker that makes
+the fine-tuned edits, the judge that generates and judges a batch of rows, and the summary.
+
+One row per image: (edit, target, ratio, guidance, prompt, seed, label). `edit` is `none` for the unedited
+model; `target` is the edited concept; `label` is what the prompt asks for. Image k of a prompt starts from
+the noise of (evaluation seed, seed), so the same prompt and seed give comparable images before and after
+every edit. Edits:
+
+    cad-erase, random, cad-amplify       zeroing, at each ratio (random: as many components as cad-erase)
+    finetune, cad-finetune               gradient steps (see cad_ray.editing), saved as model folders
+    finetune+cad-amplify                 CAD-Amplify on the finetune-erased model: recovery
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import AttributionConfig, EvaluationOptions
+from .digits import DIGIT_WORDS, canonical_prompt
+from .editing import ZEROING_EDITS, check_fingerprint, random_like, select
+from .errors import CadRayError
+from .store import RunRoot, ScoreStore, partition
+
+RECOVERY = "finetune+cad-amplify"
+LABEL_COLUMNS = ("class", "artist", "categories", "label")
+
+
+def read_prompt_set(path: str) -> pd.DataFrame:
+    """A benchmark prompt CSV read as it is: `prompt`, `evaluation_seed` and a label column (`class`, `artist`
+    or `categories`, else empty) become (prompt, seed, label); other columns are kept."""
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError) as e:
+        raise CadRayError(f"cannot read prompt set {path}: {e}") from None
+    missing = [c for c in ("prompt", "evaluation_seed") if c not in table.columns]
+    if missing:
+        raise CadRayError(f"prompt set {path} lacks column(s) {', '.join(missing)}; it has "
+                          f"{', '.join(map(str, table.columns))}")
+    table = table.drop(columns=[c for c in table.columns if str(c).startswith("Unnamed")])
+    label = next((c for c in LABEL_COLUMNS if c in table.columns), None)
+    out = table.rename(columns={"evaluation_seed": "seed"})
+    out["label"] = table[label].astype(str) if label else ""
+    out["seed"] = out["seed"].astype(np.int64)
+    return out
+
+
+def digits_prompt_set(images_per_prompt: int, seed: int) -> pd.DataFrame:
+    """The ten digits' colour-free prompts, `images_per_prompt` seeds each."""
+    return pd.DataFrame([{"prompt": canonical_prompt(d), "label": DIGIT_WORDS[d], "seed": seed + k}
+                         for d in range(10) for k in range(images_per_prompt)])
+
+
+def edit_list(options: EvaluationOptions) -> list[dict]:
+    """Every (edit, target, ratio, guidance) to generate, `none` first."""
+    guidance = options.guidance
+    edits = [{"edit": "none", "target": "", "ratio": 0.0, "guidance": guidance}]
+    if "cad-amplify" in options.edits or RECOVERY in options.edits:
+        edits.append({"edit": "none", "target": "", "ratio": 0.0, "guidance": options.amplify_guidance})
+    for target in options.targets:
+        for edit in options.edits:
+            if edit in ("cad-erase", "random"):
+                edits += [{"edit": edit, "target": target, "ratio": r, "guidance": guidance} for r in options.ratios]
+            elif edit == "cad-amplify":
+                edits += [{"edit": edit, "target": target, "ratio": r, "guidance": options.amplify_guidance}
+                          for r in options.ratios]
+            elif edit == "finetune":
+                edits.append({"edit": edit, "target": target, "ratio": 1.0, "guidance": guidance})
+            elif edit == "cad-finetune":
+                edits.append({"edit": edit, "target": target, "ratio": options.finetune.ratio, "guidance": guidance})
+            elif edit == RECOVERY:
+                edits += [{"edit": edit, "target": target, "ratio": r, "guidance": guidance}
+                          for r in options.recovery_ratios]
+    return edits
+
+
+def plan_rows(options: EvaluationOptions, prompts: pd.DataFrame) -> pd.DataFrame:
+    rows = [dict(e, prompt=p.prompt, seed=int(p.seed), label=p.label)
+            for e in edit_list(options) for p in prompts.itertuples(index=False)]
+    table = pd.DataFrame(rows)
+    table["guidance"] = table["guidance"].astype(float)
+    return table
+
+
+def edit_folder(edit: str, target: str) -> tuple[str, ...]:
+    return ("edits", f"{edit}-{target}")
+
+
+class EditWorker:
+    """Makes the fine-tuned edits of one target and saves each as a model folder in the run root; for
+    `finetune` it also attributes the target under the amplify objective on the edited model (for recovery)."""
+
+    def __init__(self, config: AttributionConfig, root: str, device: str | None = None):
+        import torch
+
+        from .concepts import build_concept
+        from .models import load_model
+
+        self.config, self.run, self.options = config, RunRoot(root), config.evaluation
+        self.model = load_model(config.model, device=device or config.device or
+                                ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.store = ScoreStore(root)
+        check_fingerprint(self.model, self.store.fingerprint)
+        self.build_concept = build_concept
+
+    def fingerprint(self) -> str:
+        return self.model.fingerprint()
+
+    def default_guidance(self) -> float:
+        return self.model.default_guidance
+
+    def make(self, edit: str, target: str) -> dict:
+        from .editing import finetune, weights_replaced
+        from .objectives import make_objective
+
+        start = time.time()
+        spec = next(c for c in self.config.concepts if c.name == target)
+        concept = self.build_concept(spec, self.model)
+        ft = self.options.finetune
+        masks = None
+        if edit == "cad-finetune":
+            masks = select(self.store.tensor_scores(target, "erase"), ratio=ft.ratio,
+                           granularity=self.options.granularity)
+        objective = make_objective("erase", **self.config.erase.model_dump())
+        weights = finetune(self.model, concept, objective, self.config.scope, list(range(ft.samples)),
+                           self.config.seed, ft.steps, ft.lr, masks, self.config.chunk_size, ft.negative_guidance)
+        with weights_replaced(self.model, weights):
+            self._save_model(edit, target)
+            if edit == "finetune" and RECOVERY in self.options.edits:
+                self._attribute_amplify(edit, target, concept)
+        return {"edit": edit, "target": target, "seconds": time.time() - start}
+
+    def _save_model(self, edit: str, target: str) -> None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.model.save_pretrained(tmp)
+            for path in sorted(Path(tmp).rglob("*")):
+                if path.is_file():
+                    self.run.write_bytes(path.read_bytes(), *edit_folder(edit, target), "model",
+                                         *path.relative_to(tmp).parts)
+
+    def _attribute_amplify(self, edit: str, target: str, concept) -> None:
+        """CAD scores of the target under the amplify objective on the edited model, as a run root of its own."""
+        from .attribution import CAD
+        from .run import objective_for
+        from .store import SCORE_SCHEMA, aggregate_tables, score_parts, table_metadata
+
+        estimator = CAD(self.model, objective_for(self.config, "amplify"), self.config.scope, self.config.chunk_size,
+                        self.config.seed, self.config.batch)
+        attribution = estimator.attribute(concept, self.config.samples)
+        sub = RunRoot(self.run.join(*edit_folder(edit, target)) if not self.run.is_s3
+                      else f"{self.run.uri}/{'/'.join(edit_folder(edit, target))}")
+        manifest = {"fingerprint": self.model.fingerprint(), "config_hash": self.config.config_hash(),
+                    "config": self.config.result_fields(), "model": f"{edit} of {target}", "complete": True}
+        meta = table_metadata(manifest, target, "amplify", {"objective_value": attribution.objective_value})
+        where = (partition(target, "amplify"), "part-0.parquet")
+        names = estimator.tensor_names
+        neurons, layers = aggregate_tables(names, attribution.weights, attribution.grads)
+        sub.write_table(layers, "layers", *where, metadata=meta)
+        sub.write_parts(SCORE_SCHEMA, score_parts(names, attribution.weights, attribution.grads), "scores", *where,
+                        metadata=meta)
+        sub.write_manifest(manifest)
+
+
+class ImageJudge:
+    """Generates and judges batches of rows (a Ray Data `map_batches` class, or called in-process).
+
+    Loads the model once; each edit is applied for its rows and undone, so rows of any edits can share a
+    batch. Images depend on (edit, prompt, seed, guidance) only, never on the batch they fall in.
+    """
+
+    def __init__(self, config: AttributionConfig, root: str, device: str | None = None, threads: int | None = None):
+        import torch
+
+        from .judges import builtin_judges
+        from .models import load_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.config, self.options, self.root = config, config.evaluation, root
+        self.model = load_model(config.model, device=device or config.device or
+                                ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.store = ScoreStore(root)
+        check_fingerprint(self.model, self.store.fingerprint)
+        self.judges = builtin_judges() if self.model.kind == "digits" else None
+        self.cache = {}
+
+    def _masks(self, edit: str, target: str, ratio: float):
+        key = (edit, target, ratio)
+        if key not in self.cache:
+            granularity = self.options.granularity
+            if edit == RECOVERY:
+                store = ScoreStore(f"{self.root.rstrip('/')}/{'/'.join(edit_folder('finetune', target))}")
+                self.cache[key] = select(store.tensor_scores(target, "amplify"), ratio=ratio,
+                                         granularity=granularity, largest=False)
+            elif edit == "random":
+                self.cache[key] = random_like(self._masks("cad-erase", target, ratio), granularity,
+                                              self.config.seed)
+            else:
+                objective, largest = ZEROING_EDITS[edit]
+                self.cache[key] = select(self.store.tensor_scores(target, objective), ratio=ratio,
+                                         granularity=granularity, largest=largest)
+        return self.cache[key]
+
+    def _finetuned(self, edit: str, target: str):
+        key = (edit, target)
+        if key not in self.cache:
+            from .models import load_model
+            from .scopes import select_parameters
+
+            folder = f"{self.root.rstrip('/')}/{'/'.join(edit_folder(edit, target))}/model"
+            edited_model = load_model(folder)
+            self.cache[key] = {n: p.detach().clone() for n, p in
+                               select_parameters(edited_model.named_parameters(), self.config.scope)}
+        return self.cache[key]
+
+    def _applied(self, edit: str, target: str, ratio: float):
+        from contextlib import ExitStack, nullcontext
+
+        from .editing import edited, weights_replaced
+
+        if edit == "none":
+            return nullcontext()
+        if edit in ("finetune", "cad-finetune"):
+            return weights_replaced(self.model, self._finetuned(edit, target))
+        stack = ExitStack()
+        if edit == RECOVERY:
+            stack.enter_context(weights_replaced(self.model, self._finetuned("finetune", target)))
+        stack.enter_context(edited(self.model, self._masks(edit, target, ratio)))
+        return stack
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        out = []
+        for (edit, target, ratio, guidance), rows in batch.groupby(["edit", "target", "ratio", "guidance"],
+                                                                      sort=False, dropna=False):
+            rows = rows.copy()
+            zeroed = int(sum(m.sum() for m in self._masks(edit, target, ratio).values())) \
+                if edit in ("cad-erase", "random", "cad-amplify", RECOVERY) else 0
+            with self._applied(edit, target, ratio):
+                images = self.model.sample(list(rows["prompt"]), seed=self.options.seed,
+                                           guidance=None if np.isnan(guidance) else float(guidance),
+                                           steps=self.options.steps, ids=[int(s) for s in rows["seed"]]).images
+            rows["zeroed"] = zeroed
+            rows = rows.assign(**self.judge(images, rows))
+            out.append(rows)
+        return pd.concat(out)
+
+    def judge(self, images: np.ndarray, rows: pd.DataFrame) -> dict:
+        from PIL import Image
+
+        from .digits import COLOUR_NAMES
+
+        pngs = []
+        for image in images:
+            buffer = io.BytesIO()
+            Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(buffer, format="PNG")
+            pngs.append(buffer.getvalue())
+        if self.judges is None:
+            return {"predicted": [""] * len(images), "correct": [False] * len(images), "image_png": pngs}
+        predicted = [DIGIT_WORDS[d] for d in self.judges.digits(images)]
+        return {"predicted": predicted, "correct": [p == l for p, l in zip(predicted, rows["label"])],
+                "colour": [COLOUR_NAMES[c] for c in self.judges.colours(images)],
+                "features": list(self.judges.features(images).astype(np.float32)), "image_png": pngs}
+
+
+def real_features() -> np.ndarray:
+    """Digit-judge features of the real digits (the reference of the Frechet distance)."""
+    from .digits import COLOUR_NAMES, real_digits, render
+    from .judges import builtin_judges
+
+    images, _ = real_digits()
+    return builtin_judges().features(np.concatenate([render(images, c) for c in COLOUR_NAMES]))
+
+
+def summarize_evaluation(table: pd.DataFrame, reference: np.ndarray | None = None) -> pd.DataFrame:
+    """Per (edit, target, ratio, guidance): the target's accuracy, the other labels' accuracy and the worst
+    share of its unedited accuracy that another label keeps, the Frechet distance of judge features to real
+    digits and its rise over the unedited model; `best` marks each (edit, target)'s best trade-off ratio."""
+    from .judges import frechet_distance
+
+    none = table[table["edit"] == "none"]
+    base_acc = none.groupby(["guidance", "label"])["correct"].mean()
+    fd_none = {}
+    rows = []
+    for (edit, target, ratio, guidance), g in table.groupby(["edit", "target", "ratio", "guidance"], sort=True):
+        acc = g.groupby("label")["correct"].mean()
+        fd = float("nan")
+        if reference is not None and "features" in g:
+            fd = frechet_distance(np.stack(g["features"].to_numpy()), reference)
+        if edit == "none":
+            fd_none[guidance] = fd
+        base = base_acc.loc[guidance] if guidance in base_acc.index.get_level_values(0) else acc
+        others = [l for l in acc.index if l != target]
+        retained = [acc[l] / base[l] for l in others if base.get(l, 0) > 0]
+        rows.append({"edit": edit, "target": target, "ratio": ratio, "guidance": guidance, "images": len(g),
+                     "zeroed": int(g["zeroed"].iloc[0]),
+                     "target_accuracy": float(acc.get(target, np.nan)) if target else float("nan"),
+                     "target_accuracy_unedited": float(base.get(target, np.nan)) if target else float("nan"),
+                     "others_accuracy": float(acc[others].mean()) if others else float("nan"),
+                     "worst_other_retained": float(min(retained)) if retained else float("nan"),
+                     "fd": fd})
+    summary = pd.DataFrame(rows)
+    summary["fd_rise"] = [r.fd / fd_none.get(r.guidance, np.nan) - 1 for r in summary.itertuples()]
+    summary["best"] = False
+    for _, g in summary[summary["edit"] != "none"].groupby(["edit", "target"]):
+        keeps = g[g["worst_other_retained"] >= 0.9]
+        pick = keeps if len(keeps) else g
+        if pick["target_accuracy"].notna().any():
+            score = pick["target_accuracy"] if pick is keeps else pick["target_accuracy"] - pick["others_accuracy"]
+            best = score.idxmax() if g["edit"].iloc[0] in ("cad-amplify", RECOVERY) else score.idxmin()
+            summary.loc[best, "best"] = True
+    return summary
+
+
+def evaluation_metadata(manifest: dict, options: EvaluationOptions) -> dict:
+    return {"fingerprint": manifest["fingerprint"], "config_hash": manifest["config_hash"],
+            "options": json.loads(options.model_dump_json())}

@@ -1,0 +1,121 @@
+"""Evaluation: prompt sets as the benchmarks ship them, the judged-image table, actor invariance, bad input."""
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import small_config
+
+from cad_ray.cli import main
+from cad_ray.distributed import run_evaluation
+from cad_ray.evaluation import read_prompt_set, summarize_evaluation
+
+PEER_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "peer-prompts"
+EVALUATION = {"targets": ["seven"], "edits": ["cad-erase", "random"], "ratios": [0.05], "images_per_prompt": 2,
+              "steps": 10, "batch_size": 8}
+
+
+def evaluation_config(**changes):
+    return small_config(evaluation={**EVALUATION, **changes})
+
+
+@pytest.mark.parametrize("name,rows,label", [("imagenette.csv", 5000, "tench"),
+                                             ("small_imagenet_prompts.csv", 100, "cassette player"),
+                                             ("big_artist_prompts.csv", 100, "Pablo Picasso"),
+                                             ("famous_art_prompts.csv", 20, ""),
+                                             ("coco_30k_head1000.csv", 1000, ""),
+                                             ("unsafe-prompts4703_head200.csv", 200, None)])
+def test_peer_prompt_files_load_as_they_are(name, rows, label):
+    path = PEER_PROMPTS / name
+    if not path.exists():
+        pytest.skip(f"{path} is not beside this checkout")
+    table = read_prompt_set(str(path))
+    assert len(table) == rows and table["prompt"].str.len().min() > 0
+    assert table["seed"].dtype == np.int64
+    if label is not None:
+        assert table["label"].iloc[0] == label
+    else:  # the unsafe prompts carry their categories as the label
+        assert table["label"].iloc[0] == "violence, self-harm"
+    raw = pd.read_csv(path)
+    np.testing.assert_array_equal(table["seed"].to_numpy(), raw["evaluation_seed"].to_numpy())
+
+
+def test_a_prompt_file_without_seeds_is_refused(tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,class\na seven,seven\n")
+    with pytest.raises(Exception, match="lacks column.*evaluation_seed"):
+        read_prompt_set(str(bad))
+
+
+@pytest.fixture(scope="module")
+def evaluated(small_run, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("evaluated") / "run")
+    shutil.copytree(small_run, root)
+    result = run_evaluation(evaluation_config(), root, local=True, progress=False)
+    return root, result
+
+
+def test_one_row_per_judged_image(evaluated):
+    root, result = evaluated
+    table = pd.read_parquet(os.path.join(root, "evaluation"))
+    assert {"edit", "target", "ratio", "prompt", "seed", "label", "predicted", "correct"} <= set(table.columns)
+    # none + cad-erase + random, ten digit prompts, two seeds each
+    assert len(table) == 3 * 10 * 2 and result["images"] == 60
+    assert set(table["edit"]) == {"none", "cad-erase", "random"}
+    assert (table["correct"] == (table["predicted"] == table["label"])).all()
+    none = table[table["edit"] == "none"]
+    assert none["correct"].mean() >= 0.5  # the unedited model, 10 steps: mostly right
+    cad = table[table["edit"] == "cad-erase"]
+    rand = table[table["edit"] == "random"]
+    assert cad["zeroed"].iloc[0] == rand["zeroed"].iloc[0] > 0
+    # the same seeds give the same starting noise: the unedited and edited rows line up prompt by prompt
+    assert list(none["seed"]) == list(cad["seed"]) == list(rand["seed"])
+    summary = pd.read_parquet(os.path.join(root, "evaluation_summary"))
+    assert set(summary["edit"]) == {"none", "cad-erase", "random"}
+    assert summary[summary["edit"] != "none"]["best"].all()
+
+
+def test_results_do_not_depend_on_the_number_of_actors(evaluated, small_run, tmp_path):
+    root, _ = evaluated
+    other = str(tmp_path / "ray")
+    shutil.copytree(small_run, other)
+    result = run_evaluation(evaluation_config().model_copy(update={"workers": 2}), other, progress=False)
+    assert result["actors"] == 2
+    a, b = pd.read_parquet(os.path.join(root, "evaluation")), pd.read_parquet(os.path.join(other, "evaluation"))
+    assert list(a["image_png"]) == list(b["image_png"]) and list(a["predicted"]) == list(b["predicted"])
+
+
+def test_summary_names_the_best_trade_off():
+    rows = []
+    for ratio, target_ok, others_ok in ((0.01, 9, 10), (0.03, 2, 10), (0.1, 0, 5)):
+        for label in ("seven", "one"):
+            ok = target_ok if label == "seven" else others_ok
+            rows += [{"edit": "cad-erase", "target": "seven", "ratio": ratio, "guidance": 3.0, "label": label,
+                      "correct": k < ok, "zeroed": 1} for k in range(10)]
+    rows += [{"edit": "none", "target": "", "ratio": 0.0, "guidance": 3.0, "label": label, "correct": True,
+              "zeroed": 0} for label in ("seven", "one") for _ in range(10)]
+    summary = summarize_evaluation(pd.DataFrame(rows))
+    best = summary[summary["best"]]
+    assert list(best["ratio"]) == [0.03]  # lowest target accuracy among ratios that keep others >= 90%
+    assert summary.set_index("ratio").loc[0.1, "worst_other_retained"] == 0.5
+
+
+def test_bad_input_is_one_line_and_keeps_results(evaluated, tmp_path, capsys):
+    root, _ = evaluated
+    before = pd.read_parquet(os.path.join(root, "evaluation_summary"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [(["--root", root, "--edits", "cad-melt"], "unknown edit 'cad-melt'"),
+             (["--root", root, "--ratios", "0"], r"ratios must be in \(0, 1\]"),
+             (["--root", root, "--ratios", "1.5"], r"ratios must be in \(0, 1\]"),
+             (["--root", root, "--targets", "eight"], "needs erase scores for it"),
+             (["--root", str(empty)], "no attribution run")]
+    for argv, message in cases:
+        assert main(["evaluate", *argv, "--local", "--quiet"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and re.search(message, err), err
+    pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(root, "evaluation_summary")), before)
