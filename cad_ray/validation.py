@@ -26,7 +26,7 @@ import torch
 
 from .errors import CadRayError
 from .attribution import gradients_for
-from .objectives import Concept, point_values
+from .objectives import Concept
 from .scopes import select_parameters
 from .seeds import numpy_rng, torch_generator
 

@@ -1,0 +1,120 @@
+"""Every bad input of issue 6 through the `cad-ray` command: a one-line error, exit status 1, and the results
+already in the run root byte-for-byte intact and readable afterwards."""
+
+import hashlib
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import SMALL
+
+from cad_ray.cli import main
+from cad_ray.store import ScoreStore
+
+DIGITS_MODEL = Path(__file__).resolve().parents[1] / "cad_ray" / "assets" / "digits-model"
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def snapshot(root: str) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in Path(root).rglob("*") if p.is_file()}
+
+
+def model_copy(tmp_path, name, change):
+    folder = tmp_path / name
+    shutil.copytree(DIGITS_MODEL, folder)
+    change(folder / "unet")
+    return str(folder)
+
+
+def truncate(unet):
+    weights = unet / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+
+def as_pickle(unet):
+    (unet / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({"weights": Payload()}, unet / "diffusion_pytorch_model.bin")
+
+
+def with_nan(unet):
+    from safetensors.torch import load_file, save_file
+
+    path = unet / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(path))
+    name = next(k for k in state if k.endswith("ff.net.2.weight"))
+    state[name][0, 0] = float("nan")
+    save_file(state, str(path))
+
+
+def config_file(tmp_path, name, **change):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**SMALL, **change}))
+    return str(path)
+
+
+def test_each_bad_input_is_one_line_exit_one_and_loses_nothing(small_run, tmp_path, capsys, s3_endpoint):
+    root = str(tmp_path / "done")
+    shutil.copytree(small_run, root)
+    before = snapshot(root)
+    new = str(tmp_path / "new")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    seven = [{"name": "seven"}]
+    cases = {
+        "missing model folder": (["attribute", "--config", config_file(tmp_path, "m", model=str(tmp_path / "none"))],
+                                 "does not exist"),
+        "corrupt safetensors": (["attribute", "--config", config_file(
+            tmp_path, "c", model=model_copy(tmp_path, "corrupt", truncate))], "cannot load unet"),
+        "pickle checkpoint": (["attribute", "--config", config_file(
+            tmp_path, "p", model=model_copy(tmp_path, "pickled", as_pickle))], "refusing pickle checkpoint"),
+        "scope that matches nothing": (["attribute", "--root", new, "--config",
+                                        config_file(tmp_path, "s", scope="re:nothing")], "matches no parameter"),
+        "empty concept list": (["attribute", "--config", config_file(tmp_path, "e", concepts=[])], "concepts"),
+        "unknown prompt word": (["attribute", "--config", config_file(
+            tmp_path, "w", concepts=[{"name": "x", "prompts": ["a purple seven"]}])], "does not know the word"),
+        "fraction out of range": (["validate", "--fractions", "1.5"], r"must be in \(0, 1\)"),
+        "ablations M = 0": (["validate", "--ablations", "0"], "at least 1"),
+        "ratio out of range (evaluate)": (["evaluate", "--ratios", "0"], r"must be in \(0, 1\]"),
+        "ratio out of range (edit)": (["edit", "--edit", "cad-erase", "--target", "seven", "--ratio", "2",
+                                       "--out", str(tmp_path / "edited")], r"must be in \(0, 1\]"),
+        "unknown edit": (["evaluate", "--edits", "zero-all"], "unknown edit"),
+        "score table from another model": (["edit", "--edit", "cad-erase", "--target", "seven", "--ratio", "0.1",
+                                            "--model", model_copy(tmp_path, "other", with_nan),
+                                            "--out", str(tmp_path / "edited")], "computed on another model"),
+        "root written with another config": (["attribute", "--config", config_file(tmp_path, "o", seed=1)],
+                                             "another config"),
+        "unwritable local root": (["attribute", "--root", str(blocker / "root"), "--config",
+                                   config_file(tmp_path, "u")], "cannot write to"),
+        "nonexistent bucket": (["attribute", "--root", "s3://no-such-bucket/run", "--config",
+                                config_file(tmp_path, "b")], "bucket 'no-such-bucket' does not exist"),
+        "NaN in the gradients": (["attribute", "--root", new, "--overwrite", "--config", config_file(
+            tmp_path, "n", concepts=seven, model=model_copy(tmp_path, "nan", with_nan))], "non-finite gradient"),
+        "missing score table": (["validate", "--root", str(tmp_path / "empty-root")], "no attribution run"),
+    }
+    outcomes = {}
+    for what, (argv, message) in cases.items():
+        if "--root" not in argv:
+            argv = [*argv, "--root", root]
+        if argv[0] in ("attribute", "validate", "evaluate"):
+            argv += ["--local", "--quiet"]
+        status = main(argv)
+        err = capsys.readouterr().err.strip()
+        outcomes[what] = (status, err)
+        assert status == 1, (what, err)
+        assert "\n" not in err and err.startswith(f"cad-ray {argv[0]}: error:"), (what, err)
+        assert re.search(message, err), (what, err)
+        assert snapshot(root) == before, what
+    assert len(outcomes) == 17
+    store = ScoreStore(root)  # still complete and readable
+    assert len(store.top("seven", 5)) == 5
+    new_manifest = Path(new) / "_manifest.json"
+    assert not new_manifest.exists() or '"complete": false' in new_manifest.read_text()
