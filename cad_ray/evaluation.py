@@ -60,7 +60,7 @@ def edit_list(options: EvaluationOptions) -> list[dict]:
     """Every (edit, target, ratio, guidance) to generate, `none` first."""
     guidance = options.guidance
     edits = [{"edit": "none", "target": "", "ratio": 0.0, "guidance": guidance}]
-    if "cad-amplify" in options.edits or RECOVERY in options.edits:
+    if "cad-amplify" in options.edits:
         edits.append({"edit": "none", "target": "", "ratio": 0.0, "guidance": options.amplify_guidance})
     for target in options.targets:
         for edit in options.edits:
