@@ -110,6 +110,8 @@ class EvaluationOptions(Strict):
     amplify_guidance: float = Field(1.0, description="guidance at which CAD-Amplify is judged (weak conditioning)")
     steps: int | None = Field(None, ge=1, description="sampling steps (default: the model's)")
     batch_size: int = Field(50, ge=1, description="rows per Ray Data batch")
+    judge: dict | None = Field(None, description="judge: {factory: 'module:callable', **options}; default: the "
+                               "digits judges for the digits model (see docs/editing.md)")
     finetune: FinetuneOptions = Field(default_factory=FinetuneOptions)
 
     @field_validator("edits")

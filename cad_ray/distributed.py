@@ -74,8 +74,10 @@ class _RayPool:
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=address, log_to_driver=False, include_dashboard=False if address is None else None,
-                     configure_logging=False)
+            # no address: a new local instance, even where another one runs on this machine ("local"); Ray's
+            # own default would join the latest local cluster and compete for its resources
+            ray.init(address=address or "local", log_to_driver=False,
+                     include_dashboard=False if address is None else None, configure_logging=False)
         self.ray = ray
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
@@ -252,17 +254,23 @@ def run_evaluation(config: AttributionConfig, root: str, address: str | None = N
     todo = [(e, t) for t in options.targets for e in ("finetune", "cad-finetune")
             if (e in options.edits or (e == "finetune" and "finetune+cad-amplify" in options.edits))
             and not run.exists(*edit_folder(e, t), "model", "model_index.json")]
-    for _ in pool.map([((e, t), "make", (e, t)) for e, t in todo]):
-        pass
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(todo), unit="edit", desc="fine-tuned edits", disable=not progress or not todo) as bar:
+        for _ in pool.map([((e, t), "make", (e, t)) for e, t in todo]):
+            bar.update(1)
     pool.close()
     rows = plan_rows(options, prompts)
     if local:
         judge = ImageJudge(config, root, threads=CPU_WORKER_THREADS)
-        parts = [judge(rows.iloc[i:i + options.batch_size]) for i in range(0, len(rows), options.batch_size)]
+        starts = range(0, len(rows), options.batch_size)
+        parts = [judge(rows.iloc[i:i + options.batch_size]) for i in tqdm(starts, unit="batch", desc="images",
+                                                                           disable=not progress)]
         table, actors = pd.concat(parts), 1
     else:
         import ray
 
+        ray.data.DataContext.get_current().enable_progress_bars = progress
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
         actors = max(1, config.workers or (gpus if gpus else cpus))
@@ -277,7 +285,8 @@ def run_evaluation(config: AttributionConfig, root: str, address: str | None = N
         table = judged.to_pandas()
     key = ["edit", "target", "ratio", "guidance", "label", "prompt", "seed"]
     table = table.sort_values(key, kind="stable").reset_index(drop=True)
-    reference = real_features() if "features" in table else None
+    # the Frechet distance's reference is the real digits; other models' quality needs a reference set of theirs
+    reference = real_features() if "features" in table and store.manifest.get("model") == "builtin:digits" else None
     summary = summarize_evaluation(table, reference)
     meta = evaluation_metadata(store.manifest, options)
     stored = table.drop(columns=[c for c in ("features",) if c in table])

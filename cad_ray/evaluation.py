@@ -31,6 +31,76 @@ RECOVERY = "finetune+cad-amplify"
 LABEL_COLUMNS = ("class", "artist", "categories", "label")
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DigitsJudge:
+    """The digits world's judges: the digit (the verdict), the colour, and digit-judge features for the Frechet
+    distance to real digits."""
+
+    def __init__(self):
+        from .judges import builtin_judges
+
+        self.judges = builtin_judges()
+
+    def judge(self, images: np.ndarray, labels: list[str]) -> dict:
+        from .digits import COLOUR_NAMES
+
+        predicted = [DIGIT_WORDS[d] for d in self.judges.digits(images)]
+        return {"predicted": predicted, "correct": [p == l for p, l in zip(predicted, labels)],
+                "colour": [COLOUR_NAMES[c] for c in self.judges.colours(images)],
+                "features": list(self.judges.features(images).astype(np.float32))}
+
+
+class ClassifierJudge:
+    """An image classifier as a judge, e.g. an ImageNet ResNet-50 for the Imagenette classes: a TorchScript file
+    (`torch.jit.save` of the network; TorchScript runs no Python on load), the class names in output order (a
+    list or a text file with one per line), and how a prompt's label maps to a class name (default: itself).
+    Images are resized to `size` and normalised with `mean`/`std`; logits are kept as features."""
+
+    def __init__(self, model_file: str, classes: list[str] | str, size: int = 224, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD, label_to_class: dict[str, str] | None = None):
+        import torch
+
+        try:
+            self.network = torch.jit.load(model_file, map_location="cpu").eval()
+        except Exception as e:
+            raise CadRayError(f"cannot load the classifier judge {model_file}: {e}") from None
+        if isinstance(classes, str):
+            classes = [line.strip() for line in Path(classes).read_text().splitlines() if line.strip()]
+        self.classes, self.size, self.label_to_class = list(classes), size, dict(label_to_class or {})
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+
+    def judge(self, images: np.ndarray, labels: list[str]) -> dict:
+        import torch
+
+        x = torch.from_numpy(np.asarray(images, dtype=np.float32)).permute(0, 3, 1, 2)
+        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            logits = self.network((x - self.mean) / self.std)
+        predicted = [self.classes[k] for k in logits.argmax(dim=1).tolist()]
+        wanted = [self.label_to_class.get(l, l) for l in labels]
+        return {"predicted": predicted, "correct": [p == w for p, w in zip(predicted, wanted)],
+                "features": list(logits.numpy().astype(np.float32))}
+
+
+def load_judge(spec: dict | None, model_kind: str):
+    """The judge of an evaluation: `{"factory": "module:callable", **options}` (loaded only when asked), else the
+    digits judges for the digits model, else none (images are generated and stored, not judged)."""
+    if spec:
+        import importlib
+
+        options = dict(spec)
+        factory = options.pop("factory", "cad_ray.evaluation:ClassifierJudge")
+        module, _, name = factory.partition(":")
+        try:
+            return getattr(importlib.import_module(module), name)(**options)
+        except (ImportError, AttributeError) as e:
+            raise CadRayError(f"cannot load judge {factory!r}: {e}") from None
+    return DigitsJudge() if model_kind == "digits" else None
+
+
 def read_prompt_set(path: str) -> pd.DataFrame:
     """A benchmark prompt CSV read as it is: `prompt`, `evaluation_seed` and a label column (`class`, `artist`
     or `categories`, else empty) become (prompt, seed, label); other columns are kept."""
@@ -178,7 +248,6 @@ class ImageJudge:
     def __init__(self, config: AttributionConfig, root: str, device: str | None = None, threads: int | None = None):
         import torch
 
-        from .judges import builtin_judges
         from .models import load_model
 
         if threads:
@@ -188,7 +257,7 @@ class ImageJudge:
                                 ("cuda" if torch.cuda.is_available() else "cpu"))
         self.store = ScoreStore(root)
         check_fingerprint(self.model, self.store.fingerprint)
-        self.judges = builtin_judges() if self.model.kind == "digits" else None
+        self.judges = load_judge(self.options.judge, self.model.kind)
         self.cache = {}
 
     def _masks(self, edit: str, target: str, ratio: float):
@@ -254,8 +323,6 @@ class ImageJudge:
     def judge(self, images: np.ndarray, rows: pd.DataFrame) -> dict:
         from PIL import Image
 
-        from .digits import COLOUR_NAMES
-
         pngs = []
         for image in images:
             buffer = io.BytesIO()
@@ -263,10 +330,7 @@ class ImageJudge:
             pngs.append(buffer.getvalue())
         if self.judges is None:
             return {"predicted": [""] * len(images), "correct": [False] * len(images), "image_png": pngs}
-        predicted = [DIGIT_WORDS[d] for d in self.judges.digits(images)]
-        return {"predicted": predicted, "correct": [p == l for p, l in zip(predicted, rows["label"])],
-                "colour": [COLOUR_NAMES[c] for c in self.judges.colours(images)],
-                "features": list(self.judges.features(images).astype(np.float32)), "image_png": pngs}
+        return {**self.judges.judge(images, list(rows["label"])), "image_png": pngs}
 
 
 def real_features() -> np.ndarray:

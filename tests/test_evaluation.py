@@ -119,3 +119,44 @@ def test_bad_input_is_one_line_and_keeps_results(evaluated, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and re.search(message, err), err
     pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(root, "evaluation_summary")), before)
+
+
+def test_stable_diffusion_edit_judged_by_a_pluggable_classifier(tiny_sd_folder, tmp_path):
+    """The plumbing of a Stable Diffusion evaluation: Imagenette prompts from the benchmark file, a classifier
+    judge loaded from TorchScript (a small stand-in for an ImageNet ResNet-50), CAD-Erase of one class."""
+    import torch
+
+    from cad_ray.config import parse_config
+    from cad_ray.distributed import run_attribution
+
+    source = PEER_PROMPTS / "imagenette.csv"
+    if not source.exists():
+        pytest.skip(f"{source} is not beside this checkout")
+    raw = pd.read_csv(source)
+    prompts = pd.concat([raw[raw["class"] == c].head(2) for c in ("tench", "church")])
+    prompts.to_csv(tmp_path / "prompts.csv", index=False)
+
+    class StandIn(torch.nn.Module):  # "ImageNet classifier": two classes by mean brightness
+        def forward(self, x):
+            m = x.mean(dim=(1, 2, 3))
+            return torch.stack([m, -m], dim=1)
+
+    torch.jit.save(torch.jit.script(StandIn()), str(tmp_path / "classifier.pt"))
+    (tmp_path / "classes.txt").write_text("tench\nchurch\n")
+    config = parse_config({
+        "model": str(tiny_sd_folder), "samples": 2, "block": 2, "batch": 2, "scope": "attn2",
+        "erase": {"steps": 4}, "concepts": [{"name": "tench", "prompts": ["an image of a tench"]}],
+        "evaluation": {"targets": ["tench"], "edits": ["cad-erase", "random"], "ratios": [0.1], "steps": 4,
+                       "prompts": str(tmp_path / "prompts.csv"),
+                       "judge": {"model_file": str(tmp_path / "classifier.pt"), "classes": str(tmp_path / "classes.txt"),
+                                 "size": 32}}})
+    root = str(tmp_path / "sd-run")
+    run_attribution(config, root, local=True, progress=False)
+    result = run_evaluation(config, root, local=True, progress=False)
+    table = pd.read_parquet(os.path.join(root, "evaluation"))
+    assert len(table) == 3 * 4 and set(table["label"]) == {"tench", "church"}
+    assert set(table["predicted"]) <= {"tench", "church"}
+    assert (table["correct"] == (table["predicted"] == table["label"])).all()
+    assert list(table[table["edit"] == "none"]["seed"]) == list(prompts.sort_values(["class", "prompt",
+                                                                                       "evaluation_seed"])["evaluation_seed"])
+    assert result["summary"]["fd"].isna().all()  # no reference set for this model: no Frechet distance

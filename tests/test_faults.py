@@ -54,6 +54,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stop_ray_in(temp_dir: str) -> None:
+    """Kill the processes of the Ray instance that lives in `temp_dir` only (`ray stop` would kill every Ray
+    instance on the machine, this test process's own included)."""
+    import psutil
+
+    mine = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(temp_dir in arg for arg in process.info["cmdline"] or []):
+            mine.append(process)
+    for process in mine:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(mine, timeout=30)
+
+
 def test_ray_job_submit_runs_the_attribution_job(tmp_path):
     """A local Ray head (dashboard on 127.0.0.1, token authentication on) runs jobs/attribute.py as submitted."""
     import secrets
@@ -70,20 +87,26 @@ def test_ray_job_submit_runs_the_attribution_job(tmp_path):
     ray_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
     start = [os.path.join(bin_dir, "ray"), "start", "--head", f"--port={_free_port()}", "--num-cpus=2",
              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-             f"--temp-dir={ray_dir}"]
+             f"--temp-dir={ray_dir}", f"--dashboard-agent-listen-port={_free_port()}",
+             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
+    # own ports throughout, so that another Ray instance on the machine (a user's, a parallel test) is no obstacle
     started = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stderr[-2000:]
     try:
         root = tmp_path / "root"
-        submit = subprocess.run(
-            [os.path.join(bin_dir, "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
-             "--working-dir", str(Path(__file__).resolve().parents[1]), "--", sys.executable, "jobs/attribute.py",
-             "--config", str(config), "--root", str(root), "--address", "auto", "--quiet"],
-            env=env, capture_output=True, text=True, timeout=400)
+        for _ in range(30):  # the head's job agent may take a while to come up on a busy machine
+            submit = subprocess.run(
+                [os.path.join(bin_dir, "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+                 "--working-dir", str(Path(__file__).resolve().parents[1]), "--", sys.executable,
+                 "jobs/attribute.py", "--config", str(config), "--root", str(root), "--address", "auto", "--quiet"],
+                env=env, capture_output=True, text=True, timeout=400)
+            if "No available agent" not in submit.stderr + submit.stdout:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-2000:]
         assert "succeeded" in submit.stdout + submit.stderr
     finally:
-        subprocess.run([os.path.join(bin_dir, "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_ray_in(ray_dir)
         import shutil
 
         shutil.rmtree(ray_dir, ignore_errors=True)
@@ -103,6 +126,7 @@ def test_losing_a_gpu_node_mid_run_still_gives_the_failure_free_table(tmp_path):
     reference = tmp_path / "reference"
     run_attribution(config, str(reference), local=True, progress=False)
 
+    ray.shutdown()  # a Ray instance left by an earlier test in this process
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     nodes = [cluster.add_node(num_cpus=1, num_gpus=1) for _ in range(3)]
     cluster.wait_for_nodes()
