@@ -7,7 +7,6 @@ import re
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from conftest import SMALL
