@@ -98,3 +98,29 @@ def test_cli_edit_saves_a_loadable_model_and_refuses_bad_input(small_run, tmp_pa
     assert main(["edit", "--root", str(tmp_path / "nothing"), "--edit", "cad-erase", "--target", "seven",
                  "--ratio", "0.1", "--out", str(tmp_path / "x")]) == 1
     assert "no score tables" in capsys.readouterr().err
+
+
+def test_cad_erase_lowers_the_judged_digit_and_random_ablation_of_the_same_count_does_not(digits_model):
+    """On the trained digits model, cross-attention scope (docs/editing.md: where CAD-Erase is most targeted):
+    zeroing the top 3% of 'seven's erase scores makes the judges see far fewer sevens; the same number of random
+    components changes nothing. Fixed seeds, 12 images each."""
+    from cad_ray.attribution import CAD
+    from cad_ray.concepts import digits_concept
+    from cad_ray.objectives import Concept, EraseObjective
+    from cad_ray.quality import judge_samples
+
+    prompts, bases, _ = digits_concept("seven")
+    scores = CAD(digits_model, EraseObjective(), "attn2", chunk_size=64).attribute(
+        Concept("seven", tuple(prompts), tuple(bases)), 8).scores
+    masks = select({n: s.numpy() for n, s in scores.items()}, ratio=0.03, granularity="global")
+    asked = ["seven"] * 12
+
+    def accuracy():
+        return judge_samples(digits_model, asked, seed=1)["digit_correct"].mean()
+
+    assert accuracy() >= 0.9
+    with edited(digits_model, masks):
+        erased = accuracy()
+    with edited(digits_model, random_like(masks, "global", seed=0)):
+        random = accuracy()
+    assert erased <= 0.5 and random >= 0.9, (erased, random)
