@@ -210,10 +210,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         "images_per_prompt": args.images_per_prompt})
     config = config.model_copy(update={"workers": args.workers or config.workers,
                                        "device": args.device or config.device})
-    result = run_evaluation(config, args.root, address=args.address, local=args.local, progress=not args.quiet)
+    result = run_evaluation(config, args.root, address=args.address, local=args.local, progress=not args.quiet,
+                            overwrite=args.overwrite)
     summary = result["summary"]
     print(f"evaluation complete in {args.root}: {result['images']} images judged by {result['actors']} actor(s), "
-          f"{result['edits_made']} fine-tuned edit(s) made, {result['run_seconds']:.1f} s")
+          f"{result['edits_made']} fine-tuned edit(s) made, {result['blocks_computed']} blocks computed, "
+          f"{result['blocks_skipped']} already done, {result['run_seconds']:.1f} s")
     columns = ["edit", "target", "ratio", "guidance", "zeroed", "target_accuracy", "others_accuracy",
                "worst_other_retained", "fd_rise", "best"]
     with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
@@ -380,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratios", type=float, nargs="+", default=None, help="shares of components zeroed, in (0, 1]")
     p.add_argument("--prompts", default=None, help="prompt CSV (columns prompt, evaluation_seed[, class])")
     p.add_argument("--images-per-prompt", type=_positive_int, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace an evaluation made with other options")
     p.add_argument("--address", default=None)
     p.add_argument("--workers", type=_positive_int, default=None, help="actors (default: one per GPU, else CPU)")
     p.add_argument("--device", default=None)

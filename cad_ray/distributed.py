@@ -220,14 +220,16 @@ def run_validation(config: AttributionConfig, root: str, address: str | None = N
 
 
 def run_evaluation(config: AttributionConfig, root: str, address: str | None = None, local: bool = False,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, overwrite: bool = False) -> dict:
     """Make the fine-tuned edits (actors), then generate and judge every row with Ray Data (`map_batches` on an
     actor pool, a GPU per actor where there are GPUs) and write evaluation/ and evaluation_summary/."""
+    import numpy as np
     import pandas as pd
     import pyarrow as pa
+    from tqdm.auto import tqdm
 
-    from .evaluation import (EditWorker, ImageJudge, digits_prompt_set, edit_folder, evaluation_metadata, plan_rows,
-                             read_prompt_set, real_features, summarize_evaluation)
+    from .evaluation import (EditWorker, ImageJudge, digits_prompt_set, edit_folder, evaluation_metadata,
+                             evaluation_options_hash, plan_rows, read_prompt_set, real_features, summarize_evaluation)
     from .store import ScoreStore
 
     options = config.evaluation
@@ -254,35 +256,60 @@ def run_evaluation(config: AttributionConfig, root: str, address: str | None = N
     todo = [(e, t) for t in options.targets for e in ("finetune", "cad-finetune")
             if (e in options.edits or (e == "finetune" and "finetune+cad-amplify" in options.edits))
             and not run.exists(*edit_folder(e, t), "model", "model_index.json")]
-    from tqdm.auto import tqdm
-
     with tqdm(total=len(todo), unit="edit", desc="fine-tuned edits", disable=not progress or not todo) as bar:
         for _ in pool.map([((e, t), "make", (e, t)) for e, t in todo]):
             bar.update(1)
     pool.close()
     rows = plan_rows(options, prompts)
-    if local:
+    # rows are judged in blocks; each finished block is written at once (like attribution shards), so a killed
+    # driver loses only the blocks in flight, and a re-run skips the rest
+    rows["block"] = np.arange(len(rows)) // options.batch_size
+    sizes = rows.groupby("block").size().to_dict()
+    block_meta = {"options_hash": options.options_hash(), "fingerprint": store.fingerprint}
+    if not overwrite and run.exists("evaluation", "part-0.parquet"):
+        previous = evaluation_options_hash(run)
+        if previous is not None and previous != block_meta["options_hash"]:
+            raise CadRayError(f"{root} holds an evaluation made with other options; pass --overwrite to replace it "
+                              "or evaluate into a copy of the root")
+    pending = [b for b in sizes if not _evaluation_block_done(run, b, sizes[b], block_meta)]
+    todo_rows = rows[rows["block"].isin(pending)]
+    bar = tqdm(total=len(sizes), initial=len(sizes) - len(pending), unit="block", desc="images",
+               disable=not progress)
+
+    def save(frame):
+        for block, group in frame.groupby("block"):
+            run.write_table(pa.Table.from_pandas(group, preserve_index=False), *_evaluation_block(block),
+                            metadata=dict(block_meta, rows=int(sizes[block])))
+            bar.update(1)
+
+    actors = 1
+    if pending and local:
         judge = ImageJudge(config, root, threads=CPU_WORKER_THREADS)
-        starts = range(0, len(rows), options.batch_size)
-        parts = [judge(rows.iloc[i:i + options.batch_size]) for i in tqdm(starts, unit="batch", desc="images",
-                                                                           disable=not progress)]
-        table, actors = pd.concat(parts), 1
-    else:
+        for block in pending:
+            save(judge(todo_rows[todo_rows["block"] == block]))
+    elif pending:
         import ray
 
-        ray.data.DataContext.get_current().enable_progress_bars = progress
+        ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts the blocks
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
         actors = max(1, config.workers or (gpus if gpus else cpus))
         # on CPUs the actors leave a little CPU for Ray Data's own tasks, which would otherwise wait forever
         request = {"num_gpus": 1} if gpus else {"num_cpus": min(1.0, 0.9 * cpus / actors)}
-        blocks = [rows.iloc[i:i + options.batch_size] for i in range(0, len(rows), options.batch_size)]
-        dataset = ray.data.from_pandas(blocks)
+        dataset = ray.data.from_pandas([todo_rows[todo_rows["block"] == b] for b in pending])
         judged = dataset.map_batches(ImageJudge, fn_constructor_kwargs={
             "config": config, "root": root, "threads": None if gpus else CPU_WORKER_THREADS},
             batch_size=options.batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors),
             **request)
-        table = judged.to_pandas()
+        waiting = {}
+        for batch in judged.iter_batches(batch_format="pandas", batch_size=None):
+            for block, group in batch.groupby("block"):
+                waiting[block] = pd.concat([waiting[block], group]) if block in waiting else group
+                if len(waiting[block]) == sizes[block]:
+                    save(waiting.pop(block))
+    bar.close()
+    table = pd.concat([run.read_table(*_evaluation_block(b)).to_pandas() for b in sorted(sizes)])
+    table = table.drop(columns=["block"])
     key = ["edit", "target", "ratio", "guidance", "label", "prompt", "seed"]
     table = table.sort_values(key, kind="stable").reset_index(drop=True)
     # the Frechet distance's reference is the real digits; other models' quality needs a reference set of theirs
@@ -294,4 +321,25 @@ def run_evaluation(config: AttributionConfig, root: str, address: str | None = N
     run.write_table(pa.Table.from_pandas(summary, preserve_index=False), "evaluation_summary", "part-0.parquet",
                     metadata=meta)
     return {"summary": summary, "images": len(table), "actors": actors, "run_seconds": time.time() - started,
-            "edits_made": len(todo)}
+            "edits_made": len(todo), "blocks_computed": len(pending), "blocks_skipped": len(sizes) - len(pending)}
+
+
+def _evaluation_block(block: int) -> tuple[str, str]:
+    return ("_evaluation", f"block-{int(block):06d}.parquet")
+
+
+def _evaluation_block_done(run: RunRoot, block: int, rows: int, meta: dict) -> bool:
+    """A block file counts only if it is whole (footer), has its rows, and was made with these options and model."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from .store import METADATA_KEY
+
+    try:
+        with run.fs.open(run.join(*_evaluation_block(block)), "rb") as f:
+            footer = pq.read_metadata(f)
+        stored = json.loads(footer.metadata[METADATA_KEY])
+    except Exception:
+        return False
+    return footer.num_rows == rows and all(stored.get(k) == v for k, v in meta.items())

@@ -384,4 +384,17 @@ def summarize_evaluation(table: pd.DataFrame, reference: np.ndarray | None = Non
 
 def evaluation_metadata(manifest: dict, options: EvaluationOptions) -> dict:
     return {"fingerprint": manifest["fingerprint"], "config_hash": manifest["config_hash"],
-            "options": json.loads(options.model_dump_json())}
+            "options": json.loads(options.model_dump_json()), "options_hash": options.options_hash()}
+
+
+def evaluation_options_hash(run: RunRoot) -> str | None:
+    """The options hash stored in an existing evaluation table, if any."""
+    import pyarrow.parquet as pq
+
+    from .store import METADATA_KEY
+
+    try:
+        with run.fs.open(run.join("evaluation", "part-0.parquet"), "rb") as f:
+            return json.loads(pq.read_metadata(f).metadata[METADATA_KEY]).get("options_hash")
+    except Exception:
+        return None

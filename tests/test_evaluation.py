@@ -160,3 +160,22 @@ def test_stable_diffusion_edit_judged_by_a_pluggable_classifier(tiny_sd_folder, 
     assert list(table[table["edit"] == "none"]["seed"]) == list(prompts.sort_values(["class", "prompt",
                                                                                        "evaluation_seed"])["evaluation_seed"])
     assert result["summary"]["fd"].isna().all()  # no reference set for this model: no Frechet distance
+
+
+def test_rerun_skips_judged_blocks_and_other_options_are_refused(evaluated, tmp_path):
+    from cad_ray.errors import CadRayError
+
+    root, _ = evaluated
+    copy = str(tmp_path / "copy")
+    shutil.copytree(root, copy)
+    blocks = sorted(Path(copy, "_evaluation").glob("block-*.parquet"))
+    assert len(blocks) == 8  # 60 rows in blocks of 8
+    blocks[3].unlink()
+    blocks[5].write_bytes(blocks[5].read_bytes()[:500])  # a block cut short by a crash
+    result = run_evaluation(evaluation_config(), copy, local=True, progress=False)
+    assert (result["blocks_computed"], result["blocks_skipped"]) == (2, 6)
+    a, b = pd.read_parquet(os.path.join(root, "evaluation")), pd.read_parquet(os.path.join(copy, "evaluation"))
+    assert list(a["image_png"]) == list(b["image_png"])
+    with pytest.raises(CadRayError, match="other options"):
+        run_evaluation(evaluation_config(images_per_prompt=3), copy, local=True, progress=False)
+    pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(copy, "evaluation")), b)
