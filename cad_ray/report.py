@@ -94,7 +94,8 @@ def build_report(root: str) -> str:
         edits = sorted(evaluation["edit"].unique())
         parts.append(f"<p>{len(images)} images judged: edits {', '.join(edits)}; targets "
                      f"{', '.join(t for t in evaluation['target'].unique() if t)}; ratios "
-                     f"{sorted(evaluation[evaluation['ratio'] > 0]['ratio'].unique().tolist())}. "
+                     f"{sorted(evaluation[~evaluation['edit'].isin(['none', 'finetune'])]['ratio'].unique().tolist())}"
+                     " (finetune moves every scoped weight). "
                      "<b>best</b> marks each edit's best trade-off ratio.</p>")
         parts.append(_table(evaluation.drop(columns=["fd"]).round(4)))
         for target in [t for t in evaluation["target"].unique() if t]:
