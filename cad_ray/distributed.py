@@ -89,12 +89,13 @@ class _RayPool:
         self.actors = [self.remote.remote(*self.args) for _ in range(self.size)]
         self.replacements_left = 4 * self.size
         self.lost = 0
+        self.starting = {}  # readiness ref -> replacement actor, until it has loaded the model
 
     def close(self):
         """Stop the actors, so that their CPUs or GPUs are free for the next stage."""
-        for actor in self.actors:
-            self.ray.kill(actor)
-        self.actors = []
+        for actor in self.actors + list(self.starting.values()):
+            self.ray.kill(actor)  # replacements still waiting for resources too: they would take them later
+        self.actors, self.starting = [], {}
 
     def first(self, method, *args):
         for actor in list(self.actors):
@@ -110,7 +111,7 @@ class _RayPool:
         """Run calls on the actors with at most IN_FLIGHT_PER_WORKER each; yield (key, result) as they finish."""
         queue = deque(calls)
         running = {}  # object ref -> (call, actor)
-        starting = {}  # readiness ref -> replacement actor
+        starting = self.starting  # readiness ref -> replacement actor
         load = defaultdict(int)
         while queue or running:
             while queue and self.actors and len(running) < IN_FLIGHT_PER_WORKER * len(self.actors):
