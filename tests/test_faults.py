@@ -13,7 +13,7 @@ import pandas as pd
 import yaml
 
 from cad_ray.config import parse_config
-from cad_ray.distributed import run_attribution, run_validation
+from cad_ray.distributed import run_attribution
 
 CONFIG = {"samples": 8, "block": 2, "batch": 2, "erase": {"steps": 10},
           "concepts": [{"name": "seven"}, {"name": "two"}, {"name": "red"}]}
@@ -116,8 +116,7 @@ def test_ray_job_submit_runs_the_attribution_job(tmp_path):
 
 def test_losing_a_gpu_node_mid_run_still_gives_the_failure_free_table(tmp_path):
     """Three worker nodes advertising a GPU each (so actors take the num_gpus=1 path); one is removed, not
-    gracefully, while shards are in flight. The job completes and its table equals an in-process run's. Then the
-    validation stage on the two nodes left loses one of them too, and its table equals an in-process run's."""
+    gracefully, while shards are in flight. The job completes and its table equals an in-process run's."""
     import ray
     from ray.cluster_utils import Cluster
 
@@ -134,10 +133,6 @@ def test_losing_a_gpu_node_mid_run_still_gives_the_failure_free_table(tmp_path):
     try:
         manifest = _lose_a_node_during(cluster, nodes[0], lambda: run_attribution(config, str(root), progress=False),
                                        root, "shard-*.parquet")
-        # the validation stage on what is left of the cluster, losing a second node
-        validated = parse_config({**CONFIG, "samples": 12, "validation": VALIDATION})
-        _lose_a_node_during(cluster, nodes[1], lambda: run_validation(validated, str(root), progress=False),
-                            root, "actual-*.parquet")
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -147,16 +142,7 @@ def test_losing_a_gpu_node_mid_run_still_gives_the_failure_free_table(tmp_path):
         assert len(a) == len(b)
         scale = np.abs(b["score"].values).max()
         assert np.abs(a["score"].values.astype(np.float64) - b["score"].values).max() <= 1e-6 * scale
-    run_validation(validated, str(reference), local=True, progress=False)
-    key = ["concept", "fraction", "ablation", "estimator"]
-    a, b = (pd.read_parquet(Path(r) / "validation").astype({"concept": str}).sort_values(key) for r in (root, reference))
-    assert len(a) == len(b) == 3 * 2 * 6 * 3
-    for column in ("actual", "actual_ablated_base", "predicted"):
-        np.testing.assert_allclose(a[column].to_numpy(), b[column].to_numpy(), rtol=1e-6, atol=1e-12)
 
-
-VALIDATION = {"fractions": [0.01, 0.05], "ablations": 6, "block": 1, "eval_samples": 1, "eval_points_per_sample": 3,
-              "projections": 4, "sketch_points_per_sample": 3}
 
 
 def _lose_a_node_during(cluster, node, work, root: Path, written: str):
