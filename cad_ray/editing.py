@@ -138,13 +138,12 @@ def zero_components(model, masks: dict[str, np.ndarray]) -> int:
 
 
 @contextmanager
-def edited(model, masks: dict[str, np.ndarray]):
-    """Zero the masked components for the duration of the block, then restore the weights exactly."""
+def _restored(model, names):
+    """Save the named tensors, and put them back exactly when the block ends."""
     params = dict(model.named_parameters())
-    saved = {n: params[n].detach().clone() for n in masks if n in params}
+    saved = {n: params[n].detach().clone() for n in names if n in params}
     try:
-        zero_components(model, masks)
-        yield model
+        yield params
     finally:
         with torch.no_grad():
             for name, value in saved.items():
@@ -153,21 +152,22 @@ def edited(model, masks: dict[str, np.ndarray]):
 
 
 @contextmanager
+def edited(model, masks: dict[str, np.ndarray]):
+    """Zero the masked components for the duration of the block, then restore the weights exactly."""
+    with _restored(model, masks):
+        zero_components(model, masks)
+        yield model
+
+
+@contextmanager
 def weights_replaced(model, weights: dict[str, torch.Tensor]):
     """Use other values for some tensors (a fine-tuned scope) for the duration of the block."""
-    params = dict(model.named_parameters())
-    saved = {n: params[n].detach().clone() for n in weights}
-    try:
+    with _restored(model, weights) as params:
         with torch.no_grad():
             for name, value in weights.items():
                 params[name].copy_(value.to(params[name].device, params[name].dtype))
         _forget_fingerprint(model)
         yield model
-    finally:
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
-        _forget_fingerprint(model)
 
 
 def finetune(model, concept, objective, scope: str, samples: list[int], seed: int, steps: int, lr: float,

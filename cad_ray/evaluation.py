@@ -186,7 +186,7 @@ class EditWorker:
 
     def make(self, edit: str, target: str) -> dict:
         from .editing import finetune, weights_replaced
-        from .objectives import make_objective
+        from .run import objective_for
 
         start = time.time()
         spec = next(c for c in self.config.concepts if c.name == target)
@@ -196,7 +196,7 @@ class EditWorker:
         if edit == "cad-finetune":
             masks = select(self.store.tensor_scores(target, "erase"), ratio=ft.ratio,
                            granularity=self.options.granularity)
-        objective = make_objective("erase", **self.config.erase.model_dump())
+        objective = objective_for(self.config, "erase")
         weights = finetune(self.model, concept, objective, self.config.scope, list(range(ft.samples)),
                            self.config.seed, ft.steps, ft.lr, masks, self.config.chunk_size, ft.negative_guidance)
         with weights_replaced(self.model, weights):

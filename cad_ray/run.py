@@ -46,10 +46,13 @@ def plan_shards(config: AttributionConfig) -> list[Shard]:
     return shards
 
 
-def objective_for(config: AttributionConfig, name: str):
+def objective_for(config: AttributionConfig, name: str, points_per_sample: int | None = None):
+    """The config's objective; `points_per_sample` (when given) overrides the config's."""
     from .objectives import make_objective
 
     options = (config.erase if name == "erase" else config.amplify).model_dump()
+    if points_per_sample is not None:
+        options["points_per_sample"] = points_per_sample
     return make_objective(name, **options)
 
 

@@ -30,7 +30,6 @@ from .objectives import Concept
 from .scopes import select_parameters
 from .seeds import numpy_rng, torch_generator
 
-ESTIMATORS = ("cad", "cad2", "coar")
 
 
 def random_subset(n_components: int, fraction: float, ablation: int, seed: int) -> np.ndarray:

@@ -120,12 +120,7 @@ class ValidationWorker:
         return self.concepts[name]
 
     def objective(self, name: str, points_per_sample: int | None):
-        from .objectives import make_objective
-
-        options = (self.config.erase if name == "erase" else self.config.amplify).model_dump()
-        if points_per_sample is not None:
-            options["points_per_sample"] = points_per_sample
-        return make_objective(name, **options)
+        return self.objective_for(self.config, name, points_per_sample)
 
     def evaluator(self, concept: str, objective: str) -> AblationEvaluator:
         if (concept, objective) not in self.evaluators:
