@@ -132,6 +132,25 @@ def cmd_attribute(args: argparse.Namespace) -> None:
           f"'{config.concepts[0].name}')])")
 
 
+def cmd_status(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from .status import root_status
+
+    table = root_status(args.root)
+
+    def files(row) -> str:
+        if pd.isna(row.done):
+            return ""
+        return f"{row.done}" if pd.isna(row.total) else f"{row.done} of {row.total}"
+
+    shown = table.assign(files=[files(r) for r in table.itertuples()])[["stage", "complete", "files", "where"]]
+    print(shown.to_string(index=False))
+    unfinished = table[(table["stage"] != "report") & ~table["complete"]]["stage"].tolist()
+    if unfinished:
+        print(f"unfinished: {', '.join(unfinished)}; re-run the same command to finish: finished files are checked and kept, the rest is computed")
+
+
 def cmd_top(args: argparse.Namespace) -> None:
     from .store import ScoreStore
 
@@ -421,6 +440,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="what a run root holds, stage by stage",
+                       description="Show each stage of a run root (attribution, validation, evaluation, report): "
+                                   "complete or not, and how many of its shard or block files are written. "
+                                   "A re-run of the same command keeps those and computes the rest.")
+    p.add_argument("--root", required=True, help="run root (local folder or s3://...)")
+    p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("top", help="print a concept's top components",
                        description="Print the k components with the largest scores of a concept (inducing it), "

@@ -7,6 +7,7 @@ flight, moves work off dead workers and shows progress.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import defaultdict, deque
 
@@ -66,9 +67,14 @@ class _LocalPool:
 
 
 class _RayPool:
-    """Actors that each load the model once. A task whose actor dies (a lost node, a crashed worker) is put
-    back in the queue for the other actors, and a replacement actor is started; it takes work once it has
-    loaded the model. Shard work is idempotent (it rewrites the same file), so a rerun is harmless."""
+    """Actors that each load the model once. Work goes only to actors that have loaded it: an actor Ray cannot
+    place (its node is gone, or the cluster still counted a lost node's GPU) waits in `starting` and never
+    holds work. A task whose actor dies (a lost node, a crashed worker) is put back in the queue for the other
+    actors, and a replacement actor is started. Shard work is idempotent (it rewrites the same file), so a rerun
+    is harmless."""
+
+    READY = "fingerprint"  # the call that loads the model; its answer is kept, as it is also the first question
+    WAIT_NOTICE_SECONDS = 60
 
     def __init__(self, worker_class, config: AttributionConfig, root: str, address: str | None):
         import ray
@@ -83,35 +89,71 @@ class _RayPool:
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
         self.size = max(1, config.workers or (gpus if gpus else cpus))
         # one GPU per actor; on CPUs a share of the CPUs so that every requested actor can start
-        request = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": min(1.0, cpus / self.size)}
-        self.remote = ray.remote(max_restarts=0, **request)(WorkerHost)
+        self.request = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": min(1.0, cpus / self.size)}
+        self.remote = ray.remote(max_restarts=0, **self.request)(WorkerHost)
         self.args = (worker_class, config, root, None if gpus else CPU_WORKER_THREADS)
-        self.actors = [self.remote.remote(*self.args) for _ in range(self.size)]
+        self.actors = []  # placed and holding the model: the only ones that get work
+        self.starting = {}  # readiness ref -> actor, until it has loaded the model
+        self.ready_answer = None
+        for _ in range(self.size):
+            self._start_actor()
         self.replacements_left = 4 * self.size
         self.lost = 0
-        self.starting = {}  # readiness ref -> replacement actor, until it has loaded the model
+
+    def _start_actor(self):
+        actor = self.remote.remote(*self.args)
+        self.starting[actor.call.remote(self.READY)] = actor
+
+    def _admit(self, ref) -> None:
+        """An actor's readiness call finished: it joins the pool, or is dropped if it died on the way."""
+        actor = self.starting.pop(ref)
+        try:
+            self.ready_answer = self.ray.get(ref)
+            self.actors.append(actor)
+        except self.ray.exceptions.RayActorError:
+            pass
+        except Exception as e:  # the worker itself failed (a missing model, an unknown prompt word)
+            raise _unwrap(e) from None
+
+    def _wait(self, refs: list):
+        """ray.wait for one of `refs`. While no actor is ready it says, once a minute, that actors wait for
+        resources (an autoscaling cluster may still be adding the nodes; a hand-made one may lack them)."""
+        while True:
+            ready, _ = self.ray.wait(refs, num_returns=1, timeout=self.WAIT_NOTICE_SECONDS)
+            if ready:
+                return ready
+            if not self.actors:
+                print(f"cad-ray: waiting for Ray to place {len(self.starting)} worker(s) asking for "
+                      f"{self.request}; see `ray status`", file=sys.stderr, flush=True)
 
     def close(self):
         """Stop the actors, so that their CPUs or GPUs are free for the next stage."""
         for actor in self.actors + list(self.starting.values()):
-            self.ray.kill(actor)  # replacements still waiting for resources too: they would take them later
+            self.ray.kill(actor)  # actors still waiting for resources too: they would take them later
         self.actors, self.starting = [], {}
 
     def first(self, method, *args):
-        for actor in list(self.actors):
+        """One call on an actor that has loaded the model."""
+        while True:
+            while not self.actors:
+                if not self.starting:
+                    raise CadRayError("every Ray worker died before it could load the model; see the Ray logs")
+                self._admit(self._wait(list(self.starting))[0])
+            if method == self.READY and not args:
+                return self.ready_answer
+            actor = self.actors[0]
             try:
                 return self.ray.get(actor.call.remote(method, *args))
             except self.ray.exceptions.RayActorError:
                 self.actors.remove(actor)
             except Exception as e:
                 raise _unwrap(e) from None
-        raise CadRayError("every Ray worker died before it could load the model; see the Ray logs")
 
     def map(self, calls):
-        """Run calls on the actors with at most IN_FLIGHT_PER_WORKER each; yield (key, result) as they finish."""
+        """Run calls on the ready actors with at most IN_FLIGHT_PER_WORKER each; yield (key, result) as they
+        finish."""
         queue = deque(calls)
         running = {}  # object ref -> (call, actor)
-        starting = self.starting  # readiness ref -> replacement actor
         load = defaultdict(int)
         while queue or running:
             while queue and self.actors and len(running) < IN_FLIGHT_PER_WORKER * len(self.actors):
@@ -119,21 +161,16 @@ class _RayPool:
                 call = queue.popleft()
                 running[actor.call.remote(call[1], *call[2])] = (call, actor)
                 load[actor] += 1
-            if not running and not starting:
+            if not running and not self.starting:
                 raise CadRayError("every Ray worker died and no replacement could be started; see the Ray logs")
-            ready, _ = self.ray.wait(list(running) + list(starting), num_returns=1)
-            if ready[0] in starting:
-                actor = starting.pop(ready[0])
-                try:
-                    self.ray.get(ready[0])
-                    self.actors.append(actor)
-                except self.ray.exceptions.RayActorError:
-                    pass
+            ready = self._wait(list(running) + list(self.starting))[0]
+            if ready in self.starting:
+                self._admit(ready)
                 continue
-            call, actor = running.pop(ready[0])
+            call, actor = running.pop(ready)
             load[actor] -= 1
             try:
-                result = self.ray.get(ready[0])
+                result = self.ray.get(ready)
             except self.ray.exceptions.RayActorError:
                 queue.appendleft(call)
                 if actor in self.actors:
@@ -141,8 +178,7 @@ class _RayPool:
                     self.actors.remove(actor)
                     if self.replacements_left > 0:
                         self.replacements_left -= 1
-                        replacement = self.remote.remote(*self.args)
-                        starting[replacement.call.remote("fingerprint")] = replacement
+                        self._start_actor()
                 continue
             except Exception as e:
                 raise _unwrap(e) from None
@@ -300,8 +336,10 @@ def run_evaluation(config: AttributionConfig, root: str, address: str | None = N
         dataset = ray.data.from_pandas([todo_rows[todo_rows["block"] == b] for b in pending])
         judged = dataset.map_batches(ImageJudge, fn_constructor_kwargs={
             "config": config, "root": root, "threads": None if gpus else CPU_WORKER_THREADS},
-            batch_size=options.batch_size, batch_format="pandas", compute=ray.data.ActorPoolStrategy(size=actors),
-            **request)
+            batch_size=options.batch_size, batch_format="pandas",
+            # at least one actor, not all: the GPU count can still include a node that was just lost, and Ray
+            # Data would wait forever for an actor it cannot place; the others start as Ray places them
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors), **request)
         waiting = {}
         for batch in judged.iter_batches(batch_format="pandas", batch_size=None):
             for block, group in batch.groupby("block"):

@@ -161,21 +161,28 @@ def edit_folder(edit: str, target: str) -> tuple[str, ...]:
     return ("edits", f"{edit}-{target}")
 
 
+def load_scored_model(config: AttributionConfig, root: str, device: str | None = None):
+    """The model of `config` on `device` (a GPU where there is one) and the score store of `root`, refusing a
+    model other than the one the scores were computed on."""
+    import torch
+
+    from .models import load_model
+
+    model = load_model(config.model, device=device or config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    store = ScoreStore(root)
+    check_fingerprint(model, store.fingerprint)
+    return model, store
+
+
 class EditWorker:
     """Makes the fine-tuned edits of one target and saves each as a model folder in the run root; for
     `finetune` it also attributes the target under the amplify objective on the edited model (for recovery)."""
 
     def __init__(self, config: AttributionConfig, root: str, device: str | None = None):
-        import torch
-
         from .concepts import build_concept
-        from .models import load_model
 
         self.config, self.run, self.options = config, RunRoot(root), config.evaluation
-        self.model = load_model(config.model, device=device or config.device or
-                                ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.store = ScoreStore(root)
-        check_fingerprint(self.model, self.store.fingerprint)
+        self.model, self.store = load_scored_model(config, root, device)
         self.build_concept = build_concept
 
     def fingerprint(self) -> str:
@@ -224,8 +231,7 @@ class EditWorker:
         estimator = CAD(self.model, objective_for(self.config, "amplify"), self.config.scope, self.config.chunk_size,
                         self.config.seed, self.config.batch)
         attribution = estimator.attribute(concept, self.config.samples)
-        sub = RunRoot(self.run.join(*edit_folder(edit, target)) if not self.run.is_s3
-                      else f"{self.run.uri}/{'/'.join(edit_folder(edit, target))}")
+        sub = RunRoot(self.run.uri_under(*edit_folder(edit, target)))
         manifest = {"fingerprint": self.model.fingerprint(), "config_hash": self.config.config_hash(),
                     "config": self.config.result_fields(), "model": f"{edit} of {target}", "complete": True}
         meta = table_metadata(manifest, target, "amplify", {"objective_value": attribution.objective_value})
@@ -248,15 +254,10 @@ class ImageJudge:
     def __init__(self, config: AttributionConfig, root: str, device: str | None = None, threads: int | None = None):
         import torch
 
-        from .models import load_model
-
         if threads:
             torch.set_num_threads(threads)
-        self.config, self.options, self.root = config, config.evaluation, root
-        self.model = load_model(config.model, device=device or config.device or
-                                ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.store = ScoreStore(root)
-        check_fingerprint(self.model, self.store.fingerprint)
+        self.config, self.options, self.run = config, config.evaluation, RunRoot(root)
+        self.model, self.store = load_scored_model(config, root, device)
         self.judges = load_judge(self.options.judge, self.model.kind)
         self.cache = {}
 
@@ -265,7 +266,7 @@ class ImageJudge:
         if key not in self.cache:
             granularity = self.options.granularity
             if edit == RECOVERY:
-                store = ScoreStore(f"{self.root.rstrip('/')}/{'/'.join(edit_folder('finetune', target))}")
+                store = ScoreStore(self.run.uri_under(*edit_folder("finetune", target)))
                 self.cache[key] = select(store.tensor_scores(target, "amplify"), ratio=ratio,
                                          granularity=granularity, largest=False)
             elif edit == "random":
@@ -283,8 +284,7 @@ class ImageJudge:
             from .models import load_model
             from .scopes import select_parameters
 
-            folder = f"{self.root.rstrip('/')}/{'/'.join(edit_folder(edit, target))}/model"
-            edited_model = load_model(folder)
+            edited_model = load_model(self.run.uri_under(*edit_folder(edit, target), "model"))
             self.cache[key] = {n: p.detach().clone() for n, p in
                                select_parameters(edited_model.named_parameters(), self.config.scope)}
         return self.cache[key]

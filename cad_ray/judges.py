@@ -7,6 +7,8 @@ not depend on colour; its penultimate layer gives the features for the Frechet d
 
 from __future__ import annotations
 
+import warnings
+
 from functools import lru_cache
 from pathlib import Path
 
@@ -110,7 +112,10 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         return float("nan")  # fewer images than feature dimensions: the covariance is singular
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
-    covmean = covmean.real
+    with warnings.catch_warnings():
+        # near-singular products are common with few images per edit; the FID convention takes the real part
+        # regardless. No `disp` argument: SciPy 1.18 removed it (found on the GPU machine's SciPy)
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s1 @ s2).real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 

@@ -135,4 +135,4 @@ def write_report(root: str, out: str | None = None) -> str:
         return out
     run = RunRoot(root)
     run.write_bytes(text, "report.html")
-    return run.join("report.html") if not run.is_s3 else f"{run.uri}/report.html"
+    return run.uri_under("report.html")

@@ -69,7 +69,12 @@ class RunRoot:
         self.is_s3 = self.uri.startswith("s3://")
 
     def join(self, *parts: str) -> str:
+        """A path under the root, for this root's filesystem (`self.fs`)."""
         return str(PurePosixPath(self.path, *parts))
+
+    def uri_under(self, *parts: str) -> str:
+        """A path under the root as a URI (s3:// kept): a root or a model location in its own right."""
+        return "/".join([self.uri, *parts])
 
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.join(*parts))

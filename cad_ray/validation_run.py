@@ -252,19 +252,19 @@ def summarize(table: pd.DataFrame, resamples: int = 1000) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def localization(store: ScoreStore, concepts: list[str], objective: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(concentration of |score| per concept, Jaccard of the top-1% positive sets for every pair)."""
-    rows, tops = [], {}
-    for concept in concepts:
-        scores, _ = _flat_scores(store, concept, objective)
-        shares = concentration(scores)
-        rows.append({"concept": concept, "objective": objective, "components": len(scores),
-                     "top_0.1%_share": shares[0.001], "top_1%_share": shares[0.01],
-                     "positive_share": float((scores > 0).mean())})
-        tops[concept] = top_set(scores, 0.01)
-    pairs = [{"concept_a": a, "concept_b": b, "objective": objective, "jaccard": jaccard(tops[a], tops[b])}
-             for a in concepts for b in concepts]
-    return pd.DataFrame(rows), pd.DataFrame(pairs)
+def localization(concept: str, objective: str, scores: np.ndarray) -> tuple[dict, np.ndarray]:
+    """(the concentration of |score| for one concept as a row, the indices of its top-1% positive set)."""
+    shares = concentration(scores)
+    row = {"concept": concept, "objective": objective, "components": len(scores),
+           "top_0.1%_share": shares[0.001], "top_1%_share": shares[0.01],
+           "positive_share": float((scores > 0).mean())}
+    return row, top_set(scores, 0.01)
+
+
+def overlap(tops: dict[str, np.ndarray], objective: str) -> pd.DataFrame:
+    """Jaccard of the top-1% positive sets for every pair of concepts."""
+    return pd.DataFrame([{"concept_a": a, "concept_b": b, "objective": objective, "jaccard": jaccard(tops[a], tops[b])}
+                         for a in tops for b in tops])
 
 
 def finish_validation(config: AttributionConfig, root: str, manifest: dict) -> dict:
@@ -276,13 +276,15 @@ def finish_validation(config: AttributionConfig, root: str, manifest: dict) -> d
     meta = {"fingerprint": manifest["fingerprint"], "config_hash": manifest["config_hash"],
             "options": manifest["options"], "code_version": __version__,
             "evaluation_samples": evaluation_samples(config, options)}
-    tables = []
+    tables, shares, tops = [], [], {}
     for concept in concepts:
         shards = [s for s in plan_validation(config, options) if s.concept == concept]
         actual = pd.concat([run.read_table(*s.path).to_pandas() for s in shards if s.kind == "actual"])
         sketch = run.read_table(*next(s for s in shards if s.kind == "sketch").path).to_pandas()
         scores, shapes = _flat_scores(store, concept, options.objective)
         table = predictions(config, options, scores, shapes, actual, sketch)
+        row, tops[concept] = localization(concept, options.objective, scores)  # one read of the scores serves both
+        shares.append(row)
         table.insert(0, "concept", concept)
         table.insert(1, "objective", options.objective)
         columns = ["concept", "objective", "fraction", "ablation", "split", "estimator", "predicted", "actual",
@@ -296,13 +298,13 @@ def finish_validation(config: AttributionConfig, root: str, manifest: dict) -> d
     summary = summarize(everything)
     run.write_table(pa.Table.from_pandas(summary, preserve_index=False), "validation_summary", "part-0.parquet",
                     metadata=meta)
-    shares, overlap = localization(store, concepts, options.objective)
+    shares, pairs = pd.DataFrame(shares), overlap(tops, options.objective)
     run.write_table(pa.Table.from_pandas(shares, preserve_index=False), "localization", "part-0.parquet", metadata=meta)
-    run.write_table(pa.Table.from_pandas(overlap, preserve_index=False), "overlap", "part-0.parquet", metadata=meta)
-    run.write_bytes(overlap_heatmap(overlap), "plots", "validation", "overlap.png")
+    run.write_table(pa.Table.from_pandas(pairs, preserve_index=False), "overlap", "part-0.parquet", metadata=meta)
+    run.write_bytes(overlap_heatmap(pairs), "plots", "validation", "overlap.png")
     manifest = dict(manifest, complete=True, completed=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     run.write_bytes(json.dumps(manifest, indent=1, sort_keys=True).encode(), MANIFEST)
-    return {"manifest": manifest, "summary": summary, "localization": shares, "overlap": overlap}
+    return {"manifest": manifest, "summary": summary, "localization": shares, "overlap": pairs}
 
 
 def read_validation(root: str) -> dict:

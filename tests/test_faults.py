@@ -13,7 +13,7 @@ import pandas as pd
 import yaml
 
 from cad_ray.config import parse_config
-from cad_ray.distributed import run_attribution
+from cad_ray.distributed import run_attribution, run_evaluation, run_validation
 
 CONFIG = {"samples": 8, "block": 2, "batch": 2, "erase": {"steps": 10},
           "concepts": [{"name": "seven"}, {"name": "two"}, {"name": "red"}]}
@@ -35,6 +35,8 @@ def test_killed_driver_resumes_skips_finished_shards_and_gives_the_same_table(tm
     finished = len(list(shards.rglob("shard-*.parquet")))
     assert 3 <= finished < 12, finished
     assert json.loads((root / "_manifest.json").read_text())["complete"] is False
+    status = subprocess.run([cli[0], "status", "--root", str(root)], capture_output=True, text=True)
+    assert status.returncode == 0 and f"{finished} of 12" in status.stdout and "unfinished: attribution" in status.stdout
 
     resumed = run_attribution(parse_config(CONFIG), str(root), local=True, progress=False)
     assert resumed["shards_skipped"] >= 3 and resumed["shards_computed"] == 12 - resumed["shards_skipped"]
@@ -114,15 +116,18 @@ def test_ray_job_submit_runs_the_attribution_job(tmp_path):
     assert len(scores) > 0 and json.loads((root / "_manifest.json").read_text())["complete"] is True
 
 
-def test_losing_a_gpu_node_mid_run_still_gives_the_failure_free_table(tmp_path):
-    """Three worker nodes advertising a GPU each (so actors take the num_gpus=1 path); one is removed, not
-    gracefully, while shards are in flight. The job completes and its table equals an in-process run's."""
+def test_losing_a_gpu_node_in_each_stage_still_gives_the_failure_free_tables(tmp_path):
+    """Three worker nodes advertising a GPU each (so actors take the num_gpus=1 path). Attribution loses one node
+    (not gracefully) while shards are in flight, validation on the two left loses another, a fresh node joins and
+    evaluation on the two loses one more. Each stage completes and its table equals an in-process run's."""
     import ray
     from ray.cluster_utils import Cluster
 
-    config = parse_config({**CONFIG, "samples": 12})
+    config = parse_config({**CONFIG, "samples": 12, "validation": VALIDATION, "evaluation": EVALUATION})
     reference = tmp_path / "reference"
     run_attribution(config, str(reference), local=True, progress=False)
+    run_validation(config, str(reference), local=True, progress=False)
+    run_evaluation(config, str(reference), local=True, progress=False)
 
     ray.shutdown()  # a Ray instance left by an earlier test in this process
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -133,6 +138,12 @@ def test_losing_a_gpu_node_mid_run_still_gives_the_failure_free_table(tmp_path):
     try:
         manifest = _lose_a_node_during(cluster, nodes[0], lambda: run_attribution(config, str(root), progress=False),
                                        root, "shard-*.parquet")
+        _lose_a_node_during(cluster, nodes[1], lambda: run_validation(config, str(root), progress=False),
+                            root, "actual-*.parquet")
+        cluster.add_node(num_cpus=1, num_gpus=1)
+        cluster.wait_for_nodes()
+        _lose_a_node_during(cluster, nodes[2], lambda: run_evaluation(config, str(root), progress=False),
+                            root, "block-*.parquet")
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -142,7 +153,20 @@ def test_losing_a_gpu_node_mid_run_still_gives_the_failure_free_table(tmp_path):
         assert len(a) == len(b)
         scale = np.abs(b["score"].values).max()
         assert np.abs(a["score"].values.astype(np.float64) - b["score"].values).max() <= 1e-6 * scale
+    key = ["concept", "fraction", "ablation", "estimator"]
+    a, b = (pd.read_parquet(Path(r) / "validation").astype({"concept": str}).sort_values(key) for r in (root, reference))
+    assert len(a) == len(b) == 3 * 2 * 6 * 3
+    for column in ("actual", "actual_ablated_base", "predicted"):
+        np.testing.assert_allclose(a[column].to_numpy(), b[column].to_numpy(), rtol=1e-6, atol=1e-12)
+    a, b = (pd.read_parquet(Path(r) / "evaluation") for r in (root, reference))
+    assert len(a) == len(b) > 0
+    pd.testing.assert_frame_equal(a.drop(columns=["image_png"]), b.drop(columns=["image_png"]))
 
+
+VALIDATION = {"fractions": [0.01, 0.05], "ablations": 6, "block": 1, "eval_samples": 1, "eval_points_per_sample": 3,
+              "projections": 4, "sketch_points_per_sample": 3}
+EVALUATION = {"targets": ["seven"], "edits": ["cad-erase", "random"], "ratios": [0.05], "images_per_prompt": 1,
+              "steps": 10, "batch_size": 4}
 
 
 def _lose_a_node_during(cluster, node, work, root: Path, written: str):

@@ -9,6 +9,7 @@ from cad_ray.config import parse_config
 from cad_ray.distributed import run_attribution, run_evaluation, run_validation
 from cad_ray.models.loading import s3_filesystem
 from cad_ray.report import write_report
+from cad_ray.status import root_status
 
 CONFIG = {"samples": 2, "block": 2, "batch": 2, "erase": {"steps": 6}, "amplify": {"points_per_sample": 4},
           "concepts": [{"name": "seven", "objectives": ["erase", "amplify"]}],
@@ -44,3 +45,8 @@ def test_attribute_validate_evaluate_report_on_s3(s3_endpoint):
         assert b"testing" not in data and s3_endpoint.encode() not in data, path  # no key, no endpoint
     manifest = json.loads(fs.cat_file("cad-pipeline/run/_validation.json"))
     assert manifest["complete"] is True
+
+    status = root_status(root).set_index("stage")  # one listing of the bucket prefix
+    assert status["complete"].all()
+    assert (status.loc["attribution", "done"], status.loc["attribution", "total"]) == (2, 2)
+    assert (status.loc["validation", "done"], status.loc["validation", "total"]) == (3, 3)

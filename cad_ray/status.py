@@ -1,0 +1,44 @@
+"""What a run root holds, stage by stage: what survived a crash, and what a re-run of the same command will
+compute (it skips the files counted here as done, after checking each one's footer and metadata)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+
+from .config import AttributionConfig, ValidationOptions
+from .errors import CadRayError
+from .store import RunRoot
+
+
+def root_status(root: str) -> pd.DataFrame:
+    """One row per stage: stage, complete, done, total (None where the root does not say), where."""
+    from .run import plan_shards
+    from .validation_run import MANIFEST as VALIDATION_MANIFEST
+    from .validation_run import plan_validation
+
+    run = RunRoot(root)
+    manifest = run.read_manifest()
+    if manifest is None:
+        raise CadRayError(f"{root} holds no cad-ray run (no _manifest.json); run 'cad-ray attribute' into it first")
+    present = set(run.fs.find(run.path)) if run.fs.exists(run.path) else set()  # one listing, also on S3
+    config = AttributionConfig.model_validate(manifest["config"])
+    shards = plan_shards(config)
+    rows = [{"stage": "attribution", "complete": bool(manifest.get("complete")),
+             "done": sum(run.join(*s.path) in present for s in shards), "total": len(shards), "where": "_shards/"}]
+    if run.exists(VALIDATION_MANIFEST):
+        validation = json.loads(run.read_bytes(VALIDATION_MANIFEST))
+        options = ValidationOptions.model_validate(validation["options"])
+        planned = plan_validation(config.model_copy(update={"validation": options}), options)
+        rows.append({"stage": "validation", "complete": bool(validation.get("complete")),
+                     "done": sum(run.join(*s.path) in present for s in planned), "total": len(planned),
+                     "where": "_validation/"})
+    blocks = sum(1 for p in present if p.startswith(run.join("_evaluation") + "/") and p.endswith(".parquet"))
+    if blocks or run.join("evaluation", "part-0.parquet") in present:
+        # the number of blocks depends on the prompt set, which only the config names
+        rows.append({"stage": "evaluation", "complete": run.join("evaluation", "part-0.parquet") in present,
+                     "done": blocks, "total": None, "where": "_evaluation/"})
+    rows.append({"stage": "report", "complete": run.join("report.html") in present, "done": None, "total": None,
+                 "where": "report.html"})
+    return pd.DataFrame(rows).astype({"done": "Int64", "total": "Int64"})
