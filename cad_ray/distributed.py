@@ -95,23 +95,31 @@ class _RayPool:
         self.actors = []  # placed and holding the model: the only ones that get work
         self.starting = {}  # readiness ref -> actor, until it has loaded the model
         self.ready_answer = None
+        self.replacements_left, self.lost = 4 * self.size, 0
         for _ in range(self.size):
             self._start_actor()
-        self.replacements_left = 4 * self.size
-        self.lost = 0
 
     def _start_actor(self):
         actor = self.remote.remote(*self.args)
         self.starting[actor.call.remote(self.READY)] = actor
 
+    def _replace(self) -> None:
+        """A replacement for an actor that died, while the budget lasts (a worker that dies for a reason of its
+        own would otherwise be restarted forever)."""
+        self.lost += 1
+        if self.replacements_left > 0:
+            self.replacements_left -= 1
+            self._start_actor()
+
     def _admit(self, ref) -> None:
-        """An actor's readiness call finished: it joins the pool, or is dropped if it died on the way."""
+        """An actor's readiness call finished: it joins the pool, or is replaced if it died on the way (placed on
+        a node that was dying: Ray takes some seconds to notice a node that is gone)."""
         actor = self.starting.pop(ref)
         try:
             self.ready_answer = self.ray.get(ref)
             self.actors.append(actor)
         except self.ray.exceptions.RayActorError:
-            pass
+            self._replace()
         except Exception as e:  # the worker itself failed (a missing model, an unknown prompt word)
             raise _unwrap(e) from None
 
@@ -137,7 +145,8 @@ class _RayPool:
         while True:
             while not self.actors:
                 if not self.starting:
-                    raise CadRayError("every Ray worker died before it could load the model; see the Ray logs")
+                    raise CadRayError(f"every Ray worker died before it could load the model ({self.lost} tried); "
+                                      "see the Ray logs")
                 self._admit(self._wait(list(self.starting))[0])
             if method == self.READY and not args:
                 return self.ready_answer
@@ -146,6 +155,7 @@ class _RayPool:
                 return self.ray.get(actor.call.remote(method, *args))
             except self.ray.exceptions.RayActorError:
                 self.actors.remove(actor)
+                self._replace()
             except Exception as e:
                 raise _unwrap(e) from None
 
@@ -174,11 +184,8 @@ class _RayPool:
             except self.ray.exceptions.RayActorError:
                 queue.appendleft(call)
                 if actor in self.actors:
-                    self.lost += 1
                     self.actors.remove(actor)
-                    if self.replacements_left > 0:
-                        self.replacements_left -= 1
-                        self._start_actor()
+                    self._replace()
                 continue
             except Exception as e:
                 raise _unwrap(e) from None

@@ -147,7 +147,7 @@ def test_losing_a_gpu_node_in_each_stage_still_gives_the_failure_free_tables(tmp
     finally:
         ray.shutdown()
         cluster.shutdown()
-    assert manifest["complete"] is True and manifest["workers_lost"] == 1
+    assert manifest["complete"] is True and manifest["workers_lost"] >= 1
     for concept in ("seven", "two", "red"):
         a, b = (pd.read_parquet(Path(r) / "scores", filters=[("concept", "==", concept)]) for r in (root, reference))
         assert len(a) == len(b)
@@ -161,6 +161,31 @@ def test_losing_a_gpu_node_in_each_stage_still_gives_the_failure_free_tables(tmp
     a, b = (pd.read_parquet(Path(r) / "evaluation") for r in (root, reference))
     assert len(a) == len(b) > 0
     pd.testing.assert_frame_equal(a.drop(columns=["image_png"]), b.drop(columns=["image_png"]))
+
+
+def test_work_goes_only_to_actors_ray_can_place(tmp_path):
+    """Two GPU actors asked for where Ray has one GPU (as when a stage starts while Ray still counts a lost node's
+    GPU): the actor that cannot be placed must hold no work, so the run completes on the one that can."""
+    import threading
+
+    import ray
+
+    config = parse_config({**CONFIG, "workers": 2, "concepts": [{"name": "seven"}]})
+    reference = tmp_path / "reference"
+    run_attribution(config, str(reference), local=True, progress=False)
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    outcome = {}
+    driver = threading.Thread(target=lambda: outcome.update(
+        run_attribution(config, str(tmp_path / "run"), progress=False)), daemon=True)
+    try:
+        driver.start()
+        driver.join(timeout=300)
+    finally:
+        ray.shutdown()
+    assert not driver.is_alive() and outcome["complete"] is True, "the run waited for an actor Ray cannot place"
+    a, b = (pd.read_parquet(r / "scores") for r in (tmp_path / "run", reference))
+    np.testing.assert_allclose(a["score"].to_numpy(), b["score"].to_numpy(), rtol=1e-6, atol=1e-12)
 
 
 VALIDATION = {"fractions": [0.01, 0.05], "ablations": 6, "block": 1, "eval_samples": 1, "eval_points_per_sample": 3,
