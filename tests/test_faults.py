@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
 
 from cad_ray.config import parse_config
@@ -46,6 +47,48 @@ def test_killed_driver_resumes_skips_finished_shards_and_gives_the_same_table(tm
         a, b = (pd.read_parquet(Path(r) / "scores", filters=[("concept", "==", concept)]) for r in (root, reference))
         assert len(a) == len(b) and not a.duplicated(["tensor", "index", "objective"]).any()
         np.testing.assert_array_equal(a["score"].values, b["score"].values)
+
+
+LATER = {"validation": {"fractions": [0.01, 0.05], "ablations": 8, "block": 1, "eval_samples": 1,
+                        "eval_points_per_sample": 3, "projections": 4, "sketch_points_per_sample": 3},
+         "evaluation": {"targets": ["seven"], "edits": ["cad-erase", "random"], "ratios": [0.05],
+                        "images_per_prompt": 1, "steps": 10, "batch_size": 2}}
+
+
+@pytest.mark.parametrize("stage,written,table", [("validate", "actual-*.parquet", "validation"),
+                                                 ("evaluate", "block-*.parquet", "evaluation")])
+def test_killed_driver_in_a_later_stage_resumes_and_gives_the_same_table(small_run, tmp_path, stage, written, table):
+    """The same for validation and evaluation: SIGKILL mid-stage, the same command again keeps the finished
+    files and gives the uninterrupted run's table, with no duplicate rows."""
+    import shutil
+
+    from conftest import SMALL
+
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(yaml.safe_dump({**SMALL, **LATER}))
+    root, reference = tmp_path / "run", tmp_path / "reference"
+    shutil.copytree(small_run, root)
+    shutil.copytree(small_run, reference)
+    cli = [os.path.join(os.path.dirname(sys.executable), "cad-ray"), stage, "--config", str(config_file), "--local",
+           "--quiet"]
+    driver = subprocess.Popen(cli + ["--root", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(root.rglob(written))) < 2 and driver.poll() is None:
+        time.sleep(0.05)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    finished = {p: p.stat().st_mtime_ns for p in root.rglob(written)}
+    assert len(finished) >= 2 and not (root / table).exists(), "the driver finished before it could be killed"
+
+    assert subprocess.run(cli + ["--root", str(root)], capture_output=True).returncode == 0
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # kept, not computed again
+    assert len(list(root.rglob(written))) > len(finished)
+    assert subprocess.run(cli + ["--root", str(reference)], capture_output=True).returncode == 0
+    a, b = (pd.read_parquet(r / table) for r in (root, reference))
+    key = [c for c in ("concept", "fraction", "ablation", "estimator", "edit", "prompt", "seed") if c in a]
+    assert len(a) == len(b) and not a.duplicated(key).any()
+    pd.testing.assert_frame_equal(a, b)
 
 
 def _free_port() -> int:
