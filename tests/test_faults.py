@@ -231,6 +231,38 @@ def test_work_goes_only_to_actors_ray_can_place(tmp_path):
     np.testing.assert_allclose(a["score"].to_numpy(), b["score"].to_numpy(), rtol=1e-6, atol=1e-12)
 
 
+def test_a_run_waits_for_resources_says_so_and_goes_on_when_they_come(tmp_path, capsys, monkeypatch):
+    """Ray's only GPU is held by someone else (as on a cluster whose GPU nodes the autoscaler is still adding):
+    the run says that it waits and for what, and completes once the GPU is free."""
+    import threading
+
+    import ray
+
+    from cad_ray import distributed
+
+    monkeypatch.setattr(distributed._RayPool, "WAIT_NOTICE_SECONDS", 1)
+    config = parse_config({**CONFIG, "concepts": [{"name": "seven"}]})
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    holder = ray.remote(num_gpus=1)(lambda: time.sleep(3600)).remote()
+    outcome = {}
+    driver = threading.Thread(target=lambda: outcome.update(
+        run_attribution(config, str(tmp_path / "run"), progress=False)), daemon=True)
+    try:
+        driver.start()
+        said, deadline = "", time.time() + 60
+        while time.time() < deadline and "waiting for Ray to place" not in said:
+            time.sleep(0.5)
+            said += capsys.readouterr().err
+        assert not outcome, "the run did not wait for the GPU"
+        ray.cancel(holder, force=True)
+        driver.join(timeout=300)
+    finally:
+        ray.shutdown()
+    assert "waiting for Ray to place 1 worker(s) asking for {'num_gpus': 1, 'num_cpus': 1}" in said, said
+    assert not driver.is_alive() and outcome["complete"] is True
+
+
 VALIDATION = {"fractions": [0.01, 0.05], "ablations": 6, "block": 1, "eval_samples": 1, "eval_points_per_sample": 3,
               "projections": 4, "sketch_points_per_sample": 3}
 EVALUATION = {"targets": ["seven"], "edits": ["cad-erase", "random"], "ratios": [0.05], "images_per_prompt": 1,
