@@ -209,8 +209,6 @@ def test_losing_a_gpu_node_in_each_stage_still_gives_the_failure_free_tables(tmp
 def test_work_goes_only_to_actors_ray_can_place(tmp_path):
     """Two GPU actors asked for where Ray has one GPU (as when a stage starts while Ray still counts a lost node's
     GPU): the actor that cannot be placed must hold no work, so the run completes on the one that can."""
-    import threading
-
     import ray
 
     config = parse_config({**CONFIG, "workers": 2, "concepts": [{"name": "seven"}]})
@@ -218,15 +216,13 @@ def test_work_goes_only_to_actors_ray_can_place(tmp_path):
     run_attribution(config, str(reference), local=True, progress=False)
     ray.shutdown()
     ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
-    outcome = {}
-    driver = threading.Thread(target=lambda: outcome.update(
-        run_attribution(config, str(tmp_path / "run"), progress=False)), daemon=True)
     try:
-        driver.start()
+        driver, outcome = _in_thread(lambda: run_attribution(config, str(tmp_path / "run"), progress=False))
         driver.join(timeout=300)
     finally:
         ray.shutdown()
-    assert not driver.is_alive() and outcome["complete"] is True, "the run waited for an actor Ray cannot place"
+    assert not driver.is_alive(), "the run waited for an actor Ray cannot place"
+    assert outcome["result"]["complete"] is True
     a, b = (pd.read_parquet(r / "scores") for r in (tmp_path / "run", reference))
     np.testing.assert_allclose(a["score"].to_numpy(), b["score"].to_numpy(), rtol=1e-6, atol=1e-12)
 
@@ -234,8 +230,6 @@ def test_work_goes_only_to_actors_ray_can_place(tmp_path):
 def test_a_run_waits_for_resources_says_so_and_goes_on_when_they_come(tmp_path, capsys, monkeypatch):
     """Ray's only GPU is held by someone else (as on a cluster whose GPU nodes the autoscaler is still adding):
     the run says that it waits and for what, and completes once the GPU is free."""
-    import threading
-
     import ray
 
     from cad_ray import distributed
@@ -245,11 +239,8 @@ def test_a_run_waits_for_resources_says_so_and_goes_on_when_they_come(tmp_path, 
     ray.shutdown()
     ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     holder = ray.remote(num_gpus=1)(lambda: time.sleep(3600)).remote()
-    outcome = {}
-    driver = threading.Thread(target=lambda: outcome.update(
-        run_attribution(config, str(tmp_path / "run"), progress=False)), daemon=True)
     try:
-        driver.start()
+        driver, outcome = _in_thread(lambda: run_attribution(config, str(tmp_path / "run"), progress=False))
         said, deadline = "", time.time() + 60
         while time.time() < deadline and "waiting for Ray to place" not in said:
             time.sleep(0.5)
@@ -260,7 +251,7 @@ def test_a_run_waits_for_resources_says_so_and_goes_on_when_they_come(tmp_path, 
     finally:
         ray.shutdown()
     assert "waiting for Ray to place 1 worker(s) asking for {'num_gpus': 1, 'num_cpus': 1}" in said, said
-    assert not driver.is_alive() and outcome["complete"] is True
+    assert not driver.is_alive() and outcome["result"]["complete"] is True
 
 
 VALIDATION = {"fractions": [0.01, 0.05], "ablations": 6, "block": 1, "eval_samples": 1, "eval_points_per_sample": 3,
@@ -269,8 +260,9 @@ EVALUATION = {"targets": ["seven"], "edits": ["cad-erase", "random"], "ratios": 
               "steps": 10, "batch_size": 4}
 
 
-def _lose_a_node_during(cluster, node, work, root: Path, written: str):
-    """Run `work` in a thread, remove `node` (not gracefully) once two `written` files exist, return its result."""
+def _in_thread(work):
+    """Start `work` in a daemon thread (a hung run cannot keep the test process alive); returns the thread and a
+    dict that gets its "result" or "error"."""
     import threading
 
     outcome = {}
@@ -278,19 +270,25 @@ def _lose_a_node_during(cluster, node, work, root: Path, written: str):
     def job():
         try:
             outcome["result"] = work()
-        except BaseException as e:  # reported by the assertion below
+        except BaseException as e:  # reported by the caller's assertions
             outcome["error"] = e
 
-    driver = threading.Thread(target=job)
-    started = time.time()
+    driver = threading.Thread(target=job, daemon=True)
     driver.start()
+    return driver, outcome
+
+
+def _lose_a_node_during(cluster, node, work, root: Path, written: str):
+    """Run `work` in a thread, remove `node` (not gracefully) once two `written` files exist, return its result."""
+    started = time.time()
+    driver, outcome = _in_thread(work)
     deadline = time.time() + 300
     while time.time() < deadline and len(list(root.rglob(written))) < 2:
         time.sleep(0.05)
     cluster.remove_node(node, allow_graceful=False)
     driver.join(timeout=600)
     print(f"run with a lost node: {time.time() - started:.1f} s")
-    assert "error" not in outcome, outcome.get("error")
+    assert "error" not in outcome and "result" in outcome, outcome.get("error", "the run did not finish")
     return outcome["result"]
 
 
