@@ -2,6 +2,11 @@
 against the limit (generate the trajectories once + one batched forward/backward over all their points).
 
     python bench/attribution_speed.py [--model PATH] [--samples 4] [--steps 50] [--device cpu]
+    python bench/attribution_speed.py --sd-shaped 32 --samples 2 --steps 10 --device cuda --skip-reference
+
+--sd-shaped N builds a randomly initialised pipeline in memory whose UNet has Stable Diffusion 1.x's shape
+(860M parameters, ff scope 148.7M components) at N x N latents (N = 64 is 512 px): timings at SD's scale
+where no SD checkpoint is at hand. Its text encoder and VAE are small (neither is in the ff scope).
 
 The reference re-samples from pure noise down to every timestep t and runs one forward/backward at x_t:
 about T^2/2 guided UNet steps per sample. With the same starting noise and the same per-image step noise it
@@ -71,6 +76,31 @@ def limit_seconds(model, objective, concept, samples, seed, parameters) -> float
     return time.perf_counter() - start
 
 
+def sd_shaped_model(latent_size: int, device: str):
+    """A random pipeline with SD 1.x's UNet (block widths 320-1280, 2 layers per block, 768-d cross-attention),
+    initialised on `device` (on a GPU that takes a second, on a CPU half a minute)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from cad_ray.models.stable_diffusion import StableDiffusionModel
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(sample_size=latent_size, cross_attention_dim=768, attention_head_dim=8)
+    printable = [*range(ord("!"), ord("~") + 1)]  # byte-level vocabulary without merges: any ASCII prompt
+    vocab = {t: i for i, t in enumerate([chr(b) for b in printable] + [chr(b) + "</w>" for b in printable]
+                                        + ["<|startoftext|>", "<|endoftext|>"])}
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=768, intermediate_size=1024, num_hidden_layers=1, num_attention_heads=8,
+        max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"]))
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    vae = AutoencoderKL(latent_channels=4, block_out_channels=(8,), norm_num_groups=8)
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return StableDiffusionModel(unet, text_encoder, tokenizer, vae, scheduler, source=f"sd1-shaped-{latent_size}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None)
@@ -78,6 +108,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--device", default=None)
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--sd-shaped", type=int, default=None, metavar="N",
+                        help="a random SD 1.x-shaped UNet at N x N latents instead of --model")
+    parser.add_argument("--chunk", type=int, default=None, help="points per forward/backward (default: --steps)")
     args = parser.parse_args()
 
     from cad_ray.attribution import CAD
@@ -86,11 +119,14 @@ def main() -> None:
     from cad_ray.models import load_model
     from cad_ray.objectives import EraseObjective
 
-    model = load_model(args.model, device=args.device)
+    if args.sd_shaped:
+        model = sd_shaped_model(args.sd_shaped, args.device or "cpu").to(args.device or "cpu")
+    else:
+        model = load_model(args.model, device=args.device)
     concept = build_concept(ConceptSpec(name="seven", prompts=None) if model.kind == "digits"
                             else ConceptSpec(name="parachute", prompts=["an image of parachute"]), model)
     objective = EraseObjective(steps=args.steps)
-    cad = CAD(model, objective, "ff", chunk_size=args.steps)
+    cad = CAD(model, objective, "ff", chunk_size=args.chunk or args.steps)
     samples = list(range(args.samples))
     cad.attribute(concept, samples[:1])  # warm-up
     start = time.perf_counter()
