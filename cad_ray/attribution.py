@@ -107,7 +107,9 @@ class CAD:
         it is computed; only the float64 additions of whole batches depend on the grouping.
         """
         params = [p for _, p in self.parameters]
-        sums = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in self.parameters}
+        # the sums stay on the model's device until the end: at SD scale (149M components) moving every chunk's
+        # gradients to the host would cost more than the chunk's own backward pass
+        sums = {n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in self.parameters}
         objective_sum = 0.0
         groups: dict[int, list[int]] = {}
         for sample in samples:
@@ -121,18 +123,16 @@ class CAD:
                     total = (values.double() * weight[start:start + self.chunk_size].to(values.device)).sum()
                     total.backward()
                     objective_sum += float(total.detach())
-                    self._collect(sums, concept)
-        return GradientSum(sums, len(samples), objective_sum)
-
-    def _collect(self, sums: dict[str, torch.Tensor], concept: Concept) -> None:
-        for name, p in self.parameters:
-            if p.grad is None:  # the tensor does not influence J
-                continue
-            if not torch.isfinite(p.grad).all():
+                    for name, p in self.parameters:
+                        if p.grad is not None:  # None: the tensor does not influence J
+                            sums[name].add_(p.grad)  # float64 += float32, exact promotion, no temporary
+                            p.grad = None
+        for name, total in sums.items():
+            # one check at the end suffices: a NaN or inf in any chunk's gradient leaves the sum non-finite
+            if not torch.isfinite(total).all():
                 raise CadRayError(f"non-finite gradient (NaN or inf) in tensor {name} for concept "
                                   f"{concept.name!r}; check the model weights and the objective")
-            sums[name] += p.grad.detach().double().cpu()
-            p.grad = None
+        return GradientSum({n: v.cpu() for n, v in sums.items()}, len(samples), objective_sum)
 
     def finish(self, concept: Concept, total: GradientSum) -> Attribution:
         weights = {n: p.detach().float().cpu().clone() for n, p in self.parameters}
