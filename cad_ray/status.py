@@ -23,7 +23,11 @@ def root_status(root: str) -> pd.DataFrame:
     if manifest is None:
         raise CadRayError(f"{root} holds no cad-ray run (no _manifest.json); run 'cad-ray attribute' into it first")
     present = set(run.fs.find(run.path)) if run.fs.exists(run.path) else set()  # one listing, also on S3
-    config = AttributionConfig.model_validate(manifest["config"])
+    try:
+        config = AttributionConfig.model_validate(manifest["config"])
+    except Exception as e:  # a manifest from another version of cad-ray, or edited by hand
+        raise CadRayError(f"cannot read the config in {root}/_manifest.json ({type(e).__name__}); was it written "
+                          "by another version of cad-ray?") from None
     shards = plan_shards(config)
     rows = [{"stage": "attribution", "complete": bool(manifest.get("complete")),
              "done": sum(run.join(*s.path) in present for s in shards), "total": len(shards), "where": "_shards/"}]

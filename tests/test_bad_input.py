@@ -2,6 +2,7 @@
 already in the run root byte-for-byte intact and readable afterwards."""
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -54,6 +55,16 @@ def with_nan(unet):
     save_file(state, str(path))
 
 
+def foreign_manifest(root, tmp_path) -> str:
+    """A copy of a run root whose manifest holds a config this version cannot read."""
+    copy = tmp_path / "foreign"
+    shutil.copytree(root, copy)
+    manifest = json.loads((copy / "_manifest.json").read_text())
+    manifest["config"]["samples"] = "many"
+    (copy / "_manifest.json").write_text(json.dumps(manifest))
+    return str(copy)
+
+
 def config_file(tmp_path, name, **change):
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump({**SMALL, **change}))
@@ -98,6 +109,10 @@ def test_each_bad_input_is_one_line_exit_one_and_loses_nothing(small_run, tmp_pa
         "NaN in the gradients": (["attribute", "--root", new, "--overwrite", "--config", config_file(
             tmp_path, "n", concepts=seven, model=model_copy(tmp_path, "nan", with_nan))], "non-finite gradient"),
         "missing score table": (["validate", "--root", str(tmp_path / "empty-root")], "no attribution run"),
+        "status of a folder that holds no run": (["status", "--root", str(tmp_path / "empty-root")],
+                                                  "holds no cad-ray run"),
+        "status of a manifest from another version": (["status", "--root", foreign_manifest(root, tmp_path)],
+                                                      "another version of cad-ray"),
     }
     outcomes = {}
     for what, (argv, message) in cases.items():
@@ -112,7 +127,7 @@ def test_each_bad_input_is_one_line_exit_one_and_loses_nothing(small_run, tmp_pa
         assert "\n" not in err and err.startswith(f"cad-ray {argv[0]}: error:"), (what, err)
         assert re.search(message, err), (what, err)
         assert snapshot(root) == before, what
-    assert len(outcomes) == 17
+    assert len(outcomes) == 19
     store = ScoreStore(root)  # still complete and readable
     assert len(store.top("seven", 5)) == 5
     new_manifest = Path(new) / "_manifest.json"
