@@ -164,11 +164,9 @@ def edit_folder(edit: str, target: str) -> tuple[str, ...]:
 def load_scored_model(config: AttributionConfig, root: str, device: str | None = None):
     """The model of `config` on `device` (a GPU where there is one) and the score store of `root`, refusing a
     model other than the one the scores were computed on."""
-    import torch
+    from .run import model_for
 
-    from .models import load_model
-
-    model = load_model(config.model, device=device or config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model_for(config, device)
     store = ScoreStore(root)
     check_fingerprint(model, store.fingerprint)
     return model, store

@@ -46,6 +46,15 @@ def plan_shards(config: AttributionConfig) -> list[Shard]:
     return shards
 
 
+def model_for(config: AttributionConfig, device: str | None = None):
+    """The config's model on `device`, else on the config's device, else on a GPU where there is one."""
+    import torch
+
+    from .models import load_model
+
+    return load_model(config.model, device=device or config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def objective_for(config: AttributionConfig, name: str, points_per_sample: int | None = None):
     """The config's objective; `points_per_sample` (when given) overrides the config's."""
     from .objectives import make_objective
@@ -60,15 +69,11 @@ class AttributionWorker:
     """Loads the model once and computes shards; the same class runs in-process or as a Ray actor."""
 
     def __init__(self, config: AttributionConfig, root: str, device: str | None = None):
-        import torch
-
         from .concepts import build_concept
-        from .models import load_model
 
         self.config, self.run = config, RunRoot(root)
-        device = device or config.device or ("cuda" if torch.cuda.is_available() else "cpu")
         start = time.time()
-        self.model = load_model(config.model, device=device)
+        self.model = model_for(config, device)
         self.load_seconds = time.time() - start
         self.concepts = {spec.name: build_concept(spec, self.model) for spec in config.concepts}
         self.estimators = {}

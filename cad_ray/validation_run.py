@@ -97,15 +97,11 @@ class ValidationWorker:
     """Loads the model once; computes actual-change and sketch shards (in-process or as a Ray actor)."""
 
     def __init__(self, config: AttributionConfig, root: str, device: str | None = None):
-        import torch
-
         from .concepts import build_concept
-        from .models import load_model
-        from .run import objective_for
+        from .run import model_for, objective_for
 
         self.config, self.options, self.run = config, config.validation, RunRoot(root)
-        device = device or config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_model(config.model, device=device)
+        self.model = model_for(config, device)
         self.specs = {c.name: c for c in config.concepts}
         self.concepts, self.evaluators = {}, {}
         self.build_concept = build_concept
