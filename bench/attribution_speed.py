@@ -78,7 +78,7 @@ def limit_seconds(model, objective, concept, samples, seed, parameters) -> float
 
 def sd_shaped_model(latent_size: int, device: str):
     """A random pipeline with SD 1.x's UNet (block widths 320-1280, 2 layers per block, 768-d cross-attention),
-    initialised on `device` (on a GPU that takes a second, on a CPU half a minute)."""
+    initialised on `device`, so that a GPU does the random initialisation of its 860M weights."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 

@@ -2,7 +2,7 @@
 # The GPU checks of docs/benchmarks.md ("On a GPU"), in one go, on a machine with one or more GPUs and this
 # project importable (pip install -e . or PYTHONPATH=.). Logs go to $OUT (default: gpu-check/).
 #   bash bench/gpu_check.sh
-# About 8 minutes on an H200.
+# Not yet run as a whole: its parts ran on an H200 separately (docs/benchmarks.md).
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
