@@ -25,8 +25,8 @@ import torch
 
 def reference_scores(model, objective, concept, samples, seed, parameters):
     """The published algorithm: for each timestep, a fresh trajectory from x_T down to t, then one backward."""
-    from cad_ray.attribution import gradients_for
-    from cad_ray.objectives import Points, point_values
+    from cad_ray.method.attribution import gradients_for
+    from cad_ray.method.objectives import Points, point_values
     from cad_ray.seeds import derive_seed
 
     sums = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in parameters}
@@ -59,8 +59,8 @@ def reference_scores(model, objective, concept, samples, seed, parameters):
 
 def limit_seconds(model, objective, concept, samples, seed, parameters) -> float:
     """Generate the same trajectories, then one batched forward/backward over all kept points."""
-    from cad_ray.attribution import gradients_for
-    from cad_ray.objectives import Points, concept_trajectories, point_values
+    from cad_ray.method.attribution import gradients_for
+    from cad_ray.method.objectives import Points, concept_trajectories, point_values
 
     start = time.perf_counter()
     prompts = [concept.prompt(s)[0] for s in samples]
@@ -113,11 +113,11 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=None, help="points per forward/backward (default: --steps)")
     args = parser.parse_args()
 
-    from cad_ray.attribution import CAD
-    from cad_ray.concepts import build_concept
+    from cad_ray.method.attribution import CAD
+    from cad_ray.method.concepts import build_concept
     from cad_ray.config import ConceptSpec
     from cad_ray.models import load_model
-    from cad_ray.objectives import EraseObjective
+    from cad_ray.method.objectives import EraseObjective
 
     if args.sd_shaped:
         model = sd_shaped_model(args.sd_shaped, args.device or "cpu").to(args.device or "cpu")

@@ -12,8 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__
-from .errors import CadRayError
+from cad_ray import __version__
+from cad_ray.errors import CadRayError
 
 MODEL_HELP = ("model folder in diffusers layout or s3://bucket/prefix (default: the built-in digits model). "
               "S3 credentials and endpoint come from the environment (AWS_* variables) or ~/.aws")
@@ -27,14 +27,11 @@ def _positive_int(text: str) -> int:
 
 
 def write_atomically(path: Path, write) -> None:
-    """Write through a temporary sibling and rename, so a failure never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """`write(tmp)` to a temporary sibling, renamed onto `path` only when complete (cad_ray.store's writer)."""
+    from cad_ray.store import atomic_local_file
+
+    with atomic_local_file(str(path)) as tmp:
+        write(Path(tmp))
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -43,25 +40,25 @@ def cmd_sample(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.suffix.lower() not in (".png", ".npz"):
         raise CadRayError(f"--out must end in .png (image grid) or .npz (array 'images'), got {args.out!r}")
-    from .models import load_model
+    from cad_ray.models import load_model
 
     model = load_model(args.model, device=args.device)
     prompts = [args.prompt] * args.n
     trajectory = model.sample(prompts, seed=args.seed, guidance=args.guidance, steps=args.steps, progress=True)
     images = trajectory.images.astype(np.float32)
     if out.suffix.lower() == ".npz":
-        write_atomically(out, lambda p: np.savez_compressed(p, images=images))
+        write_atomically(out, lambda p: np.savez_compressed(p.open("wb"), images=images))
     else:
         from PIL import Image
 
-        from .quality import image_grid
+        from cad_ray.digits.quality import image_grid
 
         write_atomically(out, lambda p: Image.fromarray(image_grid(images)).save(p, format="PNG"))
     print(f"wrote {out}: {args.n} image(s) of {args.prompt!r}, seed {args.seed}, "
           f"guidance {trajectory.guidance}, {len(trajectory.timesteps)} steps, model {model.source}")
     if model.kind == "digits":
-        from .digits import COLOUR_NAMES
-        from .judges import builtin_judges
+        from cad_ray.digits import COLOUR_NAMES
+        from cad_ray.digits.judges import builtin_judges
 
         judges = builtin_judges()
         verdicts = [f"{d}/{COLOUR_NAMES[c]}" for d, c in zip(judges.digits(images), judges.colours(images))]
@@ -69,8 +66,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_quality(args: argparse.Namespace) -> None:
-    from .models import load_model
-    from .quality import digits_quality, meets_quality_bar, quality_summary
+    from cad_ray.models import load_model
+    from cad_ray.digits.quality import digits_quality, meets_quality_bar, quality_summary
 
     model = load_model(args.model, device=args.device)
     if model.kind != "digits":
@@ -92,9 +89,12 @@ def print_top(store, concept: str, k: int, negative: bool, objective: str) -> No
     import pandas as pd
 
     top = store.top(concept, k, negative=negative, objective=objective)
+    top = top[top["score"] < 0] if negative else top[top["score"] > 0]  # only the sign asked for
     top["tensor"] = top["tensor"].map(_short_tensor)
     kind = "most negative (inhibiting)" if negative else "top positive (inducing)"
     print(f"\n{kind} components of {concept!r} under the {objective} objective:")
+    if len(top) < k:
+        print(f"(only {len(top)} component(s) have a {'negative' if negative else 'positive'} score)")
     with pd.option_context("display.width", 200, "display.max_colwidth", 80, "display.float_format", "{:.4g}".format):
         print(top.to_string(index=False))
 
@@ -110,9 +110,9 @@ def print_layers(store, concept: str, objective: str) -> None:
 
 
 def cmd_attribute(args: argparse.Namespace) -> None:
-    from .config import load_config
-    from .distributed import run_attribution
-    from .store import ScoreStore
+    from cad_ray.config import load_config
+    from cad_ray.distributed import run_attribution
+    from cad_ray.store import ScoreStore
 
     config = load_config(args.config, {"workers": args.workers, "device": args.device})
     root = args.root or str(Path("runs") / Path(args.config).stem)
@@ -121,6 +121,8 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     print(f"attribution complete in {root}: {len(config.pairs())} concept/objective pairs, "
           f"{manifest['shards_computed']} shards computed, {manifest['shards_skipped']} already done, "
           f"{manifest['workers']} worker(s), {manifest['run_seconds']:.1f} s")
+    if args.quiet:
+        return
     store = ScoreStore(root)
     for spec in config.concepts[: args.show]:
         for objective in spec.objectives:
@@ -135,7 +137,7 @@ def cmd_attribute(args: argparse.Namespace) -> None:
 def cmd_status(args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from .status import root_status
+    from cad_ray.status import root_status
 
     table = root_status(args.root)
 
@@ -152,20 +154,20 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def cmd_top(args: argparse.Namespace) -> None:
-    from .store import ScoreStore
+    from cad_ray.store import ScoreStore
 
     store = ScoreStore(args.root, allow_incomplete=args.allow_incomplete)
     print_top(store, args.concept, args.k, args.negative, args.objective)
 
 
 def cmd_layers(args: argparse.Namespace) -> None:
-    from .store import ScoreStore
+    from cad_ray.store import ScoreStore
 
     print_layers(ScoreStore(args.root, allow_incomplete=args.allow_incomplete), args.concept, args.objective)
 
 
 def cmd_overlap(args: argparse.Namespace) -> None:
-    from .store import ScoreStore
+    from cad_ray.store import ScoreStore
 
     store = ScoreStore(args.root, allow_incomplete=args.allow_incomplete)
     result = store.overlap(args.a, args.b, args.k, args.objective, args.negative)
@@ -176,16 +178,23 @@ def cmd_overlap(args: argparse.Namespace) -> None:
 def stage_config(root: str, config_file: str | None, section: str, overrides: dict):
     """The run's config for a later stage: the --config file if given (checked against the root by the stage),
     else the config stored in the root's manifest; `overrides` replace fields of its `section`."""
-    from .config import load_config, parse_config
-    from .store import RunRoot
+    from cad_ray.config import load_config, parse_config
+    from cad_ray.store import RunRoot
 
     if config_file:
         config = load_config(config_file)
     else:
-        manifest = RunRoot(root).read_manifest()
+        run = RunRoot(root)
+        manifest = run.read_manifest()
         if manifest is None:
             raise CadRayError(f"no attribution run in {root}: run 'cad-ray attribute' with this --root first")
-        config = parse_config(manifest["config"], f"{root}/_manifest.json")
+        # the options the root was made with: this stage's own earlier run, else the attribution's config file
+        stage_options = dict(manifest.get("stage_options", {}))
+        earlier = (run.read_manifest("_validation.json") or {}).get("options") if section == "validation" else \
+            (run.footer("evaluation", "part-0.parquet") or [{}])[0].get("options")
+        if earlier:
+            stage_options[section] = earlier
+        config = parse_config({**manifest["config"], **stage_options}, f"{root}/_manifest.json")
     data = config.model_dump(mode="json")
     data[section].update({k: v for k, v in overrides.items() if v is not None})
     return parse_config(data, "options")
@@ -194,7 +203,7 @@ def stage_config(root: str, config_file: str | None, section: str, overrides: di
 def cmd_validate(args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from .distributed import run_validation
+    from cad_ray.distributed import run_validation
 
     config = stage_config(args.root, args.config, "validation", {
         "ablations": args.ablations, "fractions": args.fractions, "concepts": args.concepts,
@@ -209,6 +218,8 @@ def cmd_validate(args: argparse.Namespace) -> None:
           f"{options.ablations} ablations at each fraction {options.fractions}, "
           f"{'held-out' if options.held_out else 'in-sample'} evaluation points, {result['shards_computed']} "
           f"shards computed, {result['shards_skipped']} already done, {result['run_seconds']:.1f} s")
+    if args.quiet:
+        return
     table = summary.groupby(["estimator", "fraction"])[["pearson", "spearman", "pearson_ablated_base"]].mean()
     with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
         print("\nmean over concepts, test split (actual = change of J with the base term frozen):")
@@ -222,7 +233,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from .distributed import run_evaluation
+    from cad_ray.distributed import run_evaluation
 
     config = stage_config(args.root, args.config, "evaluation", {
         "targets": args.targets, "edits": args.edits, "ratios": args.ratios, "prompts": args.prompts,
@@ -235,6 +246,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"evaluation complete in {args.root}: {result['images']} images judged by {result['actors']} actor(s), "
           f"{result['edits_made']} fine-tuned edit(s) made, {result['blocks_computed']} blocks computed, "
           f"{result['blocks_skipped']} already done, {result['run_seconds']:.1f} s")
+    if args.quiet:
+        return
     columns = ["edit", "target", "ratio", "guidance", "zeroed", "target_accuracy", "others_accuracy",
                "worst_other_retained", "fd_rise", "best"]
     with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
@@ -243,15 +256,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .report import write_report
+    from cad_ray.stages.report import write_report
 
     print(f"report: {write_report(args.root, args.out)}")
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
-    from .editing import ZEROING_EDITS, check_fingerprint, check_ratio, select, zero_components
-    from .models import load_model
-    from .store import ScoreStore
+    from cad_ray.method.editing import ZEROING_EDITS, check_fingerprint, check_ratio, select, zero_components
+    from cad_ray.models import load_model
+    from cad_ray.store import ScoreStore
 
     if args.edit not in ZEROING_EDITS:
         raise CadRayError(f"unknown edit {args.edit!r}; 'cad-ray edit' makes {', '.join(ZEROING_EDITS)} "
@@ -289,34 +302,38 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(f"\n=== cad-ray {stage} ===", flush=True)
         stage_args = build_parser().parse_args([stage, *extra, *common])
         stage_args.func(stage_args)
-    from .report import write_report
+    from cad_ray.stages.report import write_report
 
     print(f"\nreport: {write_report(root)}")
 
 
-def _attribute_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="YAML run config (see jobs/configs/)")
-    p.add_argument("--root", default=None, help="run root: local folder or s3://bucket/prefix "
-                                                "(default: runs/<config name>)")
-    p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: start a local Ray")
-    p.add_argument("--overwrite", action="store_true", help="replace a run made with another config in --root")
-    p.add_argument("--workers", type=_positive_int, default=None, help="number of workers (default: one per "
-                                                                       "GPU, else one per CPU)")
-    p.add_argument("--device", default=None, help="torch device for the workers (default: cuda if present)")
-    p.add_argument("--local", action="store_true", help="run in this process without Ray (debugging)")
-    p.add_argument("--show", type=int, default=3, help="concepts whose top components are printed (default: 3)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+def _option_group(*options: tuple) -> argparse.ArgumentParser:
+    """A parent parser holding shared options: (flags, keyword arguments) pairs."""
+    group = argparse.ArgumentParser(add_help=False)
+    for flags, kwargs in options:
+        group.add_argument(*((flags,) if isinstance(flags, str) else flags), **kwargs)
+    return group
 
 
-def _query_arguments(p: argparse.ArgumentParser, pair: bool = False) -> None:
-    p.add_argument("--root", required=True, help="run root (local folder or s3://...)")
-    if pair:
-        p.add_argument("--a", required=True, help="first concept")
-        p.add_argument("--b", required=True, help="second concept")
-    else:
-        p.add_argument("--concept", required=True, help="concept name, e.g. seven")
-    p.add_argument("--objective", default="erase", choices=["erase", "amplify"])
-    p.add_argument("--allow-incomplete", action="store_true", help="read a run that has not completed")
+ROOT = ("--root", {"required": True, "help": "run root: local folder or s3://bucket/prefix"})
+CONFIG = ("--config", {"default": None, "help": "YAML config (the root's own by default); it must describe the same "
+                                                 "attribution run, its stage section may differ"})
+OVERWRITE = ("--overwrite", {"action": "store_true", "help": "replace what this stage wrote in --root with other "
+                                                               "options (its tables are removed first)"})
+RAY = [("--address", {"default": None, "help": "Ray cluster address (e.g. auto); default: start a local Ray"}),
+       ("--workers", {"type": _positive_int, "default": None,
+                      "help": "number of workers (default: one per GPU, else one per CPU)"}),
+       ("--device", {"default": None, "help": "torch device for the workers (default: cuda if present)"}),
+       ("--local", {"action": "store_true", "help": "run in this process without Ray (debugging)"}),
+       ("--quiet", {"action": "store_true", "help": "no progress bars, no tables printed"})]
+GENERATION = [("--model", {"default": None, "help": MODEL_HELP}),
+              ("--seed", {"type": int, "default": 0, "help": "seed of the starting noise (default: 0)"}),
+              ("--guidance", {"type": float, "default": None,
+                              "help": "classifier-free guidance scale (default: the model's, 3.0 for digits)"}),
+              ("--steps", {"type": _positive_int, "default": None, "help": "sampling steps (default: the model's)"}),
+              ("--device", {"default": None, "help": "torch device, e.g. cuda or cpu (default: cpu)"})]
+QUERY = [ROOT, ("--objective", {"default": "erase", "choices": ["erase", "amplify"]}),
+         ("--allow-incomplete", {"action": "store_true", "help": "read a run that has not completed"})]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,148 +343,106 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'cad-ray COMMAND --help' for each command's options.")
     parser.add_argument("--version", action="version", version=f"cad-ray {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    generation, ray, query = _option_group(*GENERATION), _option_group(*RAY), _option_group(*QUERY)
+    root, root_config, overwrite = _option_group(ROOT), _option_group(ROOT, CONFIG), _option_group(OVERWRITE)
 
-    p = sub.add_parser("sample", help="generate images for a prompt",
-                       description="Generate N images for a prompt with classifier-free guidance. "
-                                   "The same seed gives the same images.")
-    p.add_argument("--prompt", required=True, help='prompt text, e.g. "a red seven" ("" is unconditional)')
-    p.add_argument("--n", type=_positive_int, default=8, help="number of images (default: 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the starting noise (default: 0)")
-    p.add_argument("--out", required=True, help="FILE.png (grid upscaled for viewing) or FILE.npz "
-                                                "(array 'images', shape (N, H, W, 3), values in [0, 1])")
-    p.add_argument("--model", default=None, help=MODEL_HELP)
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale "
-                                                                "(default: the model's, 3.0 for digits)")
-    p.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default: the model's, 50)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cpu)")
-    p.set_defaults(func=cmd_sample)
+    def command(name, func, help, description, parents=(), options=()):
+        p = sub.add_parser(name, help=help, description=description, parents=list(parents))
+        for flags, kwargs in options:
+            p.add_argument(*((flags,) if isinstance(flags, str) else flags), **kwargs)
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("quality", help="judge the digits model on every (digit, colour) prompt",
-                       description="Sample N images for each of the 40 (digit, colour) prompts and report the "
-                                   "judged digit and colour accuracy against the quality bar "
-                                   "(digit >= 90%% overall and >= 75%% per digit, colour >= 95%%).")
-    p.add_argument("--n", type=_positive_int, default=25, help="images per prompt (default: 25)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", default=None, help=MODEL_HELP)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--steps", type=_positive_int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", default=None, help="also write the summary as JSON to this file")
-    p.set_defaults(func=cmd_quality)
-
-    p = sub.add_parser("attribute", help="compute CAD scores for the concepts of a config (Ray job)",
-                       description="Compute attribution scores w * dJ/dw for every component in the scope, for "
-                                   "every concept and objective of the config, sharded over Ray workers, and "
-                                   "write Parquet tables scores/, neurons/, layers/ under --root. Re-running "
-                                   "the same config on the same root resumes and skips finished shards.")
-    _attribute_arguments(p)
-    p.set_defaults(func=cmd_attribute)
-
-    p = sub.add_parser("validate", help="check the scores against random ablations (Ray job)",
-                       description="Draw M random subsets of the scope's components at each ablation fraction, "
-                                   "measure the actual change of J with them zeroed on a fixed batch of held-out "
-                                   "points, and compare it with three estimators: cad (first order), cad2 (first "
-                                   "order plus a sketched Gauss-Newton term) and coar (ridge regression on "
-                                   "per-neuron ablations, fit on a training split). Writes validation/, "
-                                   "validation_summary/, localization/, overlap/ and plots/validation/ under "
-                                   "--root. Options come from the config's 'validation:' section.")
-    p.add_argument("--root", required=True, help="root of a completed attribution run (local folder or s3://...)")
-    p.add_argument("--config", default=None, help="YAML config (the root's own by default); must describe the "
-                                                  "same attribution run, its 'validation:' section may differ")
-    p.add_argument("--ablations", type=int, default=None, help="random subsets M per fraction")
-    p.add_argument("--fractions", type=float, nargs="+", default=None, help="ablation fractions, each in (0, 1)")
-    p.add_argument("--concepts", nargs="+", default=None, help="concepts to validate (default: all)")
-    p.add_argument("--in-sample", action="store_true", help="evaluate on the attribution's own samples")
-    p.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: start a local Ray")
-    p.add_argument("--overwrite", action="store_true", help="replace a validation made with other options")
-    p.add_argument("--workers", type=_positive_int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--local", action="store_true", help="run in this process without Ray (debugging)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_validate)
-
-    p = sub.add_parser("evaluate", help="edit the model and judge the images (Ray Data job)",
-                       description="Make every edit of the config's 'evaluation:' section (cad-erase, random, "
-                                   "cad-amplify at each ratio; finetune, cad-finetune, finetune+cad-amplify), "
-                                   "generate images of every prompt with the same seeds before and after, judge them "
-                                   "with Ray Data actors and write evaluation/ (one row per image) and "
-                                   "evaluation_summary/ (accuracy of the target and of the others, Frechet distance, "
-                                   "best ratio) under --root.")
-    p.add_argument("--root", required=True, help="root of a completed attribution run")
-    p.add_argument("--config", default=None, help="YAML config (the root's own by default)")
-    p.add_argument("--targets", nargs="+", default=None, help="concepts to edit")
-    p.add_argument("--edits", nargs="+", default=None, help="edits: cad-erase random cad-amplify finetune "
-                                                            "cad-finetune finetune+cad-amplify")
-    p.add_argument("--ratios", type=float, nargs="+", default=None, help="shares of components zeroed, in (0, 1]")
-    p.add_argument("--prompts", default=None, help="prompt CSV (columns prompt, evaluation_seed[, class])")
-    p.add_argument("--images-per-prompt", type=_positive_int, default=None)
-    p.add_argument("--overwrite", action="store_true", help="replace an evaluation made with other options")
-    p.add_argument("--address", default=None)
-    p.add_argument("--workers", type=_positive_int, default=None, help="actors (default: one per GPU, else CPU)")
-    p.add_argument("--device", default=None)
-    p.add_argument("--local", action="store_true", help="run in this process without Ray (debugging)")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("report", help="write the HTML report of a run root",
-                       description="Write a self-contained HTML page (images embedded, opens offline) with the "
-                                   "per-layer scores, the validation and the judged edits of --root.")
-    p.add_argument("--root", required=True)
-    p.add_argument("--out", default=None, help="local file (default: <root>/report.html)")
-    p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser("edit", help="save a CAD-edited model as a diffusers folder",
-                       description="Zero the top components of a concept (cad-erase: largest erase scores; "
-                                   "cad-amplify: most negative amplify scores) and save the model in diffusers "
-                                   "layout (safetensors); load it back with --model FOLDER. The model must be the "
-                                   "one the scores were computed on (fingerprint).")
-    p.add_argument("--root", required=True, help="run root with the score tables")
-    p.add_argument("--edit", required=True, help="cad-erase or cad-amplify")
-    p.add_argument("--target", required=True, help="concept to edit")
-    p.add_argument("--ratio", type=float, default=None, help="share of each unit's components, in (0, 1]")
-    p.add_argument("--count", type=int, default=None, help="number of components per unit instead of a ratio")
-    p.add_argument("--granularity", default="global", choices=["global", "tensor", "row"])
-    p.add_argument("--model", default=None, help="model to edit (default: the run's)")
-    p.add_argument("--out", required=True, help="new folder for the edited model")
-    p.set_defaults(func=cmd_edit)
-
-    p = sub.add_parser("run", help="the whole pipeline: attribute, validate, evaluate, report",
-                       description="Run attribute, validate and evaluate with one config on one root (each resumes "
-                                   "what is done), then write the report and print where it is.")
-    p.add_argument("--config", required=True)
-    p.add_argument("--root", default=None, help="run root (default: runs/<config name>)")
-    p.add_argument("--address", default=None)
-    p.add_argument("--workers", type=_positive_int, default=None)
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("status", help="what a run root holds, stage by stage",
-                       description="Show each stage of a run root (attribution, validation, evaluation, report): "
-                                   "complete or not, and how many of its shard or block files are written. "
-                                   "A re-run of the same command keeps those and computes the rest.")
-    p.add_argument("--root", required=True, help="run root (local folder or s3://...)")
-    p.set_defaults(func=cmd_status)
-
-    p = sub.add_parser("top", help="print a concept's top components",
-                       description="Print the k components with the largest scores of a concept (inducing it), "
-                                   "or with --negative the most negative ones (inhibiting it).")
-    _query_arguments(p)
-    p.add_argument("--k", type=_positive_int, default=20, help="how many (default: 20)")
-    p.add_argument("--negative", action="store_true", help="most negative scores instead")
-    p.set_defaults(func=cmd_top)
-
-    p = sub.add_parser("layers", help="print a concept's per-layer score summary",
-                       description="Print the sum, positive sum, negative sum and count of scores per tensor.")
-    _query_arguments(p)
-    p.set_defaults(func=cmd_layers)
-
-    p = sub.add_parser("overlap", help="overlap of two concepts' top-k components",
-                       description="Count the components shared by the top-k sets of two concepts and their "
-                                   "Jaccard index.")
-    _query_arguments(p, pair=True)
-    p.add_argument("--k", type=_positive_int, default=100)
-    p.add_argument("--negative", action="store_true")
-    p.set_defaults(func=cmd_overlap)
+    command("sample", cmd_sample, "generate images for a prompt",
+            "Generate N images for a prompt with classifier-free guidance. The same seed gives the same images.",
+            [generation], [
+                ("--prompt", {"required": True, "help": 'prompt text, e.g. "a red seven" ("" is unconditional)'}),
+                ("--n", {"type": _positive_int, "default": 8, "help": "number of images (default: 8)"}),
+                ("--out", {"required": True, "help": "FILE.png (grid upscaled for viewing) or FILE.npz (array "
+                                                     "'images', shape (N, H, W, 3), values in [0, 1])"})])
+    command("quality", cmd_quality, "judge the digits model on every (digit, colour) prompt",
+            "Sample N images for each of the 40 (digit, colour) prompts and report the judged digit and colour "
+            "accuracy against the quality bar (digit >= 90%% overall and >= 75%% per digit, colour >= 95%%).",
+            [generation], [
+                ("--n", {"type": _positive_int, "default": 25, "help": "images per prompt (default: 25)"}),
+                ("--out", {"default": None, "help": "also write the summary as JSON to this file"})])
+    command("attribute", cmd_attribute, "compute CAD scores for the concepts of a config (Ray job)",
+            "Compute attribution scores w * dJ/dw for every component in the scope, for every concept and "
+            "objective of the config, sharded over Ray workers, and write Parquet tables scores/, neurons/, "
+            "layers/ under --root. Re-running the same config on the same root resumes and skips finished shards.",
+            [ray], [
+                ("--config", {"required": True, "help": "YAML run config (see jobs/configs/)"}),
+                ("--root", {"default": None, "help": "run root: local folder or s3://bucket/prefix "
+                                                     "(default: runs/<config name>)"}),
+                ("--overwrite", {"action": "store_true", "help": "replace a run made with another config in --root "
+                                                                 "(its tables and every later stage's are removed)"}),
+                ("--show", {"type": int, "default": 3, "help": "concepts whose top components are printed "
+                                                               "(default: 3)"})])
+    command("validate", cmd_validate, "check the scores against random ablations (Ray job)",
+            "Draw M random subsets of the scope's components at each ablation fraction, measure the actual change "
+            "of J with them zeroed on a fixed batch of held-out points, and compare it with three estimators: cad "
+            "(first order), cad2 (first order plus a sketched Gauss-Newton term) and coar (ridge regression on "
+            "per-neuron ablations, fit on a training split). Writes validation/, validation_summary/, "
+            "localization/, overlap/ and plots/validation/ under --root. Options come from the config's "
+            "'validation:' section.", [root_config, overwrite, ray], [
+                ("--ablations", {"type": int, "default": None, "help": "random subsets M per fraction"}),
+                ("--fractions", {"type": float, "nargs": "+", "default": None,
+                                 "help": "ablation fractions, each in (0, 1)"}),
+                ("--concepts", {"nargs": "+", "default": None, "help": "concepts to validate (default: all)"}),
+                ("--in-sample", {"action": "store_true", "help": "evaluate on the attribution's own samples"})])
+    command("evaluate", cmd_evaluate, "edit the model and judge the images (Ray Data job)",
+            "Make every edit of the config's 'evaluation:' section (cad-erase, random, cad-amplify at each ratio; "
+            "finetune, cad-finetune, finetune+cad-amplify), generate images of every prompt with the same seeds "
+            "before and after, judge them with Ray Data actors and write evaluation/ (one row per image) and "
+            "evaluation_summary/ (accuracy of the target and of the others, Frechet distance, best ratio) under "
+            "--root.", [root_config, overwrite, ray], [
+                ("--targets", {"nargs": "+", "default": None, "help": "concepts to edit"}),
+                ("--edits", {"nargs": "+", "default": None, "help": "edits: cad-erase random cad-amplify finetune "
+                                                                    "cad-finetune finetune+cad-amplify"}),
+                ("--ratios", {"type": float, "nargs": "+", "default": None,
+                              "help": "shares of components zeroed, in (0, 1]"}),
+                ("--prompts", {"default": None, "help": "prompt CSV (columns prompt, evaluation_seed[, class])"}),
+                ("--images-per-prompt", {"type": _positive_int, "default": None})])
+    command("report", cmd_report, "write the HTML report of a run root",
+            "Write a self-contained HTML page (images embedded, opens offline) with the per-layer scores, the "
+            "validation and the judged edits of --root.", [root], [
+                ("--out", {"default": None, "help": "local file (default: <root>/report.html)"})])
+    command("edit", cmd_edit, "save a CAD-edited model as a diffusers folder",
+            "Zero the top components of a concept (cad-erase: largest erase scores; cad-amplify: most negative "
+            "amplify scores) and save the model in diffusers layout (safetensors); load it back with --model "
+            "FOLDER. The model must be the one the scores were computed on (fingerprint).", [root], [
+                ("--edit", {"required": True, "help": "cad-erase or cad-amplify"}),
+                ("--target", {"required": True, "help": "concept to edit"}),
+                ("--ratio", {"type": float, "default": None, "help": "share of each unit's components, in (0, 1]"}),
+                ("--count", {"type": int, "default": None, "help": "number of components per unit instead of a "
+                                                                   "ratio"}),
+                ("--granularity", {"default": "global", "choices": ["global", "tensor", "row"]}),
+                ("--model", {"default": None, "help": "model to edit (default: the run's)"}),
+                ("--out", {"required": True, "help": "new folder for the edited model"})])
+    command("run", cmd_run, "the whole pipeline: attribute, validate, evaluate, report",
+            "Run attribute, validate and evaluate with one config on one root (each resumes what is done), then "
+            "write the report and print where it is.", [], [
+                ("--config", {"required": True}),
+                ("--root", {"default": None, "help": "run root (default: runs/<config name>)"}),
+                ("--address", {"default": None}), ("--workers", {"type": _positive_int, "default": None}),
+                ("--quiet", {"action": "store_true"})])
+    command("status", cmd_status, "what a run root holds, stage by stage",
+            "Show each stage of a run root (attribution, validation, evaluation, report): complete or not, and "
+            "how many of its shard or block files are written. A re-run of the same command keeps those and "
+            "computes the rest.", [root])
+    command("top", cmd_top, "print a concept's top components",
+            "Print the k components with the largest scores of a concept (inducing it), or with --negative the "
+            "most negative ones (inhibiting it).", [query], [
+                ("--concept", {"required": True, "help": "concept name, e.g. seven"}),
+                ("--k", {"type": _positive_int, "default": 20, "help": "how many (default: 20)"}),
+                ("--negative", {"action": "store_true", "help": "most negative scores instead"})])
+    command("layers", cmd_layers, "print a concept's per-layer score summary",
+            "Print the sum, positive sum, negative sum and count of scores per tensor.", [query], [
+                ("--concept", {"required": True, "help": "concept name, e.g. seven"})])
+    command("overlap", cmd_overlap, "overlap of two concepts' top-k components",
+            "Count the components shared by the top-k sets of two concepts and their Jaccard index.", [query], [
+                ("--a", {"required": True, "help": "first concept"}), ("--b", {"required": True, "help": "second concept"}),
+                ("--k", {"type": _positive_int, "default": 100}), ("--negative", {"action": "store_true"})])
     return parser
 
 

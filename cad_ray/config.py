@@ -11,7 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import CadRayError
+from cad_ray.errors import CadRayError
 
 ObjectiveName = Literal["erase", "amplify"]
 LATER_STAGES = ("validation", "evaluation")  # sections read by later stages; they do not change the score tables
@@ -110,9 +110,17 @@ class EvaluationOptions(Strict):
     amplify_guidance: float = Field(1.0, description="guidance at which CAD-Amplify is judged (weak conditioning)")
     steps: int | None = Field(None, ge=1, description="sampling steps (default: the model's)")
     batch_size: int = Field(50, ge=1, description="rows per Ray Data batch")
-    judge: dict | None = Field(None, description="judge: {factory: 'module:callable', **options}; default: the "
+    judge: dict | None = Field(None, description="judge: {name: <registered judge>, **options}; default: the "
                                "digits judges for the digits model (see docs/editing.md)")
     finetune: FinetuneOptions = Field(default_factory=FinetuneOptions)
+
+    @field_validator("judge")
+    @classmethod
+    def _no_code(cls, v):
+        if v and "factory" in v:
+            raise ValueError("a config names a registered judge ({name: classifier, ...}), never code to import; "
+                             "'factory' is not allowed")
+        return v
 
     @field_validator("edits")
     @classmethod

@@ -1,8 +1,11 @@
-"""The distributed jobs (attribution, validation): Ray actors that load the model once and compute shards.
+"""The Ray layer: one driver that runs any stage's work units on Ray actors that load the model once (one GPU
+each where the cluster has GPUs, a CPU share otherwise), or in this process; and Ray Data for generating and
+judging images.
 
-Thin by design: planning, computing, reducing and writing live in cad_ray.run and cad_ray.validation_run;
-this module only places those calls on actors (one GPU each where the cluster has GPUs, one CPU each otherwise), bounds the work in
-flight, moves work off dead workers and shows progress.
+Thin by design: what a unit is, how it is computed and how a stage's tables are finished live in
+`cad_ray.stages.*`, which never import Ray. A stage's `run(config, root, executor, ...)` asks the `Executor`
+for calls on its worker class; this module only places those calls, bounds the work in flight, moves work off
+dead workers and shows progress.
 """
 
 from __future__ import annotations
@@ -11,10 +14,9 @@ import sys
 import time
 from collections import defaultdict, deque
 
-from .config import AttributionConfig
-from .errors import CadRayError
-from .run import (AttributionWorker, RunRoot, mark_complete, open_run, pairs_to_finalize, plan_shards,
-                  shard_status)
+from cad_ray.config import AttributionConfig
+from cad_ray.errors import CadRayError
+from cad_ray.store import RunRoot
 
 IN_FLIGHT_PER_WORKER = 2
 CPU_WORKER_THREADS = 1  # float results depend on torch's thread count; all CPU workers use the same
@@ -196,196 +198,115 @@ def worker_pool(worker_class, config: AttributionConfig, root: str, address: str
     return _LocalPool(worker_class, config, root) if local else _RayPool(worker_class, config, root, address)
 
 
-def run_attribution(config: AttributionConfig, root: str, address: str | None = None, overwrite: bool = False,
-                    local: bool = False, progress: bool = True) -> dict:
-    """Compute (or resume) every shard, reduce and write the tables; returns the completed manifest."""
-    from tqdm.auto import tqdm
+class Executor:
+    """Where a stage's calls run: pools of Ray actors (one pool per worker class, opened on first use) or this
+    process (`local`). A stage asks for `first` (one call, e.g. the model's fingerprint), `map` (many units, with
+    a progress bar) and `judge_frames` (image rows through Ray Data), then the driver closes the pools."""
 
-    run = RunRoot(root)
-    run.check_writable()
-    pool = worker_pool(AttributionWorker, config, root, address, local)
-    started = time.time()
-    fingerprint = pool.first("fingerprint")  # the first call loads the model
-    setup_seconds = time.time() - started
-    manifest = open_run(config, root, fingerprint, overwrite)
-    layout = pool.first("tensor_layout")
-    shards = plan_shards(config)
-    done, pending = shard_status(run, shards, manifest, layout)
-    bar = tqdm(total=len(shards), initial=len(done), unit="shard", desc="attribution", disable=not progress)
-    samples = 0
-    for _, result in pool.map([(s, "run_shard", (s,)) for s in pending]):
-        samples += result["samples"]
-        bar.update(1)
-        bar.set_postfix(samples_per_s=f"{samples / max(time.time() - started, 1e-9):.2f}")
-    bar.close()
-    by_pair = defaultdict(list)
-    for shard in shards:
-        by_pair[(shard.concept, shard.objective)].append(shard)
-    todo = pairs_to_finalize(run, config)
-    results = [r for _, r in pool.map([(p, "finalize", (*p, by_pair[p], manifest)) for p in todo])]
-    pool.close()
-    manifest = mark_complete(run, manifest, results)
-    manifest["run_seconds"] = time.time() - started
-    manifest["setup_seconds"] = setup_seconds  # Ray start-up and model loading
-    manifest["shards_computed"] = len(pending)
-    manifest["shards_skipped"] = len(done)
-    manifest["workers"] = pool.size
-    manifest["workers_lost"] = pool.lost
-    return manifest
+    def __init__(self, config: AttributionConfig, root: str, address: str | None = None, local: bool = False,
+                 progress: bool = True):
+        self.config, self.root, self.address, self.local, self.progress = config, root, address, local, progress
+        self.pools = {}
 
+    def pool(self, worker_class):
+        if worker_class not in self.pools:
+            self.pools[worker_class] = worker_pool(worker_class, self.config, self.root, self.address, self.local)
+        return self.pools[worker_class]
 
-def run_validation(config: AttributionConfig, root: str, address: str | None = None, overwrite: bool = False,
-                   local: bool = False, progress: bool = True) -> dict:
-    """Random-ablation validation of a completed attribution run (config.validation says what to draw)."""
-    from tqdm.auto import tqdm
+    def first(self, worker_class, method: str, *args):
+        return self.pool(worker_class).first(method, *args)
 
-    from .validation_run import (ValidationWorker, finish_validation, open_validation, plan_validation,
-                                 shard_is_done)
+    def map(self, worker_class, method: str, units: list, desc: str, total: int | None = None):
+        """Yield (unit, result) as `worker.method(unit)` finishes for each unit, with a progress bar that counts
+        `total` units (those already done included)."""
+        from tqdm.auto import tqdm
 
-    run = RunRoot(root)
-    run.check_writable()
-    shards = plan_validation(config, config.validation)  # checks the concepts before Ray starts
-    pool = worker_pool(ValidationWorker, config, root, address, local)
-    started = time.time()
-    manifest = open_validation(config, root, pool.first("fingerprint"), overwrite)
-    pending = [s for s in shards if not shard_is_done(run, s, manifest)]
-    bar = tqdm(total=len(shards), initial=len(shards) - len(pending), unit="shard", desc="validation",
-               disable=not progress)
-    # sketches first: each is one long task, so they start while the short ablation blocks fill the gaps
-    pending.sort(key=lambda s: s.kind != "sketch")
-    for _ in pool.map([(s, "run_shard", (s,)) for s in pending]):
-        bar.update(1)
-    bar.close()
-    pool.close()
-    result = finish_validation(config, root, manifest)
-    result.update(run_seconds=time.time() - started, shards_computed=len(pending),
-                  shards_skipped=len(shards) - len(pending), workers=pool.size)
-    return result
+        total = len(units) if total is None else total
+        with tqdm(total=total, initial=total - len(units), unit="unit", desc=desc,
+                  disable=not self.progress or not total) as bar:
+            for unit, result in self.pool(worker_class).map([(u, method, (u,)) for u in units]):
+                bar.update(1)
+                yield unit, result
 
+    def close_pool(self, worker_class) -> None:
+        """Free a pool's CPUs or GPUs for what the stage does next."""
+        if worker_class in self.pools:
+            self.pools.pop(worker_class).close()
 
-def run_evaluation(config: AttributionConfig, root: str, address: str | None = None, local: bool = False,
-                   progress: bool = True, overwrite: bool = False) -> dict:
-    """Make the fine-tuned edits (actors), then generate and judge every row with Ray Data (`map_batches` on an
-    actor pool, a GPU per actor where there are GPUs) and write evaluation/ and evaluation_summary/."""
-    import numpy as np
-    import pandas as pd
-    import pyarrow as pa
-    from tqdm.auto import tqdm
+    def close(self) -> None:
+        for worker_class in list(self.pools):
+            self.close_pool(worker_class)
 
-    from .evaluation import (EditWorker, ImageJudge, digits_prompt_set, edit_folder, evaluation_metadata,
-                             evaluation_options_hash, plan_rows, read_prompt_set, real_features, summarize_evaluation)
-    from .store import ScoreStore
+    @property
+    def workers(self) -> int:
+        return max((p.size for p in self.pools.values()), default=1)
 
-    options = config.evaluation
-    run = RunRoot(root)
-    run.check_writable()
-    store = ScoreStore(root)
-    if store.manifest["config_hash"] != config.config_hash():
-        raise CadRayError(f"--config describes another attribution run than the one in {root}")
-    known = {(c, o) for c, o in store.concepts().itertuples(index=False)}
-    for target in options.targets:
-        for edit in options.edits:
-            objective = "amplify" if edit == "cad-amplify" else "erase"
-            if edit != "finetune" and (target, objective) not in known:
-                raise CadRayError(f"edit {edit} of {target!r} needs {objective} scores for it in {root}; "
-                                  f"the run has {', '.join(sorted(f'{c}/{o}' for c, o in known))}")
-    prompts = read_prompt_set(options.prompts) if options.prompts else digits_prompt_set(options.images_per_prompt,
-                                                                                         options.seed)
-    started = time.time()
-    pool = worker_pool(EditWorker, config, root, address, local)
-    guidance = pool.first("default_guidance")
-    if options.guidance is None:
-        config = config.model_copy(update={"evaluation": options.model_copy(update={"guidance": guidance})})
-        options = config.evaluation
-    todo = [(e, t) for t in options.targets for e in ("finetune", "cad-finetune")
-            if (e in options.edits or (e == "finetune" and "finetune+cad-amplify" in options.edits))
-            and not run.exists(*edit_folder(e, t), "model", "model_index.json")]
-    with tqdm(total=len(todo), unit="edit", desc="fine-tuned edits", disable=not progress or not todo) as bar:
-        for _ in pool.map([((e, t), "make", (e, t)) for e, t in todo]):
-            bar.update(1)
-    pool.close()
-    rows = plan_rows(options, prompts)
-    # rows are judged in blocks; each finished block is written at once (like attribution shards), so a killed
-    # driver loses only the blocks in flight, and a re-run skips the rest
-    rows["block"] = np.arange(len(rows)) // options.batch_size
-    sizes = rows.groupby("block").size().to_dict()
-    block_meta = {"options_hash": options.options_hash(), "fingerprint": store.fingerprint}
-    if not overwrite and run.exists("evaluation", "part-0.parquet"):
-        previous = evaluation_options_hash(run)
-        if previous is not None and previous != block_meta["options_hash"]:
-            raise CadRayError(f"{root} holds an evaluation made with other options; pass --overwrite to replace it "
-                              "or evaluate into a copy of the root")
-    pending = [b for b in sizes if not _evaluation_block_done(run, b, sizes[b], block_meta)]
-    todo_rows = rows[rows["block"].isin(pending)]
-    bar = tqdm(total=len(sizes), initial=len(sizes) - len(pending), unit="block", desc="images",
-               disable=not progress)
+    @property
+    def workers_lost(self) -> int:
+        return sum(p.lost for p in self.pools.values())
 
-    def save(frame):
-        for block, group in frame.groupby("block"):
-            run.write_table(pa.Table.from_pandas(group, preserve_index=False), *_evaluation_block(block),
-                            metadata=dict(block_meta, rows=int(sizes[block])))
-            bar.update(1)
-
-    actors = 1
-    if pending and local:
-        judge = ImageJudge(config, root, threads=CPU_WORKER_THREADS)
-        for block in pending:
-            save(judge(todo_rows[todo_rows["block"] == block]))
-    elif pending:
+    def judge_frames(self, worker_class, frames: list, batch_size: int, worker_kwargs: dict, on_rows) -> int:
+        """Every row of `frames` through `worker_class(**worker_kwargs)(rows)`: Ray Data's `map_batches` on an
+        actor pool (a GPU per actor where there are GPUs), or in this process. `on_rows(frame)` gets each
+        judged frame as it comes. Returns the number of actors."""
+        if not frames:
+            return 0
+        if self.local:
+            worker = worker_class(**worker_kwargs, threads=CPU_WORKER_THREADS)
+            for frame in frames:
+                on_rows(worker(frame))
+            return 1
         import ray
 
-        ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts the blocks
+        if not ray.is_initialized():
+            ray.init(address=self.address or "local", log_to_driver=False,
+                     include_dashboard=False if self.address is None else None, configure_logging=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False  # the stage's bar counts the blocks
         resources = ray.cluster_resources()
         gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-        actors = max(1, config.workers or (gpus if gpus else cpus))
+        actors = max(1, self.config.workers or (gpus if gpus else cpus))
         # on CPUs the actors leave a little CPU for Ray Data's own tasks, which would otherwise wait forever
         request = {"num_gpus": 1} if gpus else {"num_cpus": min(1.0, 0.9 * cpus / actors)}
-        dataset = ray.data.from_pandas([todo_rows[todo_rows["block"] == b] for b in pending])
-        judged = dataset.map_batches(ImageJudge, fn_constructor_kwargs={
-            "config": config, "root": root, "threads": None if gpus else CPU_WORKER_THREADS},
-            batch_size=options.batch_size, batch_format="pandas",
+        judged = ray.data.from_pandas(frames).map_batches(
+            worker_class, fn_constructor_kwargs=dict(worker_kwargs, threads=None if gpus else CPU_WORKER_THREADS),
+            batch_size=batch_size, batch_format="pandas",
             # at least one actor, not all: the GPU count can still include a node that was just lost, and Ray
             # Data would wait forever for an actor it cannot place; the others start as Ray places them
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors), **request)
-        waiting = {}
         for batch in judged.iter_batches(batch_format="pandas", batch_size=None):
-            for block, group in batch.groupby("block"):
-                waiting[block] = pd.concat([waiting[block], group]) if block in waiting else group
-                if len(waiting[block]) == sizes[block]:
-                    save(waiting.pop(block))
-    bar.close()
-    table = pd.concat([run.read_table(*_evaluation_block(b)).to_pandas() for b in sorted(sizes)])
-    table = table.drop(columns=["block"])
-    key = ["edit", "target", "ratio", "guidance", "label", "prompt", "seed"]
-    table = table.sort_values(key, kind="stable").reset_index(drop=True)
-    # the Frechet distance's reference is the real digits; other models' quality needs a reference set of theirs
-    reference = real_features() if "features" in table and store.manifest.get("model") == "builtin:digits" else None
-    summary = summarize_evaluation(table, reference)
-    meta = evaluation_metadata(store.manifest, options)
-    stored = table.drop(columns=[c for c in ("features",) if c in table])
-    run.write_table(pa.Table.from_pandas(stored, preserve_index=False), "evaluation", "part-0.parquet", metadata=meta)
-    run.write_table(pa.Table.from_pandas(summary, preserve_index=False), "evaluation_summary", "part-0.parquet",
-                    metadata=meta)
-    return {"summary": summary, "images": len(table), "actors": actors, "run_seconds": time.time() - started,
-            "edits_made": len(todo), "blocks_computed": len(pending), "blocks_skipped": len(sizes) - len(pending)}
+            on_rows(batch)
+        return actors
 
 
-def _evaluation_block(block: int) -> tuple[str, str]:
-    return ("_evaluation", f"block-{int(block):06d}.parquet")
-
-
-def _evaluation_block_done(run: RunRoot, block: int, rows: int, meta: dict) -> bool:
-    """A block file counts only if it is whole (footer), has its rows, and was made with these options and model."""
-    import json
-
-    import pyarrow.parquet as pq
-
-    from .store import METADATA_KEY
-
+def run_stage(stage, config: AttributionConfig, root: str, address: str | None = None, local: bool = False,
+              progress: bool = True, **options) -> dict:
+    """Run one stage (a `cad_ray.stages` module) on Ray actors, or in this process with `local`."""
+    run = RunRoot(root)
+    run.check_writable()
+    executor = Executor(config, root, address, local, progress)
     try:
-        with run.fs.open(run.join(*_evaluation_block(block)), "rb") as f:
-            footer = pq.read_metadata(f)
-        stored = json.loads(footer.metadata[METADATA_KEY])
-    except Exception:
-        return False
-    return footer.num_rows == rows and all(stored.get(k) == v for k, v in meta.items())
+        with run.locked(stage.__name__.rsplit(".", 1)[-1]):
+            return stage.run(config, root, executor, **options)
+    finally:
+        executor.close()
+
+
+def run_attribution(config: AttributionConfig, root: str, **options) -> dict:
+    """Compute (or resume) every shard, reduce and write the score tables; returns the completed manifest."""
+    from cad_ray.stages import attribution
+
+    return run_stage(attribution, config, root, **options)
+
+
+def run_validation(config: AttributionConfig, root: str, **options) -> dict:
+    """Random-ablation validation of a completed attribution run (config.validation says what to draw)."""
+    from cad_ray.stages import validation
+
+    return run_stage(validation, config, root, **options)
+
+
+def run_evaluation(config: AttributionConfig, root: str, **options) -> dict:
+    """Edits judged by images (config.evaluation says which): evaluation/ and evaluation_summary/."""
+    from cad_ray.stages import evaluation
+
+    return run_stage(evaluation, config, root, **options)

@@ -7,16 +7,16 @@ import json
 
 import pandas as pd
 
-from .config import AttributionConfig, ValidationOptions
-from .errors import CadRayError
-from .store import RunRoot
+from cad_ray.config import AttributionConfig, ValidationOptions
+from cad_ray.errors import CadRayError
+from cad_ray.store import RunRoot
 
 
 def root_status(root: str) -> pd.DataFrame:
     """One row per stage: stage, complete, done, total (None where the root does not say), where."""
-    from .run import plan_shards
-    from .validation_run import MANIFEST as VALIDATION_MANIFEST
-    from .validation_run import plan_validation
+    from cad_ray.stages.attribution import damaged_tables, plan_shards
+    from cad_ray.stages.validation import MANIFEST as VALIDATION_MANIFEST
+    from cad_ray.stages.validation import plan_validation
 
     run = RunRoot(root)
     manifest = run.read_manifest()
@@ -29,8 +29,10 @@ def root_status(root: str) -> pd.DataFrame:
         raise CadRayError(f"cannot read the config in {root}/_manifest.json ({type(e).__name__}); was it written "
                           "by another version of cad-ray?") from None
     shards = plan_shards(config)
-    rows = [{"stage": "attribution", "complete": bool(manifest.get("complete")),
-             "done": sum(run.join(*s.path) in present for s in shards), "total": len(shards), "where": "_shards/"}]
+    damaged = damaged_tables(run, config, manifest) if manifest.get("complete") else []
+    rows = [{"stage": "attribution", "complete": bool(manifest.get("complete")) and not damaged,
+             "done": sum(run.join(*s.path) in present for s in shards), "total": len(shards),
+             "where": f"_shards/; missing or damaged: {', '.join(damaged[:3])}" if damaged else "_shards/"}]
     if run.exists(VALIDATION_MANIFEST):
         validation = json.loads(run.read_bytes(VALIDATION_MANIFEST))
         options = ValidationOptions.model_validate(validation["options"])

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     from pathlib import Path
 
     from cad_ray.digits import COLOUR_NAMES, real_digits, render, split_indices
-    from cad_ray.judges import JUDGES_DIR, ColourNet, DigitNet, DigitsJudges
+    from cad_ray.digits.judges import JUDGES_DIR, ColourNet, DigitNet, DigitsJudges
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)

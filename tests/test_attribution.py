@@ -4,11 +4,11 @@ import pytest
 import torch
 from conftest import untrained_float64_model
 
-from cad_ray.attribution import CAD
+from cad_ray.method.attribution import CAD
 from cad_ray.errors import CadRayError
 from cad_ray.models.digits import DigitsModel
-from cad_ray.objectives import AmplifyObjective, Concept, EraseObjective, point_values
-from cad_ray.scopes import select_parameters
+from cad_ray.method.objectives import AmplifyObjective, Concept, EraseObjective, point_values
+from cad_ray.method.scopes import select_parameters
 
 
 @pytest.fixture(scope="module")

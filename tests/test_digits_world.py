@@ -61,7 +61,7 @@ def test_training_batches_drop_prompts_for_guidance_and_match_their_images():
     assert images.shape == (2000, 8, 8, 3) and 0 <= images.min() and images.max() <= 1
     empty = np.mean([p == "" for p in prompts])
     assert 0.07 < empty < 0.13
-    from cad_ray.judges import builtin_judges
+    from cad_ray.digits.judges import builtin_judges
 
     colours = builtin_judges().colours(images)
     for k, p in enumerate(prompts):

@@ -7,7 +7,7 @@ import torch
 from conftest import untrained_float64_model
 
 from cad_ray.cli import main
-from cad_ray.editing import check_fingerprint, edited, random_like, select
+from cad_ray.method.editing import check_fingerprint, edited, random_like, select
 from cad_ray.errors import CadRayError
 from cad_ray.models import load_model
 from cad_ray.store import ScoreStore
@@ -104,10 +104,10 @@ def test_cad_erase_lowers_the_judged_digit_and_random_ablation_of_the_same_count
     """On the trained digits model, cross-attention scope (docs/editing.md: where CAD-Erase is most targeted):
     zeroing the top 3% of 'seven's erase scores makes the judges see far fewer sevens; the same number of random
     components changes nothing. Fixed seeds, 12 images each."""
-    from cad_ray.attribution import CAD
-    from cad_ray.concepts import digits_concept
-    from cad_ray.objectives import Concept, EraseObjective
-    from cad_ray.quality import judge_samples
+    from cad_ray.method.attribution import CAD
+    from cad_ray.digits.concepts import digits_concept
+    from cad_ray.method.objectives import Concept, EraseObjective
+    from cad_ray.digits.quality import judge_samples
 
     prompts, bases, _ = digits_concept("seven")
     scores = CAD(digits_model, EraseObjective(), "attn2", chunk_size=64).attribute(

@@ -12,7 +12,7 @@ from conftest import small_config
 
 from cad_ray.cli import main
 from cad_ray.distributed import run_evaluation
-from cad_ray.evaluation import read_prompt_set, summarize_evaluation
+from cad_ray.stages.evaluation import read_prompt_set, summarize_evaluation
 
 PEER_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "peer-prompts"
 EVALUATION = {"targets": ["seven"], "edits": ["cad-erase", "random"], "ratios": [0.05], "images_per_prompt": 2,

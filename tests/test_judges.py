@@ -1,7 +1,7 @@
 import numpy as np
 
 from cad_ray.digits import COLOUR_NAMES, real_digits, render, split_indices
-from cad_ray.judges import builtin_judges, frechet_distance
+from cad_ray.digits.judges import builtin_judges, frechet_distance
 
 
 def test_digit_judge_is_accurate_on_held_out_real_digits_in_every_colour():

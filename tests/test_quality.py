@@ -1,7 +1,7 @@
 """The built-in digits model draws what it is asked for, by the independent judges' verdict."""
 
 from cad_ray.digits import COLOUR_NAMES, canonical_prompt
-from cad_ray.quality import judge_samples, quality_summary
+from cad_ray.digits.quality import judge_samples, quality_summary
 
 
 def test_fixed_seed_samples_are_judged_the_right_digit_and_colour(digits_model):

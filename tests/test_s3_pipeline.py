@@ -8,7 +8,7 @@ import pandas as pd
 from cad_ray.config import parse_config
 from cad_ray.distributed import run_attribution, run_evaluation, run_validation
 from cad_ray.models.loading import s3_filesystem
-from cad_ray.report import write_report
+from cad_ray.stages.report import write_report
 from cad_ray.status import root_status
 
 CONFIG = {"samples": 2, "block": 2, "batch": 2, "erase": {"steps": 6}, "amplify": {"points_per_sample": 4},

@@ -12,14 +12,14 @@ import pytest
 import torch
 from conftest import small_config
 
-from cad_ray.attribution import CAD
+from cad_ray.method.attribution import CAD
 from cad_ray.cli import main
 from cad_ray.config import parse_config
 from cad_ray.distributed import run_validation
 from cad_ray.errors import CadRayError
-from cad_ray.objectives import Concept, Points
-from cad_ray.validation import AblationEvaluator, SecondOrderSketch, random_subset
-from cad_ray.validation_run import predictions
+from cad_ray.method.objectives import Concept, Points
+from cad_ray.method.estimators import AblationEvaluator, SecondOrderSketch, random_subset
+from cad_ray.stages.validation import predictions
 
 
 class ToyModel(torch.nn.Module):
@@ -86,7 +86,7 @@ def toy_predictions(kind: str, projections: int, ablations: int = 40, fraction: 
     flat = scores["blocks.0.ff.net.2.weight"].reshape(-1).numpy()
     evaluator = AblationEvaluator(model, objective, concept, "ff", samples, seed=0)
     uw = SecondOrderSketch(model, objective, "ff", projections, seed=0, batch=4).attribute(concept, samples)
-    from cad_ray.validation import quadratic
+    from cad_ray.method.estimators import quadratic
 
     actual = pd.DataFrame([{"fraction": fraction, "ablation": a,
                             "actual": evaluator.change(random_subset(flat.size, fraction, a, 0)).frozen_base,

@@ -5,10 +5,10 @@ import pytest
 import torch
 from conftest import untrained_float64_model
 
-from cad_ray.attribution import CAD
+from cad_ray.method.attribution import CAD
 from cad_ray.errors import CadRayError
-from cad_ray.objectives import Concept, EraseObjective
-from cad_ray.validation import (AblationEvaluator, bootstrap_interval, first_order_prediction, pearson,
+from cad_ray.method.objectives import Concept, EraseObjective
+from cad_ray.method.estimators import (AblationEvaluator, bootstrap_interval, first_order_prediction, pearson,
                                 random_subset, spearman)
 
 

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from ..seeds import derive_seed
+from cad_ray.seeds import derive_seed
 
 
 @dataclass

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..digits import IMAGE_SIZE, VOCABULARY, DigitsTokenizer
-from .base import TextToImageModel
+from cad_ray.digits import IMAGE_SIZE, VOCABULARY, DigitsTokenizer
+from cad_ray.models.base import TextToImageModel
 
 PIPELINE_CLASS = "CadRayDigitsPipeline"
 
@@ -113,7 +113,7 @@ class DigitsModel(TextToImageModel):
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        from .loading import load_component, load_scheduler
+        from cad_ray.models.loading import load_component, load_scheduler
 
         folder = Path(folder)
         unet = load_component(UNet2DConditionModel, folder, "unet")

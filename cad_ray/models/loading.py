@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import CadRayError
+from cad_ray.errors import CadRayError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 BUILTIN_DIGITS = Path(__file__).resolve().parent.parent / "assets" / "digits-model"
@@ -154,8 +154,8 @@ def quiet_libraries() -> None:
 
 def load_model(path_or_uri: str | os.PathLike | None = None, device: str | None = None, dtype=None):
     """Load a text-to-image model: the built-in digits model (default), or an SD pipeline folder / `s3://` URI."""
-    from .digits import PIPELINE_CLASS, DigitsModel
-    from .stable_diffusion import StableDiffusionModel
+    from cad_ray.models.digits import PIPELINE_CLASS, DigitsModel
+    from cad_ray.models.stable_diffusion import StableDiffusionModel
 
     quiet_libraries()
     folder, source = resolve_model_folder(path_or_uri)

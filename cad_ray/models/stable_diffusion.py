@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import TextToImageModel
+from cad_ray.models.base import TextToImageModel
 
 
 class StableDiffusionModel(TextToImageModel):
@@ -60,8 +60,8 @@ class StableDiffusionModel(TextToImageModel):
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        from ..errors import CadRayError
-        from .loading import load_component, load_scheduler
+        from cad_ray.errors import CadRayError
+        from cad_ray.models.loading import load_component, load_scheduler
 
         folder = Path(folder)
         unet = load_component(UNet2DConditionModel, folder, "unet")

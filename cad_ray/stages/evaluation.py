@@ -1,5 +1,6 @@
-"""Edits judged by images (core, no Ray): prompt sets, the plan of what to generate, the worker that makes
-the fine-tuned edits, the judge that generates and judges a batch of rows, and the summary.
+"""The evaluation stage (no Ray): edits judged by images. Its units are the fine-tuned edits (`EditWorker`) and
+blocks of image rows (`ImageJudge` generates and judges a batch); `finish_evaluation` writes the tables and
+`run` puts it all in order on an executor (cad_ray.distributed).
 
 One row per image: (edit, target, ratio, guidance, prompt, seed, label). `edit` is `none` for the unedited
 model; `target` is the edited concept; `label` is what the prompt asks for. Image k of a prompt starts from
@@ -7,7 +8,7 @@ the noise of (evaluation seed, seed), so the same prompt and seed give comparabl
 every edit. Edits:
 
     cad-erase, random, cad-amplify       zeroing, at each ratio (random: as many components as cad-erase)
-    finetune, cad-finetune               gradient steps (see cad_ray.editing), saved as model folders
+    finetune, cad-finetune               gradient steps (see cad_ray.method.editing), saved as model folders
     finetune+cad-amplify                 CAD-Amplify on the finetune-erased model: recovery
 """
 
@@ -21,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import AttributionConfig, EvaluationOptions
-from .digits import DIGIT_WORDS, canonical_prompt
-from .editing import ZEROING_EDITS, check_fingerprint, random_like, select
-from .errors import CadRayError
-from .store import RunRoot, ScoreStore, partition
+from cad_ray.config import AttributionConfig, EvaluationOptions
+from cad_ray.digits import DIGIT_WORDS, canonical_prompt
+from cad_ray.method.editing import ZEROING_EDITS, check_fingerprint, random_like, select
+from cad_ray.errors import CadRayError
+from cad_ray.store import RunRoot, ScoreStore, partition
 
 RECOVERY = "finetune+cad-amplify"
 LABEL_COLUMNS = ("class", "artist", "categories", "label")
@@ -39,12 +40,12 @@ class DigitsJudge:
     distance to real digits."""
 
     def __init__(self):
-        from .judges import builtin_judges
+        from cad_ray.digits.judges import builtin_judges
 
         self.judges = builtin_judges()
 
     def judge(self, images: np.ndarray, labels: list[str]) -> dict:
-        from .digits import COLOUR_NAMES
+        from cad_ray.digits import COLOUR_NAMES
 
         predicted = [DIGIT_WORDS[d] for d in self.judges.digits(images)]
         return {"predicted": predicted, "correct": [p == l for p, l in zip(predicted, labels)],
@@ -85,20 +86,35 @@ class ClassifierJudge:
                 "features": list(logits.numpy().astype(np.float32))}
 
 
-def load_judge(spec: dict | None, model_kind: str):
-    """The judge of an evaluation: `{"factory": "module:callable", **options}` (loaded only when asked), else the
-    digits judges for the digits model, else none (images are generated and stored, not judged)."""
-    if spec:
-        import importlib
+BUILTIN_JUDGES = {"digits": DigitsJudge, "classifier": ClassifierJudge}
+JUDGE_ENTRY_POINTS = "cad_ray.judges"  # plugins: [project.entry-points."cad_ray.judges"] name = "module:Class"
 
-        options = dict(spec)
-        factory = options.pop("factory", "cad_ray.evaluation:ClassifierJudge")
-        module, _, name = factory.partition(":")
-        try:
-            return getattr(importlib.import_module(module), name)(**options)
-        except (ImportError, AttributeError) as e:
-            raise CadRayError(f"cannot load judge {factory!r}: {e}") from None
-    return DigitsJudge() if model_kind == "digits" else None
+
+def registered_judges() -> dict:
+    """Judges a config may name: the built-ins and the plugins installed under the `cad_ray.judges` entry-point
+    group (their code is imported only when a config names them)."""
+    from importlib.metadata import entry_points
+
+    return {**{ep.name: ep for ep in entry_points(group=JUDGE_ENTRY_POINTS)}, **BUILTIN_JUDGES}
+
+
+def load_judge(spec: dict | None, model_kind: str):
+    """The judge of an evaluation: `{"name": <registered judge>, **options}`, else the digits judges for the
+    digits model, else none (images are generated and stored, not judged). A config never names code to import:
+    only registered judges."""
+    if not spec:
+        return DigitsJudge() if model_kind == "digits" else None
+    options = dict(spec)
+    name = options.pop("name", "classifier")
+    judges = registered_judges()
+    if name not in judges:
+        raise CadRayError(f"unknown judge {name!r} in evaluation.judge; registered judges: {', '.join(sorted(judges))}"
+                          f" (plugins register under the {JUDGE_ENTRY_POINTS!r} entry-point group)")
+    judge = judges[name]
+    try:
+        return (judge if isinstance(judge, type) else judge.load())(**options)
+    except TypeError as e:
+        raise CadRayError(f"judge {name!r}: {e}") from None
 
 
 def read_prompt_set(path: str) -> pd.DataFrame:
@@ -164,7 +180,7 @@ def edit_folder(edit: str, target: str) -> tuple[str, ...]:
 def load_scored_model(config: AttributionConfig, root: str, device: str | None = None):
     """The model of `config` on `device` (a GPU where there is one) and the score store of `root`, refusing a
     model other than the one the scores were computed on."""
-    from .run import model_for
+    from cad_ray.stages.attribution import model_for
 
     model = model_for(config, device)
     store = ScoreStore(root)
@@ -177,7 +193,7 @@ class EditWorker:
     `finetune` it also attributes the target under the amplify objective on the edited model (for recovery)."""
 
     def __init__(self, config: AttributionConfig, root: str, device: str | None = None):
-        from .concepts import build_concept
+        from cad_ray.method.concepts import build_concept
 
         self.config, self.run, self.options = config, RunRoot(root), config.evaluation
         self.model, self.store = load_scored_model(config, root, device)
@@ -190,8 +206,8 @@ class EditWorker:
         return self.model.default_guidance
 
     def make(self, edit: str, target: str) -> dict:
-        from .editing import finetune, weights_replaced
-        from .run import objective_for
+        from cad_ray.method.editing import finetune, weights_replaced
+        from cad_ray.stages.attribution import objective_for
 
         start = time.time()
         spec = next(c for c in self.config.concepts if c.name == target)
@@ -204,11 +220,16 @@ class EditWorker:
         objective = objective_for(self.config, "erase")
         weights = finetune(self.model, concept, objective, self.config.scope, list(range(ft.samples)),
                            self.config.seed, ft.steps, ft.lr, masks, self.config.chunk_size, ft.negative_guidance)
+        self.run.remove(*edit_folder(edit, target))  # a half-written or stale edit is made anew
         with weights_replaced(self.model, weights):
             self._save_model(edit, target)
             if edit == "finetune" and RECOVERY in self.options.edits:
                 self._attribute_amplify(edit, target, concept)
+        self.run.write_manifest(finetune_key(self.options, self.store), *edit_folder(edit, target), EDIT_MARKER)
         return {"edit": edit, "target": target, "seconds": time.time() - start}
+
+    def make_edit(self, work: tuple[str, str]) -> dict:
+        return self.make(*work)
 
     def _save_model(self, edit: str, target: str) -> None:
         import tempfile
@@ -222,9 +243,9 @@ class EditWorker:
 
     def _attribute_amplify(self, edit: str, target: str, concept) -> None:
         """CAD scores of the target under the amplify objective on the edited model, as a run root of its own."""
-        from .attribution import CAD
-        from .run import objective_for
-        from .store import SCORE_SCHEMA, aggregate_tables, score_parts, table_metadata
+        from cad_ray.method.attribution import CAD
+        from cad_ray.stages.attribution import objective_for
+        from cad_ray.store import SCORE_SCHEMA, aggregate_tables, score_parts, table_metadata
 
         estimator = CAD(self.model, objective_for(self.config, "amplify"), self.config.scope, self.config.chunk_size,
                         self.config.seed, self.config.batch)
@@ -265,6 +286,10 @@ class ImageJudge:
             granularity = self.options.granularity
             if edit == RECOVERY:
                 store = ScoreStore(self.run.uri_under(*edit_folder("finetune", target)))
+                if store.fingerprint != self._finetuned_fingerprint("finetune", target):
+                    raise CadRayError(f"the recovery scores under {store.run.uri} were computed on another model "
+                                      f"than {self.run.uri_under(*edit_folder('finetune', target), 'model')}; "
+                                      "re-run 'cad-ray evaluate' with --overwrite")
                 self.cache[key] = select(store.tensor_scores(target, "amplify"), ratio=ratio,
                                          granularity=granularity, largest=False)
             elif edit == "random":
@@ -279,18 +304,23 @@ class ImageJudge:
     def _finetuned(self, edit: str, target: str):
         key = (edit, target)
         if key not in self.cache:
-            from .models import load_model
-            from .scopes import select_parameters
+            from cad_ray.models import load_model
+            from cad_ray.method.scopes import select_parameters
 
             edited_model = load_model(self.run.uri_under(*edit_folder(edit, target), "model"))
             self.cache[key] = {n: p.detach().clone() for n, p in
                                select_parameters(edited_model.named_parameters(), self.config.scope)}
+            self.cache[("fingerprint", edit, target)] = edited_model.fingerprint()
         return self.cache[key]
+
+    def _finetuned_fingerprint(self, edit: str, target: str) -> str:
+        self._finetuned(edit, target)
+        return self.cache[("fingerprint", edit, target)]
 
     def _applied(self, edit: str, target: str, ratio: float):
         from contextlib import ExitStack, nullcontext
 
-        from .editing import edited, weights_replaced
+        from cad_ray.method.editing import edited, weights_replaced
 
         if edit == "none":
             return nullcontext()
@@ -333,8 +363,8 @@ class ImageJudge:
 
 def real_features() -> np.ndarray:
     """Digit-judge features of the real digits (the reference of the Frechet distance)."""
-    from .digits import COLOUR_NAMES, real_digits, render
-    from .judges import builtin_judges
+    from cad_ray.digits import COLOUR_NAMES, real_digits, render
+    from cad_ray.digits.judges import builtin_judges
 
     images, _ = real_digits()
     return builtin_judges().features(np.concatenate([render(images, c) for c in COLOUR_NAMES]))
@@ -344,7 +374,7 @@ def summarize_evaluation(table: pd.DataFrame, reference: np.ndarray | None = Non
     """Per (edit, target, ratio, guidance): the target's accuracy, the other labels' accuracy and the worst
     share of its unedited accuracy that another label keeps, the Frechet distance of judge features to real
     digits and its rise over the unedited model; `best` marks each (edit, target)'s best trade-off ratio."""
-    from .judges import frechet_distance
+    from cad_ray.digits.judges import frechet_distance
 
     none = table[table["edit"] == "none"]
     base_acc = none.groupby(["guidance", "label"])["correct"].mean()
@@ -387,12 +417,115 @@ def evaluation_metadata(manifest: dict, options: EvaluationOptions) -> dict:
 
 def evaluation_options_hash(run: RunRoot) -> str | None:
     """The options hash stored in an existing evaluation table, if any."""
-    import pyarrow.parquet as pq
+    footer = run.footer("evaluation", "part-0.parquet")
+    return footer.metadata.get("options_hash") if footer else None
 
-    from .store import METADATA_KEY
 
-    try:
-        with run.fs.open(run.join("evaluation", "part-0.parquet"), "rb") as f:
-            return json.loads(pq.read_metadata(f).metadata[METADATA_KEY]).get("options_hash")
-    except Exception:
-        return None
+EDIT_MARKER = "_complete.json"
+
+
+def finetune_key(options: EvaluationOptions, store: ScoreStore) -> dict:
+    """What a fine-tuned edit depends on; written last into its folder, so a half-written or stale edit is
+    made again."""
+    return {"finetune": options.finetune.model_dump(mode="json"), "granularity": options.granularity,
+            "recovery": RECOVERY in options.edits, "fingerprint": store.fingerprint,
+            "config_hash": store.manifest["config_hash"]}
+
+
+def evaluation_block(block: int) -> tuple[str, str]:
+    return ("_evaluation", f"block-{int(block):06d}.parquet")
+
+
+def block_is_done(run: RunRoot, block: int, rows: int, meta: dict) -> bool:
+    """A block file counts only if it is whole (footer), has its rows, and was made with these options and model."""
+    footer = run.footer(*evaluation_block(block))
+    return footer is not None and footer.rows == rows and all(footer.metadata.get(k) == v for k, v in meta.items())
+
+
+def check_targets(options: EvaluationOptions, store: ScoreStore, root: str) -> None:
+    """Every edit of every target has the scores it needs in the run."""
+    known = {(c, o) for c, o in store.concepts().itertuples(index=False)}
+    for target in options.targets:
+        for edit in options.edits:
+            objective = "amplify" if edit == "cad-amplify" else "erase"
+            if edit != "finetune" and (target, objective) not in known:
+                raise CadRayError(f"edit {edit} of {target!r} needs {objective} scores for it in {root}; "
+                                  f"the run has {', '.join(sorted(f'{c}/{o}' for c, o in known))}")
+
+
+def run(config: AttributionConfig, root: str, executor, overwrite: bool = False) -> dict:
+    """The stage: make the fine-tuned edits (units: (edit, target) on actors), then generate and judge every
+    row (units: blocks of rows, through Ray Data), each block written as it finishes so that a killed driver
+    resumes; finish with evaluation/ and evaluation_summary/."""
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    options = config.evaluation
+    run_root = RunRoot(root)
+    run_root.check_writable()
+    store = ScoreStore(root)
+    if store.manifest["config_hash"] != config.config_hash():
+        raise CadRayError(f"--config describes another attribution run than the one in {root}")
+    check_targets(options, store, root)
+    prompts = read_prompt_set(options.prompts) if options.prompts else digits_prompt_set(options.images_per_prompt,
+                                                                                         options.seed)
+    started = time.time()
+    guidance = executor.first(EditWorker, "default_guidance")
+    if options.guidance is None:
+        config = config.model_copy(update={"evaluation": options.model_copy(update={"guidance": guidance})})
+        options = config.evaluation
+    edit_key = finetune_key(options, store)
+    todo = [(e, t) for t in options.targets for e in ("finetune", "cad-finetune")
+            if (e in options.edits or (e == "finetune" and RECOVERY in options.edits))
+            and run_root.read_manifest(*edit_folder(e, t), EDIT_MARKER) != edit_key]
+    for _ in executor.map(EditWorker, "make_edit", todo, "fine-tuned edits"):
+        pass
+    executor.close_pool(EditWorker)
+    rows = plan_rows(options, prompts)
+    rows["block"] = np.arange(len(rows)) // options.batch_size
+    sizes = rows.groupby("block").size().to_dict()
+    block_meta = {"options_hash": options.options_hash(), "fingerprint": store.fingerprint,
+                  "config_hash": store.manifest["config_hash"]}
+    if not overwrite and run_root.exists("evaluation", "part-0.parquet"):
+        previous = evaluation_options_hash(run_root)
+        if previous is not None and previous != block_meta["options_hash"]:
+            raise CadRayError(f"{root} holds an evaluation made with other options; pass --overwrite to replace it "
+                              "or evaluate into a copy of the root")
+    pending = [b for b in sizes if not block_is_done(run_root, b, sizes[b], block_meta)]
+    bar = tqdm(total=len(sizes), initial=len(sizes) - len(pending), unit="block", desc="images",
+               disable=not executor.progress)
+    waiting = {}
+
+    def save(frame):  # rows of a block may come in several batches; a block is written once it is whole
+        for block, group in frame.groupby("block"):
+            waiting[block] = pd.concat([waiting[block], group]) if block in waiting else group
+            if len(waiting[block]) == sizes[block]:
+                run_root.write_table(pa.Table.from_pandas(waiting.pop(block), preserve_index=False),
+                                     *evaluation_block(block), metadata=dict(block_meta, rows=int(sizes[block])))
+                bar.update(1)
+
+    actors = executor.judge_frames(ImageJudge, [rows[rows["block"] == b] for b in pending], options.batch_size,
+                                   {"config": config, "root": root}, save)
+    bar.close()
+    summary, images = finish_evaluation(run_root, store, options, sorted(sizes))
+    return {"summary": summary, "images": images, "actors": max(actors, 1), "run_seconds": time.time() - started,
+            "edits_made": len(todo), "blocks_computed": len(pending), "blocks_skipped": len(sizes) - len(pending)}
+
+
+def finish_evaluation(run: RunRoot, store: ScoreStore, options: EvaluationOptions, blocks: list[int]):
+    """evaluation/ (one row per image, in a fixed order) and evaluation_summary/ from the judged blocks."""
+    import pyarrow as pa
+
+    table = pd.concat([run.read_table(*evaluation_block(b)).to_pandas() for b in blocks])
+    table = table.drop(columns=["block"])
+    key = ["edit", "target", "ratio", "guidance", "label", "prompt", "seed"]
+    table = table.sort_values(key, kind="stable").reset_index(drop=True)
+    # the Frechet distance's reference is the real digits; other models' quality needs a reference set of theirs
+    reference = real_features() if "features" in table and store.manifest.get("model") == "builtin:digits" else None
+    summary = summarize_evaluation(table, reference)
+    meta = evaluation_metadata(store.manifest, options)
+    stored = table.drop(columns=[c for c in ("features",) if c in table])
+    run.write_table(pa.Table.from_pandas(stored, preserve_index=False), "evaluation", "part-0.parquet", metadata=meta)
+    run.write_table(pa.Table.from_pandas(summary, preserve_index=False), "evaluation_summary", "part-0.parquet",
+                    metadata=meta)
+    return summary, len(table)

@@ -1,4 +1,5 @@
-"""The validation stage without Ray: its shards, the worker that computes them, and the tables it writes.
+"""The validation stage (no Ray): its units (shards), the worker that computes one, and the tables it finishes.
+`run` puts them in order on an executor (cad_ray.distributed).
 
 Two kinds of shard, both written under `_validation/` and resumed like attribution shards:
 
@@ -17,7 +18,6 @@ prediction, fits COAR, and writes
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 
@@ -25,11 +25,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from . import __version__
-from .config import AttributionConfig, ValidationOptions
-from .errors import CadRayError
-from .store import METADATA_KEY, RunRoot, ScoreStore, partition
-from .validation import (AblationEvaluator, SecondOrderSketch, bootstrap_interval, concentration,
+from cad_ray import __version__
+from cad_ray.config import AttributionConfig, ValidationOptions
+from cad_ray.errors import CadRayError
+from cad_ray.store import RunRoot, ScoreStore, partition
+from cad_ray.method.estimators import (AblationEvaluator, SecondOrderSketch, bootstrap_interval, concentration,
                          fit_coar, jaccard, neuron_index, neuron_shares, pearson, quadratic, random_subset, spearman,
                          top_set)
 
@@ -97,8 +97,8 @@ class ValidationWorker:
     """Loads the model once; computes actual-change and sketch shards (in-process or as a Ray actor)."""
 
     def __init__(self, config: AttributionConfig, root: str, device: str | None = None):
-        from .concepts import build_concept
-        from .run import model_for, objective_for
+        from cad_ray.method.concepts import build_concept
+        from cad_ray.stages.attribution import model_for, objective_for
 
         self.config, self.options, self.run = config, config.validation, RunRoot(root)
         self.model = model_for(config, device)
@@ -161,18 +161,14 @@ class ValidationWorker:
 
 def shard_is_done(run: RunRoot, shard: ValidationShard, manifest: dict) -> bool:
     """Whole, from this run's options and model, and with the rows it should have."""
-    import pyarrow.parquet as pq
-
-    try:
-        with run.fs.open(run.join(*shard.path), "rb") as f:
-            footer = pq.read_metadata(f)
-        meta = json.loads(footer.metadata[METADATA_KEY])
-    except Exception:
+    footer = run.footer(*shard.path)
+    if footer is None:
         return False
+    meta = footer.metadata
     rows = len(manifest["options"]["fractions"]) * manifest["options"]["ablations"] if shard.kind == "sketch" \
         else shard.rows
     return (meta.get("options_hash") == manifest["options_hash"] and meta.get("fingerprint") == manifest["fingerprint"]
-            and meta.get("config_hash") == manifest["config_hash"] and footer.num_rows == rows)
+            and meta.get("config_hash") == manifest["config_hash"] and footer.rows == rows)
 
 
 def open_validation(config: AttributionConfig, root: str, fingerprint: str, overwrite: bool) -> dict:
@@ -186,7 +182,13 @@ def open_validation(config: AttributionConfig, root: str, fingerprint: str, over
         raise CadRayError(f"the model ({fingerprint}) is not the one the scores in {root} were computed on "
                           f"({store.fingerprint}); point the config's model at that one")
     options = config.validation
-    manifest = json.loads(run.read_bytes(MANIFEST)) if run.exists(MANIFEST) else None
+    manifest = run.read_manifest(MANIFEST)
+    if manifest is not None and (manifest.get("config_hash"), manifest.get("fingerprint")) != \
+            (store.manifest["config_hash"], store.fingerprint):
+        # made from scores that have since been replaced: nothing of it is valid any more
+        for name in ("_validation", *TABLES, "plots/validation", MANIFEST):
+            run.remove(name)
+        manifest = None
     if manifest is not None and manifest["options_hash"] != options.options_hash():
         if not overwrite:
             raise CadRayError(f"{root} holds a validation made with other options; pass --overwrite to replace "
@@ -198,7 +200,7 @@ def open_validation(config: AttributionConfig, root: str, fingerprint: str, over
         manifest = {"options": options.model_dump(mode="json"), "options_hash": options.options_hash(),
                     "fingerprint": fingerprint, "config_hash": config.config_hash(), "code_version": __version__,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "complete": False}
-        run.write_bytes(json.dumps(manifest, indent=1, sort_keys=True).encode(), MANIFEST)
+        run.write_manifest(manifest, MANIFEST)
     return manifest
 
 
@@ -265,7 +267,7 @@ def overlap(tops: dict[str, np.ndarray], objective: str) -> pd.DataFrame:
 
 def finish_validation(config: AttributionConfig, root: str, manifest: dict) -> dict:
     """Read the shards and the score tables, write the validation tables and plots, mark the validation done."""
-    from .plots import overlap_heatmap, validation_scatter
+    from cad_ray.plots import overlap_heatmap, validation_scatter
 
     run, store, options = RunRoot(root), ScoreStore(root), config.validation
     concepts = validation_concepts(config, options)
@@ -299,16 +301,36 @@ def finish_validation(config: AttributionConfig, root: str, manifest: dict) -> d
     run.write_table(pa.Table.from_pandas(pairs, preserve_index=False), "overlap", "part-0.parquet", metadata=meta)
     run.write_bytes(overlap_heatmap(pairs), "plots", "validation", "overlap.png")
     manifest = dict(manifest, complete=True, completed=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    run.write_bytes(json.dumps(manifest, indent=1, sort_keys=True).encode(), MANIFEST)
+    run.write_manifest(manifest, MANIFEST)
     return {"manifest": manifest, "summary": summary, "localization": shares, "overlap": pairs}
 
 
 def read_validation(root: str) -> dict:
     """The tables of a completed validation: validation, summary, localization, overlap (pandas)."""
     run = RunRoot(root)
-    if not run.exists(MANIFEST) or not json.loads(run.read_bytes(MANIFEST)).get("complete"):
+    if not run.exists(MANIFEST) or not run.read_manifest(MANIFEST).get("complete"):
         raise CadRayError(f"no completed validation in {root}; run 'cad-ray validate --root {root}'")
     store = ScoreStore(root)
     return {name: store.table(name) for name in TABLES}
 
 
+
+
+def run(config: AttributionConfig, root: str, executor, overwrite: bool = False) -> dict:
+    """The stage: plan the shards, compute those not done, then finish the tables (no model needed)."""
+    run_root = RunRoot(root)
+    run_root.check_writable()
+    shards = plan_validation(config, config.validation)  # checks the concepts before any worker starts
+    started = time.time()
+    manifest = open_validation(config, root, executor.first(ValidationWorker, "fingerprint"), overwrite)
+    pending = [s for s in shards if not shard_is_done(run_root, s, manifest)]
+    # sketches first: each is one long task, so they start while the short ablation blocks fill the gaps
+    pending.sort(key=lambda s: s.kind != "sketch")
+    for _ in executor.map(ValidationWorker, "run_shard", pending, "validation", total=len(shards)):
+        pass
+    workers = executor.workers
+    executor.close_pool(ValidationWorker)
+    result = finish_validation(config, root, manifest)
+    result.update(run_seconds=time.time() - started, shards_computed=len(pending),
+                  shards_skipped=len(shards) - len(pending), workers=workers)
+    return result

@@ -19,9 +19,9 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from .errors import CadRayError
-from .scopes import select_parameters
-from .seeds import numpy_rng
+from cad_ray.errors import CadRayError
+from cad_ray.method.scopes import select_parameters
+from cad_ray.seeds import numpy_rng
 
 ZEROING_EDITS = {"cad-erase": ("erase", True), "cad-amplify": ("amplify", False)}
 EDITS = ("cad-erase", "cad-amplify", "random", "finetune", "cad-finetune")
@@ -177,7 +177,7 @@ def finetune(model, concept, objective, scope: str, samples: list[int], seed: in
     prediction made by the original weights, or with `negative_guidance` eta beyond it, to
     base - eta * (concept - base) as ESD does. With `masks`, only the masked components move. Returns the new
     values of the scoped tensors; the model itself is left as it was."""
-    from .objectives import point_values
+    from cad_ray.method.objectives import point_values
 
     if steps < 1:
         raise CadRayError(f"fine-tuning needs at least one step, got {steps}")

@@ -1,27 +1,34 @@
-"""The attribution stage without Ray: shards, the worker that computes them, and the run root's life cycle.
+"""The attribution stage (no Ray): its units, the worker that computes one, and how its tables are finished.
 
-A shard is (concept, objective, block of sample indices). A worker computes a shard's partial gradient sum
-and writes it to `_shards/`; once every shard of a (concept, objective) is there, `finalize` adds them in
-shard order and writes the score tables. The Ray layer (cad_ray.distributed) only decides where these
-calls run.
+- units: shards, (concept, objective, block of sample indices), keyed by the config hash and the model's
+  fingerprint (`plan_shards`, `shard_status`);
+- one unit: `AttributionWorker.run_shard` writes the shard's partial gradient sum to `_shards/`;
+- finish: `AttributionWorker.finalize` adds a (concept, objective)'s shards in shard order and writes
+  scores/, neurons/ and layers/; `mark_complete` marks the manifest.
+
+`run` puts these in order on an executor (cad_ray.distributed: Ray actors or this process).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from . import __version__
-from .attribution import CAD, GradientSum
-from .config import AttributionConfig
-from .errors import CadRayError
-from .store import METADATA_KEY, SCORE_SCHEMA, RunRoot, aggregate_tables, partition, score_parts, table_metadata
+from cad_ray import __version__
+from cad_ray.method.attribution import CAD, GradientSum
+from cad_ray.config import LATER_STAGES, AttributionConfig
+from cad_ray.errors import CadRayError
+from cad_ray.store import METADATA_KEY, SCORE_SCHEMA, RunRoot, aggregate_tables, partition, score_parts, table_metadata
 
 RESULT_TABLES = ("scores", "neurons", "layers")
+# what later stages derive from the scores; removed with them by --overwrite
+DOWNSTREAM = ("_validation", "_validation.json", "validation", "validation_summary", "localization", "overlap",
+              "_evaluation", "evaluation", "evaluation_summary", "edits", "plots", "report.html")
 
 
 @dataclass(frozen=True)
@@ -50,14 +57,14 @@ def model_for(config: AttributionConfig, device: str | None = None):
     """The config's model on `device`, else on the config's device, else on a GPU where there is one."""
     import torch
 
-    from .models import load_model
+    from cad_ray.models import load_model
 
     return load_model(config.model, device=device or config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def objective_for(config: AttributionConfig, name: str, points_per_sample: int | None = None):
     """The config's objective; `points_per_sample` (when given) overrides the config's."""
-    from .objectives import make_objective
+    from cad_ray.method.objectives import make_objective
 
     options = (config.erase if name == "erase" else config.amplify).model_dump()
     if points_per_sample is not None:
@@ -69,7 +76,7 @@ class AttributionWorker:
     """Loads the model once and computes shards; the same class runs in-process or as a Ray actor."""
 
     def __init__(self, config: AttributionConfig, root: str, device: str | None = None):
-        from .concepts import build_concept
+        from cad_ray.method.concepts import build_concept
 
         self.config, self.run = config, RunRoot(root)
         start = time.time()
@@ -122,22 +129,13 @@ class AttributionWorker:
         return {"concept": concept, "objective": objective, "objective_value": attribution.objective_value,
                 "components": sum(w.numel() for w in weights.values())}
 
-
-def _shard_footer(run: RunRoot, shard: Shard) -> tuple[dict, int] | None:
-    """(metadata, rows) from a shard file's footer; None if the file is missing or truncated."""
-    import pyarrow.parquet as pq
-
-    try:
-        with run.fs.open(run.join(*shard.path), "rb") as f:
-            footer = pq.read_metadata(f)
-        return json.loads(footer.metadata[METADATA_KEY]), footer.num_rows
-    except Exception:
-        return None
+    def finalize_pair(self, work: tuple) -> dict:
+        return self.finalize(*work)
 
 
 def shard_is_valid(run: RunRoot, shard: Shard, names: list[str], total_size: int, manifest: dict) -> bool:
     """A shard counts as done only if its file is whole and belongs to this run, model and layout."""
-    footer = _shard_footer(run, shard)
+    footer = run.footer(*shard.path)
     if footer is None:
         return False
     meta, rows = footer
@@ -176,20 +174,27 @@ def open_run(config: AttributionConfig, root: str, fingerprint: str, overwrite: 
     """
     run = RunRoot(root)  # the caller has checked that it is writable, before any work
     manifest = run.read_manifest()
+    if manifest is None:
+        foreign = [name for name in ("_shards", *RESULT_TABLES) if run.exists(name)]
+        if foreign:
+            raise CadRayError(f"{root} already holds {foreign[0]}/ but no cad-ray run (_manifest.json); it is not a "
+                              "run root of ours: choose an empty or new --root")
     if manifest is not None and (manifest.get("config_hash") != config.config_hash()
                                  or manifest.get("fingerprint") != fingerprint):
         if not overwrite:
             what = "config" if manifest.get("config_hash") != config.config_hash() else "model"
             raise CadRayError(f"{root} holds a run made with another {what}; use another --root, or --overwrite "
                               "to replace it")
-        for name in ("_shards", *RESULT_TABLES, "_manifest.json"):
-            run.remove(name)
+        for name in ("_shards", *RESULT_TABLES, *DOWNSTREAM, "_manifest.json"):
+            run.remove(name)  # later stages' results too: they were made from the scores being replaced
         manifest = None
     if manifest is None:
         manifest = {"config": config.result_fields(), "config_hash": config.config_hash(),
                     "fingerprint": fingerprint, "model": config.model or "builtin:digits",
                     "code_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "complete": False}
+                    "complete": False,
+                    # the later stages' sections of the config file: their defaults for this root
+                    "stage_options": config.model_dump(include=set(LATER_STAGES), mode="json")}
         run.write_manifest(manifest)
     return manifest
 
@@ -205,9 +210,24 @@ def shard_status(run: RunRoot, shards: list[Shard], manifest: dict,
     return done, pending
 
 
-def pairs_to_finalize(run: RunRoot, config: AttributionConfig) -> list[tuple[str, str]]:
+def table_is_whole(run: RunRoot, table: str, concept: str, objective: str, manifest: dict) -> bool:
+    """A final table counts only if its file is whole and was written for this run's config and model."""
+    parts = (table, partition(concept, objective), "part-0.parquet")
+    footer = run.footer(*parts)
+    return (footer is not None and footer.metadata.get("config_hash") == manifest["config_hash"]
+            and footer.metadata.get("fingerprint") == manifest["fingerprint"] and run.readable(*parts))
+
+
+def damaged_tables(run: RunRoot, config: AttributionConfig, manifest: dict) -> list[str]:
+    """The final tables that are missing, damaged or from another run, as paths under the root."""
+    return ["/".join((t, partition(spec.name, objective), "part-0.parquet")) for spec, objective in config.pairs()
+            for t in RESULT_TABLES if not table_is_whole(run, t, spec.name, objective, manifest)]
+
+
+def pairs_to_finalize(run: RunRoot, config: AttributionConfig, manifest: dict) -> list[tuple[str, str]]:
+    """The (concept, objective) pairs whose tables are not all whole: written, or written again (a repair)."""
     return [(spec.name, objective) for spec, objective in config.pairs()
-            if not all(run.exists(t, partition(spec.name, objective), "part-0.parquet") for t in RESULT_TABLES)]
+            if not all(table_is_whole(run, t, spec.name, objective, manifest) for t in RESULT_TABLES)]
 
 
 def mark_complete(run: RunRoot, manifest: dict, results: list[dict]) -> dict:
@@ -217,4 +237,30 @@ def mark_complete(run: RunRoot, manifest: dict, results: list[dict]) -> dict:
     for r in results:
         manifest["objective_values"][f"{r['concept']}/{r['objective']}"] = r["objective_value"]
     run.write_manifest(manifest)
+    return manifest
+
+
+def run(config: AttributionConfig, root: str, executor, overwrite: bool = False) -> dict:
+    """The stage: plan the shards, compute those not done on the executor's workers, reduce each (concept,
+    objective) in shard order and mark the run complete; returns the completed manifest."""
+    run_root = RunRoot(root)
+    run_root.check_writable()
+    started = time.time()
+    fingerprint = executor.first(AttributionWorker, "fingerprint")  # the first call loads the model
+    setup_seconds = time.time() - started
+    manifest = open_run(config, root, fingerprint, overwrite)
+    layout = executor.first(AttributionWorker, "tensor_layout")
+    shards = plan_shards(config)
+    done, pending = shard_status(run_root, shards, manifest, layout)
+    for _ in executor.map(AttributionWorker, "run_shard", pending, "attribution", total=len(shards)):
+        pass
+    by_pair = defaultdict(list)
+    for shard in shards:
+        by_pair[(shard.concept, shard.objective)].append(shard)
+    todo = [(*pair, by_pair[pair], manifest) for pair in pairs_to_finalize(run_root, config, manifest)]
+    results = [r for _, r in executor.map(AttributionWorker, "finalize_pair", todo, "reduce")]
+    manifest = mark_complete(run_root, manifest, results)
+    manifest.update(run_seconds=time.time() - started, setup_seconds=setup_seconds,  # Ray start-up, model loading
+                    shards_computed=len(pending), shards_skipped=len(done), workers=executor.workers,
+                    workers_lost=executor.workers_lost)
     return manifest

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .digits import COLOUR_NAMES, canonical_prompt, parse_prompt
+from cad_ray.digits import COLOUR_NAMES, canonical_prompt, parse_prompt
 
 
 def judge_samples(model, prompts: list[str], seed: int, guidance: float | None = None, steps: int | None = None,
                   judges=None, batch_size: int = 200) -> pd.DataFrame:
     """Sample one image per prompt (image k from seed stream k) and judge it: one row per image."""
-    from .judges import builtin_judges
+    from cad_ray.digits.judges import builtin_judges
 
     judges = judges or builtin_judges()
     rows = []

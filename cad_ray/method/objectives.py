@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import CadRayError
-from .seeds import derive_seed, numpy_rng, torch_generator
+from cad_ray.errors import CadRayError
+from cad_ray.seeds import derive_seed, numpy_rng, torch_generator
 
 
 @dataclass(frozen=True)

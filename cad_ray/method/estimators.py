@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import CadRayError
-from .attribution import gradients_for
-from .objectives import Concept
-from .scopes import select_parameters
-from .seeds import numpy_rng, torch_generator
+from cad_ray.errors import CadRayError
+from cad_ray.method.attribution import gradients_for
+from cad_ray.method.objectives import Concept
+from cad_ray.method.scopes import select_parameters
+from cad_ray.seeds import numpy_rng, torch_generator
 
 
 

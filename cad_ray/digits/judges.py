@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .digits import COLOUR_NAMES, IMAGE_SIZE
-from .errors import CadRayError
+from cad_ray.digits import COLOUR_NAMES, IMAGE_SIZE
+from cad_ray.errors import CadRayError
 
-JUDGES_DIR = Path(__file__).resolve().parent / "assets" / "judges"
+JUDGES_DIR = Path(__file__).resolve().parent.parent / "assets" / "judges"
 
 
 class DigitNet(nn.Module):

@@ -13,7 +13,7 @@ import re
 
 import torch
 
-from .errors import CadRayError
+from cad_ray.errors import CadRayError
 
 NAMED_SCOPES = {
     "ff": lambda name, p: p.dim() == 2 and re.search(r"\.ff\.net\.\d+(\.proj)?\.weight$", name) is not None,

@@ -1,16 +1,13 @@
-"""Concepts from a config: explicit prompts for any model, or names of the digits world (a digit word such
-as "seven", or a colour such as "red") for the built-in model."""
+"""The digits world's concepts: a digit word ("seven") or a colour ("red"), with prompts, base prompts and
+real images."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from .config import ConceptSpec
-from .digits import (COLOUR_NAMES, DIGIT_WORDS, TEMPLATES_WITHOUT_COLOUR, all_prompts, canonical_prompt, prompt_for,
-                     real_digits, render)
-from .errors import CadRayError
-from .objectives import Concept
+from cad_ray.digits.world import (COLOUR_NAMES, DIGIT_WORDS, TEMPLATES_WITHOUT_COLOUR, all_prompts, canonical_prompt,
+                                  prompt_for, real_digits, render)
+from cad_ray.errors import CadRayError
 
 
 def digits_concept(name: str) -> tuple[list[str], list[str], np.ndarray]:
@@ -33,20 +30,3 @@ def digits_concept(name: str) -> tuple[list[str], list[str], np.ndarray]:
         return prompts, bases, render(images, name)
     raise CadRayError(f"concept {name!r} has no prompts; the digits model knows the concepts "
                       f"{', '.join(DIGIT_WORDS + COLOUR_NAMES)}; give 'prompts:' for any other")
-
-
-def build_concept(spec: ConceptSpec, model) -> Concept:
-    """The Concept for a config entry; prompts are checked against the model's tokenizer here, before any work."""
-    images = None
-    if spec.prompts is not None:
-        prompts = list(spec.prompts)
-        bases = [spec.base_prompt] if isinstance(spec.base_prompt, str) else list(spec.base_prompt or [])
-    elif model.kind == "digits":
-        prompts, bases, real = digits_concept(spec.name)
-        images = model.to_latents(real)
-    else:
-        raise CadRayError(f"concept {spec.name!r} needs 'prompts:' in the config")
-    concept = Concept(spec.name, tuple(prompts), tuple(bases), images)
-    with torch.no_grad():
-        model.encode(list(concept.prompts) + list(concept.base_prompts))
-    return concept

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import CadRayError
-from .objectives import Concept, point_values
-from .scopes import select_parameters
+from cad_ray.errors import CadRayError
+from cad_ray.method.objectives import Concept, point_values
+from cad_ray.method.scopes import select_parameters
 
 
 @dataclass

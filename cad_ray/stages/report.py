@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from .store import RunRoot, ScoreStore
+from cad_ray.store import RunRoot, ScoreStore
 
 STYLE = """body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}
 table{border-collapse:collapse;font-size:12px;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}
@@ -31,7 +31,7 @@ def _table(frame: pd.DataFrame) -> str:
 def _grid_png(pngs: list[bytes], columns: int) -> bytes:
     from PIL import Image
 
-    from .quality import image_grid
+    from cad_ray.digits.quality import image_grid
 
     images = np.stack([np.asarray(Image.open(io.BytesIO(p)).convert("RGB"), dtype=np.float64) / 255 for p in pngs])
     out = io.BytesIO()
@@ -55,7 +55,7 @@ def build_report(root: str) -> str:
     config = manifest["config"]
     parts.append(f"<h2>Attribution</h2><p>{len(pairs)} concept/objective pairs, scope <code>{config['scope']}</code>,"
                  f" {config['samples']} samples each.</p>")
-    from .plots import layer_summary, ratio_sweep
+    from cad_ray.plots import layer_summary, ratio_sweep
 
     erase = pairs[pairs["objective"] == "erase"]["concept"].tolist()[:4]
     layers = store.layers(objective="erase")

@@ -1,0 +1,18 @@
+"""Storage: the run root and its Parquet tables, the only interface between stages.
+
+    <root>/_manifest.json                                  config, fingerprint, code version, completion
+    <root>/_shards/concept=<c>/objective=<o>/shard-NNNNN.parquet   partial gradient sums (float64), for resume
+    <root>/scores/concept=<c>/objective=<o>/part-0.parquet  one row per component
+    <root>/neurons/concept=<c>/objective=<o>/part-0.parquet one row per output row of each tensor
+    <root>/layers/concept=<c>/objective=<o>/part-0.parquet  one row per tensor
+
+A root is a local path or `s3://bucket/prefix` (`root.RunRoot`: atomic writes, the one footer check, the
+manifest); `tables` says what the tables hold; `scores.ScoreStore` queries them. Plain
+`pandas.read_parquet(root + "/scores", filters=[("concept", "==", "seven")])` works on every table.
+"""
+
+from cad_ray.store.root import (METADATA_KEY, ROW_GROUP_SIZE, Footer, RunRoot, atomic_local_file,  # noqa: F401
+                                filesystem, hidden_temporary)
+from cad_ray.store.scores import ScoreStore  # noqa: F401
+from cad_ray.store.tables import (SCORE_SCHEMA, aggregate_tables, partition, score_parts,  # noqa: F401
+                                  table_metadata)

@@ -1,0 +1,188 @@
+"""`ScoreStore`: queries over the score tables of a completed run, streaming where a table is large."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from cad_ray.errors import CadRayError
+from cad_ray.store.root import METADATA_KEY, RunRoot
+from cad_ray.store.tables import partition
+
+
+class ScoreStore:
+    """Queries over the score tables of a completed run.
+
+    A run that has not completed is refused unless `allow_incomplete=True`.
+    """
+
+    def __init__(self, root: str, allow_incomplete: bool = False):
+        self.run = RunRoot(root)
+        manifest = self.run.read_manifest()
+        if manifest is None or not self.run.exists("scores"):
+            raise CadRayError(f"no score tables under {root}: run 'cad-ray attribute' with this --root first")
+        if not manifest.get("complete") and not allow_incomplete:
+            raise CadRayError(f"the run in {root} did not complete; re-run 'cad-ray attribute' with the same "
+                              "config to finish it, or pass allow_incomplete / --allow-incomplete")
+        self.manifest = manifest
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    def concepts(self) -> pd.DataFrame:
+        """(concept, objective) pairs that have score tables (from the partition folders: one listing)."""
+        pairs = []
+        for path in sorted(self.run.fs.glob(self.run.join("scores", "concept=*", "objective=*"))):
+            concept, objective = path.rstrip("/").split("/")[-2:]
+            pairs.append((concept.split("=", 1)[1], objective.split("=", 1)[1]))
+        return pd.DataFrame(pairs, columns=["concept", "objective"])
+
+    def _dataset(self, table: str) -> ds.Dataset:
+        return ds.dataset(self.run.join(table), filesystem=self._arrow_fs(), format="parquet",
+                          partitioning="hive")
+
+    def _arrow_fs(self):
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        return PyFileSystem(FSSpecHandler(self.run.fs))
+
+    def _filter(self, concept: str | None, objective: str | None):
+        expr = None
+        for field, value in (("concept", concept), ("objective", objective)):
+            if value is not None:
+                e = pc.field(field) == value
+                expr = e if expr is None else expr & e
+        return expr
+
+    def _check_whole(self, table: str, concept: str, objective: str) -> None:
+        """One line naming a table file that is missing, damaged or not of this run, and the repair."""
+        parts = (table, partition(concept, objective), "part-0.parquet")
+        footer = self.run.footer(*parts)
+        if footer is None:
+            problem = "is missing or damaged"
+        elif (footer.metadata.get("fingerprint"), footer.metadata.get("config_hash")) != \
+                (self.manifest.get("fingerprint"), self.manifest.get("config_hash")):
+            problem = "was written for another model or config than the run's manifest names"
+        else:
+            return
+        raise self._damaged(parts, problem)
+
+    def _damaged(self, parts, problem: str = "is missing or damaged") -> CadRayError:
+        return CadRayError(f"{self.run.uri_under(*parts)} {problem}; repair it with 'cad-ray attribute --root "
+                           f"{self.run.uri}' and the run's config (finished shards are kept)")
+
+    def _read(self, table: str, concept: str | None, objective: str | None, **scan):
+        """A table's rows of one (concept, objective) (all with None); a file whose pages do not decode is named in
+        one line."""
+        try:
+            return self._dataset(table).to_table(filter=self._filter(concept, objective), **scan)
+        except (pa.ArrowInvalid, OSError):
+            raise self._damaged((table, partition(concept, objective), "part-0.parquet")) from None
+
+    def _check_known(self, concept: str, objective: str | None) -> None:
+        known = self.concepts()
+        rows = known[known["concept"] == concept]
+        if objective is not None:
+            rows = rows[rows["objective"] == objective]
+        if rows.empty:
+            pairs = ", ".join(f"{c}/{o}" for c, o in known.itertuples(index=False))
+            raise CadRayError(f"no scores for concept {concept!r}" + (f" and objective {objective!r}" if objective
+                              else "") + f" in {self.run.uri}; it has {pairs}")
+
+    def scores(self, concept: str, objective: str = "erase", columns: list[str] | None = None) -> pd.DataFrame:
+        self._check_known(concept, objective)
+        self._check_whole("scores", concept, objective)
+        return self._read("scores", concept, objective, columns=columns).to_pandas()
+
+    def top(self, concept: str, k: int = 20, negative: bool = False, objective: str = "erase") -> pd.DataFrame:
+        """The k components with the largest scores (or most negative with `negative`), streaming the table."""
+        if k < 1:
+            raise CadRayError(f"k must be at least 1, got {k}")
+        self._check_known(concept, objective)
+        self._check_whole("scores", concept, objective)
+        order = [("score", "ascending" if negative else "descending")]
+        scanner = self._dataset("scores").scanner(columns=["tensor", "index", "weight", "grad", "score"],
+                                                  filter=self._filter(concept, objective), batch_size=1 << 20)
+        best = None
+        try:
+            for batch in scanner.to_batches():  # streaming: at most k + one batch of rows in memory
+                rows = pa.Table.from_batches([batch])
+                rows = rows if best is None else pa.concat_tables([best, rows.cast(best.schema)])
+                best = pc.take(rows, pc.select_k_unstable(rows, k=min(k, len(rows)), sort_keys=order))
+        except (pa.ArrowInvalid, OSError):
+            raise self._damaged(("scores", partition(concept, objective), "part-0.parquet")) from None
+        best = best.to_pandas().sort_values(["score", "tensor", "index"], ascending=[negative, True, True],
+                                            kind="stable").reset_index(drop=True)
+        best["tensor"] = best["tensor"].astype(str)
+        best.insert(0, "rank", np.arange(1, len(best) + 1))
+        return best
+
+    def layers(self, concept: str | None = None, objective: str | None = None) -> pd.DataFrame:
+        if concept is not None:
+            self._check_known(concept, objective)
+            if objective is not None:
+                self._check_whole("layers", concept, objective)
+        table = self._read("layers", concept, objective).to_pandas()
+        for col in ("concept", "objective"):
+            table[col] = table[col].astype(str)
+        return table
+
+    def tensor_scores(self, concept: str, objective: str = "erase") -> dict[str, np.ndarray]:
+        """Every scoped tensor's scores, shaped like the tensor, in the run's tensor order."""
+        layers = self.layers(concept, objective)
+        self._check_whole("scores", concept, objective)
+        table = self._read("scores", concept, objective, columns=["tensor", "index", "score"])
+        tensors = table.column("tensor").combine_chunks()
+        names = np.asarray(tensors.dictionary.to_pylist(), dtype=object)[tensors.indices.to_numpy()]
+        index, score = table.column("index").to_numpy(), table.column("score").to_numpy()
+        out = {}
+        for name, shape in zip(layers["tensor"], layers["shape"]):
+            shape = tuple(int(x) for x in shape.split("x"))
+            rows = np.flatnonzero(names == name)
+            size = int(np.prod(shape))
+            if len(rows) != size or len(np.unique(index[rows])) != size:
+                raise CadRayError(f"the score table of {concept}/{objective} has {len(rows)} rows for {name}, which "
+                                  f"has {size} components; repair it with 'cad-ray attribute --root {self.run.uri}'")
+            values = np.empty(size, dtype=np.float32)
+            values[index[rows]] = score[rows]
+            out[name] = values.reshape(shape)
+        return out
+
+    def table(self, name: str) -> pd.DataFrame:
+        """A whole (small) table of the run root, such as `validation_summary` or `evaluation`."""
+        if not self.run.exists(name):
+            raise CadRayError(f"no {name!r} table in {self.run.uri}")
+        table = self._dataset(name).to_table().to_pandas()
+        for col in ("concept", "objective"):
+            if col in table and isinstance(table[col].dtype, pd.CategoricalDtype):
+                table[col] = table[col].astype(str)
+        return table
+
+    def neurons(self, concept: str, objective: str = "erase") -> pd.DataFrame:
+        self._check_known(concept, objective)
+        self._check_whole("neurons", concept, objective)
+        return self._read("neurons", concept, objective).to_pandas()
+
+    def overlap(self, concept_a: str, concept_b: str, k: int = 100, objective: str = "erase",
+                negative: bool = False) -> dict:
+        """Overlap of two concepts' top-k component sets: shared count and Jaccard index."""
+        a = self.top(concept_a, k, negative, objective)
+        b = self.top(concept_b, k, negative, objective)
+        sa, sb = set(zip(a["tensor"], a["index"])), set(zip(b["tensor"], b["index"]))
+        shared = len(sa & sb)
+        return {"concept_a": concept_a, "concept_b": concept_b, "k": k, "shared": shared,
+                "jaccard": shared / len(sa | sb) if sa | sb else 0.0}
+
+    def metadata(self, concept: str, objective: str = "erase") -> dict:
+        """The metadata stored in a score table (fingerprint, objective, config hash, code version)."""
+        self._check_known(concept, objective)
+        schema = pq.read_schema(self.run.join("scores", partition(concept, objective), "part-0.parquet"),
+                                filesystem=self._arrow_fs())
+        return json.loads(schema.metadata[METADATA_KEY])

@@ -1,0 +1,157 @@
+"""Issue 12: results that can be trusted after anything happens. Damaged, deleted, stale, foreign and locked
+roots, and the wrong answers that used to pass silently: each through the `cad-ray` command, a one-line error
+(or a correct repair), and earlier results byte-identical where refused."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import yaml
+from conftest import SMALL
+from test_bad_input import config_file, snapshot
+
+from cad_ray.cli import main
+from cad_ray.store import ScoreStore
+
+SCORES = Path("scores", "concept=seven", "objective=erase", "part-0.parquet")
+
+
+def _run(argv, capsys):
+    status = main(argv)
+    out = capsys.readouterr()
+    return status, out.out, out.err.strip()
+
+
+def _one_line_refusal(argv, message, capsys, root=None):
+    before = snapshot(root) if root else None
+    status, _, err = _run(argv, capsys)
+    assert status == 1, err
+    assert "\n" not in err and err.startswith(f"cad-ray {argv[0]}: error:"), err
+    assert re.search(message, err), err
+    if root:
+        assert snapshot(root) == before
+    return err
+
+
+def test_damaged_or_deleted_score_table_is_named_by_readers_shown_by_status_and_repaired(small_run, tmp_path, capsys):
+    root = tmp_path / "run"
+    shutil.copytree(small_run, root)
+    original = (root / SCORES).read_bytes()
+    config = config_file(tmp_path, "small")
+    for damage in ("truncate", "garble", "delete"):
+        path = root / SCORES
+        if damage == "truncate":
+            path.write_bytes(original[: len(original) // 2])
+        elif damage == "garble":
+            path.write_bytes(original[:100] + b"\0" * 200 + original[300:])
+        else:
+            path.unlink()
+        for argv in (["top", "--root", str(root), "--concept", "seven"],
+                     ["overlap", "--root", str(root), "--a", "seven", "--b", "red"]):
+            err = _one_line_refusal(argv, "missing or damaged", capsys)
+            assert "objective=erase/part-0.parquet" in err and "cad-ray attribute" in err
+        status, out, _ = _run(["status", "--root", str(root)], capsys)
+        attribution = out.splitlines()[1]
+        assert "False" in attribution and "scores/concept=seven/objective=erase" in attribution, out
+        status, out, err = _run(["attribute", "--config", config, "--root", str(root), "--local", "--quiet"], capsys)
+        assert status == 0, err
+        assert pd.read_parquet(root / SCORES).equals(pd.read_parquet(Path(small_run) / SCORES)), damage
+        assert "True" in _run(["status", "--root", str(root)], capsys)[1].splitlines()[1]
+
+
+def test_a_folder_that_is_not_ours_is_refused_before_any_work(tmp_path, capsys):
+    root = tmp_path / "theirs"
+    (root / "scores").mkdir(parents=True)
+    (root / "scores" / "their-table.parquet").write_bytes(b"someone else's data")
+    _one_line_refusal(["attribute", "--config", config_file(tmp_path, "small"), "--root", str(root), "--local",
+                       "--quiet"], "not a run root of ours", capsys, str(root))
+    assert not (root / "_manifest.json").exists()
+
+
+def test_a_second_driver_on_a_locked_root_refuses_and_names_the_holder(small_run, tmp_path, capsys):
+    import socket
+
+    root = tmp_path / "run"
+    shutil.copytree(small_run, root)
+    # a live process of this host that is not us holds the lock: pid 1
+    (root / "_lock.json").write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "stage": "validation",
+                                                 "started": "2026-11-30T00:00:00Z", "token": "x"}))
+    err = _one_line_refusal(["validate", "--root", str(root), "--local", "--quiet", "--ablations", "2"],
+                            "another cad-ray validation", capsys, str(root))
+    assert "pid 1" in err
+    # a lock whose process is gone is taken over
+    (root / "_lock.json").write_text(json.dumps({"pid": 2 ** 22 + 7, "host": socket.gethostname(),
+                                                 "stage": "attribution", "token": "y"}))
+    assert _run(["attribute", "--config", config_file(tmp_path, "small"), "--root", str(root), "--local",
+                 "--quiet"], capsys)[0] == 0
+    assert not (root / "_lock.json").exists()
+
+
+def test_code_named_in_a_config_is_refused(small_run, tmp_path, capsys):
+    config = config_file(tmp_path, "code", evaluation={"judge": {"factory": "os:system", "command": "echo pwned"}})
+    _one_line_refusal(["evaluate", "--config", config, "--root", small_run, "--local", "--quiet"],
+                      "never code to import", capsys, small_run)
+    config = config_file(tmp_path, "unknown", evaluation={"judge": {"name": "os.system"}})
+    _one_line_refusal(["evaluate", "--config", config, "--root", small_run, "--local", "--quiet"],
+                      "unknown judge 'os.system'.*registered judges: classifier, digits", capsys, small_run)
+
+
+def test_a_concept_whose_prompt_is_its_base_prompt_is_refused(tmp_path, capsys):
+    config = config_file(tmp_path, "same", concepts=[{"name": "x", "prompts": ["seven"], "base_prompt": "seven"}])
+    _one_line_refusal(["attribute", "--config", config, "--root", str(tmp_path / "r"), "--local", "--quiet"],
+                      "equal its base prompt", capsys)
+
+
+def test_top_beyond_the_positive_scores_lists_only_positive_ones(small_run, capsys):
+    scores = ScoreStore(small_run).scores("red")
+    positive = int((scores["score"] > 0).sum())
+    status, out, _ = _run(["top", "--root", small_run, "--concept", "red", "--k", str(len(scores))], capsys)
+    assert status == 0
+    assert f"only {positive} component(s) have a positive score" in out
+    assert len([l for l in out.splitlines() if re.match(r"\s*\d+\s+\S*tb\.", l)]) == positive
+
+
+def test_a_stage_defaults_to_the_options_the_root_was_made_with(small_run, tmp_path, capsys):
+    """The README's `cad-ray validate --root ROOT` after `cad-ray run --config C`: the root's own sections."""
+    root = tmp_path / "run"
+    shutil.copytree(small_run, root)
+    manifest = json.loads((root / "_manifest.json").read_text())
+    manifest["stage_options"] = {"validation": {"fractions": [0.01], "ablations": 6, "concepts": ["seven"],
+                                                "eval_samples": 1, "eval_points_per_sample": 2, "projections": 2,
+                                                "sketch_points_per_sample": 2, "block": 6}}
+    (root / "_manifest.json").write_text(json.dumps(manifest))
+    assert _run(["validate", "--root", str(root), "--local", "--quiet"], capsys)[0] == 0
+    assert json.loads((root / "_validation.json").read_text())["options"]["ablations"] == 6
+    # again, without options: the validation's own options, nothing recomputed and nothing refused
+    before = snapshot(str(root / "_validation"))
+    assert _run(["validate", "--root", str(root), "--local", "--quiet"], capsys)[0] == 0
+    assert snapshot(str(root / "_validation")) == before
+
+
+def test_overwrite_with_another_seed_then_later_stages_equal_a_fresh_run(tmp_path, capsys):
+    """attribute -> validate -> evaluate -> attribute --overwrite (other seed) -> validate -> evaluate gives the
+    tables of a fresh run with the second seed: nothing stale is reused."""
+    stages = {"validation": {"fractions": [0.01], "ablations": 6, "concepts": ["seven"], "eval_samples": 1,
+                             "eval_points_per_sample": 2, "projections": 2, "sketch_points_per_sample": 2, "block": 6},
+              "evaluation": {"targets": ["seven"], "edits": ["cad-erase", "random"], "ratios": [0.05],
+                             "images_per_prompt": 1, "steps": 4}}
+    small = {**SMALL, "concepts": [{"name": "seven"}, {"name": "one"}], "erase": {"steps": 6}, **stages}
+    first, second = tmp_path / "s0.yaml", tmp_path / "s1.yaml"
+    first.write_text(yaml.safe_dump({**small, "seed": 0}))
+    second.write_text(yaml.safe_dump({**small, "seed": 1}))
+
+    def pipeline(config, root, overwrite=False):
+        common = ["--root", str(root), "--local", "--quiet"]
+        assert _run(["attribute", "--config", str(config), *common, *(["--overwrite"] if overwrite else [])],
+                    capsys)[0] == 0
+        assert _run(["validate", "--config", str(config), *common], capsys)[0] == 0
+        assert _run(["evaluate", "--config", str(config), *common], capsys)[0] == 0
+
+    pipeline(first, tmp_path / "reused")
+    pipeline(second, tmp_path / "reused", overwrite=True)
+    pipeline(second, tmp_path / "fresh")
+    for table in ("scores", "validation", "validation_summary", "evaluation", "evaluation_summary"):
+        reused, fresh = pd.read_parquet(tmp_path / "reused" / table), pd.read_parquet(tmp_path / "fresh" / table)
+        pd.testing.assert_frame_equal(reused, fresh, obj=table)
