@@ -274,6 +274,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
     if args.ratio is not None:
         check_ratio(args.ratio)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CadRayError(f"{out} is a file; --out names a new folder for the edited model")
     if out.exists() and any(out.iterdir()):
         raise CadRayError(f"{out} exists and is not empty; choose a new folder for the edited model")
     store = ScoreStore(args.root)

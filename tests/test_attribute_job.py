@@ -115,7 +115,8 @@ def test_a_root_with_another_config_is_refused_unless_overwrite(small_run, tmp_p
     with pytest.raises(CadRayError, match="another config.*--overwrite"):
         run_attribution(small_config(seed=1), str(root), local=True, progress=False)
     assert (root / "_manifest.json").read_text() == before
-    assert ScoreStore(str(root)).top("seven", 3) is not None  # the existing run is intact
+    # the existing run is intact: the same top components as the run it was copied from
+    assert ScoreStore(str(root)).top("seven", 3).equals(ScoreStore(small_run).top("seven", 3))
     changed = small_config(seed=1, concepts=[{"name": "red"}], samples=1)
     run_attribution(changed, str(root), local=True, progress=False, overwrite=True)
     assert list(ScoreStore(str(root)).concepts()["concept"]) == ["red"]

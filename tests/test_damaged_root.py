@@ -155,3 +155,64 @@ def test_overwrite_with_another_seed_then_later_stages_equal_a_fresh_run(tmp_pat
     for table in ("scores", "validation", "validation_summary", "evaluation", "evaluation_summary"):
         reused, fresh = pd.read_parquet(tmp_path / "reused" / table), pd.read_parquet(tmp_path / "fresh" / table)
         pd.testing.assert_frame_equal(reused, fresh, obj=table)
+
+
+def test_more_bad_inputs_each_one_line_and_nothing_lost(small_run, tiny_sd_folder, tmp_path, capsys):
+    """Issue 12's inputs that used to end in tracebacks or pass silently, beside test_bad_input's 19."""
+    root = str(tmp_path / "done")
+    shutil.copytree(small_run, root)
+    no_length = tmp_path / "sd-no-length"
+    shutil.copytree(tiny_sd_folder, no_length)
+    tokenizer = no_length / "tokenizer" / "tokenizer_config.json"
+    tokenizer.write_text(json.dumps({k: v for k, v in json.loads(tokenizer.read_text()).items()
+                                     if k != "model_max_length"}))
+    fast = tmp_path / "digits-fast"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "cad_ray" / "assets" / "digits-model", fast)
+    index = json.loads((fast / "model_index.json").read_text())
+    (fast / "model_index.json").write_text(json.dumps({**index, "sampling": "fast"}))
+    header_only = tmp_path / "empty.csv"
+    header_only.write_text("prompt,evaluation_seed,class\n")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    out = str(tmp_path / "x.png")
+    cases = {
+        "tokenizer without model_max_length": (["sample", "--prompt", "a church", "--model", str(no_length),
+                                                 "--out", out], "has no model_max_length"),
+        "sampling: fast in model_index.json": (["sample", "--prompt", "seven", "--model", str(fast), "--out", out],
+                                               "'sampling' must be a mapping"),
+        "characters outside the vocabulary": (["sample", "--prompt", "seven!", "--out", out],
+                                              r"cannot read: '!'"),
+        "sample to another format": (["sample", "--prompt", "seven", "--out", str(tmp_path / "x.jpg")],
+                                     r"must end in \.png"),
+        "prompt CSV with a header and no rows": (["evaluate", "--root", root, "--prompts", str(header_only),
+                                                  "--local", "--quiet"], "has a header but no prompts"),
+        "edit --out naming a file": (["edit", "--root", root, "--edit", "cad-erase", "--target", "seven",
+                                      "--ratio", "0.1", "--out", str(a_file)], "is a file"),
+        "evaluate a target without scores": (["evaluate", "--root", root, "--targets", "three", "--local",
+                                              "--quiet"], "needs erase scores"),
+        "validate an unknown concept": (["validate", "--root", root, "--concepts", "three", "--local", "--quiet"],
+                                        "no erase scores for three"),
+        "evaluate with another attribution's config": (["evaluate", "--root", root, "--config",
+                                                        config_file(tmp_path, "seed9", seed=9), "--local", "--quiet"],
+                                                       "another attribution run"),
+        "top of an unknown concept": (["top", "--root", root, "--concept", "three"], "no scores for concept"),
+    }
+    for what, (argv, message) in cases.items():
+        before = snapshot(root)
+        status, _, err = _run(argv, capsys)
+        assert status == 1 and "\n" not in err and err.startswith(f"cad-ray {argv[0]}: error:"), (what, err)
+        assert re.search(message, err), (what, err)
+        assert snapshot(root) == before, what
+    assert len(cases) == 10
+
+
+def test_every_reader_names_a_damaged_table(small_run, tmp_path, capsys):
+    root = tmp_path / "run"
+    shutil.copytree(small_run, root)
+    (root / SCORES).write_bytes((root / SCORES).read_bytes()[:500])
+    for argv in (["validate", "--root", str(root), "--local", "--quiet"],
+                 ["evaluate", "--root", str(root), "--local", "--quiet"],
+                 ["edit", "--root", str(root), "--edit", "cad-erase", "--target", "seven", "--ratio", "0.1",
+                  "--out", str(tmp_path / "edited")]):
+        _one_line_refusal(argv, "scores/concept=seven/objective=erase/part-0.parquet is missing or damaged",
+                          capsys, str(root))

@@ -31,8 +31,13 @@ def test_planted_linear_relation_has_correlation_one():
     assert pearson(x, 3 * x + 2) == pytest.approx(1.0)
     assert spearman(x, np.exp(x)) == pytest.approx(1.0)
     assert pearson(x, -x) == pytest.approx(-1.0)
-    low, high = bootstrap_interval(x, 3 * x + np.random.default_rng(0).normal(0, 0.5, 50), pearson)
-    assert -1 <= low < high <= 1
+    noisy = 3 * x + np.random.default_rng(0).normal(0, 0.5, 50)
+    low, high = bootstrap_interval(x, noisy, pearson)
+    assert low < pearson(x, noisy) < high
+    # more noise: a lower correlation and a wider interval
+    noisier = 3 * x + np.random.default_rng(0).normal(0, 3.0, 50)
+    low2, high2 = bootstrap_interval(x, noisier, pearson)
+    assert high2 < low and high2 - low2 > high - low
 
 
 @pytest.fixture(scope="module")

@@ -113,6 +113,10 @@ class DigitsTokenizer:
         known = [w for w in self.vocabulary if w not in SPECIAL_TOKENS]
         for row, prompt in enumerate(prompts):
             words = self.words(prompt)
+            dropped = sorted(set(re.sub(r"[a-z0-9\s]", "", prompt.lower())))
+            if dropped:  # the words are what the model sees: anything else would vanish without a word
+                raise CadRayError(f"prompt {prompt!r} has character(s) the digits model cannot read: "
+                                  f"{' '.join(map(repr, dropped))}; use letters, digits and spaces")
             unknown = [w for w in words if w not in self.ids or w in SPECIAL_TOKENS]
             if unknown:
                 raise CadRayError(

@@ -209,30 +209,31 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return len(np.intersect1d(a, b, assume_unique=True)) / union if union else 0.0
 
 
-def _rank(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(len(values))
-    # average ranks of ties
-    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    return (sums / counts)[inverse]
-
-
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """scipy's Pearson r; NaN where it is undefined (fewer than two points, or a constant input)."""
+    from scipy import stats
+
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if len(x) < 2 or x.std() == 0 or y.std() == 0:
         return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
+    return float(stats.pearsonr(x, y).statistic)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    return pearson(_rank(np.asarray(x)), _rank(np.asarray(y)))
+    """scipy's Spearman rho; NaN where it is undefined."""
+    from scipy import stats
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) < 2 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(stats.spearmanr(x, y).statistic)
 
 
 def bootstrap_interval(x, y, statistic, resamples: int = 1000, level: float = 0.95,
                        seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of statistic(x, y) over resampled pairs."""
+    """Percentile bootstrap interval of statistic(x, y) over resampled pairs. Not scipy.stats.bootstrap: on a
+    small test split some resamples are constant (r undefined), and scipy then returns NaN for the whole
+    interval; here those resamples are left out."""
     x, y = np.asarray(x), np.asarray(y)
     rng = np.random.default_rng(seed)
     values = [statistic(x[i], y[i]) for i in (rng.integers(0, len(x), len(x)) for _ in range(resamples))]
@@ -241,3 +242,5 @@ def bootstrap_interval(x, y, statistic, resamples: int = 1000, level: float = 0.
         return float("nan"), float("nan")
     tail = (1 - level) / 2
     return float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail))
+
+

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from cad_ray.digits import IMAGE_SIZE, VOCABULARY, DigitsTokenizer
+from cad_ray.errors import CadRayError
 from cad_ray.models.base import TextToImageModel
 
 PIPELINE_CLASS = "CadRayDigitsPipeline"
@@ -120,4 +121,9 @@ class DigitsModel(TextToImageModel):
         text_encoder = load_component(CLIPTextModel, folder, "text_encoder")
         tokenizer = DigitsTokenizer.from_pretrained(folder / "tokenizer")
         scheduler = load_scheduler(folder, index)
-        return cls(unet, text_encoder, tokenizer, scheduler, index.get("sampling"), source=source)
+        sampling = index.get("sampling")
+        if sampling is not None and not (isinstance(sampling, dict) and set(sampling) <= {"guidance", "steps"}
+                                         and all(isinstance(v, (int, float)) for v in sampling.values())):
+            raise CadRayError(f"malformed {folder / 'model_index.json'}: 'sampling' must be a mapping such as "
+                              f'{{"guidance": 3.0, "steps": 50}}, got {sampling!r}')
+        return cls(unet, text_encoder, tokenizer, scheduler, sampling, source=source)

@@ -52,11 +52,7 @@ def fetch_s3_folder(uri: str) -> Path:
     local = cache_dir() / "s3" / key.removeprefix("s3://").replace("/", "_") / version
     if not (local / ".complete").exists():
         local.mkdir(parents=True, exist_ok=True)
-        prefix = key.removeprefix("s3://")
-        for remote in listing:
-            target = local / remote[len(prefix):].lstrip("/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fs.get(remote, str(target))
+        fs.get(key.removeprefix("s3://").rstrip("/") + "/", str(local) + "/", recursive=True)
         (local / ".complete").write_text(uri)
     return local
 

@@ -71,4 +71,9 @@ class StableDiffusionModel(TextToImageModel):
             tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         except Exception as e:
             raise CadRayError(f"cannot load the tokenizer from {folder / 'tokenizer'}: {e}") from None
+        # a tokenizer config without model_max_length gets transformers' "very large" placeholder
+        if not 0 < tokenizer.model_max_length <= 1 << 16:
+            positions = text_encoder.config.max_position_embeddings
+            raise CadRayError(f"{folder / 'tokenizer' / 'tokenizer_config.json'} has no model_max_length; add "
+                              f'"model_max_length": {positions} (the text encoder\'s max_position_embeddings)')
         return cls(unet, text_encoder, tokenizer, vae, load_scheduler(folder, index), source=source)

@@ -23,7 +23,8 @@ from cad_ray import __version__
 from cad_ray.method.attribution import CAD, GradientSum
 from cad_ray.config import LATER_STAGES, AttributionConfig
 from cad_ray.errors import CadRayError
-from cad_ray.store import METADATA_KEY, SCORE_SCHEMA, RunRoot, aggregate_tables, partition, score_parts, table_metadata
+from cad_ray.store import (METADATA_KEY, SCORE_SCHEMA, RunRoot, aggregate_tables, is_damage, partition, score_parts,
+                           table_metadata)
 
 RESULT_TABLES = ("scores", "neurons", "layers")
 # what later stages derive from the scores; removed with them by --overwrite
@@ -155,8 +156,10 @@ def read_shard(run: RunRoot, shard: Shard, layout: list[tuple[str, tuple[int, ..
         return None
     try:
         table = run.read_table(*shard.path)
-    except Exception:
-        return None
+    except Exception as e:
+        if is_damage(e):
+            return None
+        raise CadRayError(f"cannot read {run.uri_under(*shard.path)}: {type(e).__name__}: {e}") from None
     meta = json.loads(table.schema.metadata[METADATA_KEY])
     flat = table.column("grad_sum").to_numpy()
     grads, offset = {}, 0

@@ -128,6 +128,8 @@ def read_prompt_set(path: str) -> pd.DataFrame:
     if missing:
         raise CadRayError(f"prompt set {path} lacks column(s) {', '.join(missing)}; it has "
                           f"{', '.join(map(str, table.columns))}")
+    if table.empty:
+        raise CadRayError(f"prompt set {path} has a header but no prompts")
     table = table.drop(columns=[c for c in table.columns if str(c).startswith("Unnamed")])
     label = next((c for c in LABEL_COLUMNS if c in table.columns), None)
     out = table.rename(columns={"evaluation_seed": "seed"})
@@ -451,6 +453,8 @@ def check_targets(options: EvaluationOptions, store: ScoreStore, root: str) -> N
             if edit != "finetune" and (target, objective) not in known:
                 raise CadRayError(f"edit {edit} of {target!r} needs {objective} scores for it in {root}; "
                                   f"the run has {', '.join(sorted(f'{c}/{o}' for c, o in known))}")
+            if edit != "finetune":
+                store.check_whole("scores", target, objective)
 
 
 def run(config: AttributionConfig, root: str, executor, overwrite: bool = False) -> dict:

@@ -321,6 +321,9 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
     run_root = RunRoot(root)
     run_root.check_writable()
     shards = plan_validation(config, config.validation)  # checks the concepts before any worker starts
+    store = ScoreStore(root)
+    for concept in {s.concept for s in shards}:
+        store.check_whole("scores", concept, config.validation.objective)  # before any work, not after
     started = time.time()
     manifest = open_validation(config, root, executor.first(ValidationWorker, "fingerprint"), overwrite)
     pending = [s for s in shards if not shard_is_done(run_root, s, manifest)]

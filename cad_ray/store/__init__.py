@@ -12,7 +12,7 @@ manifest); `tables` says what the tables hold; `scores.ScoreStore` queries them.
 """
 
 from cad_ray.store.root import (METADATA_KEY, ROW_GROUP_SIZE, Footer, RunRoot, atomic_local_file,  # noqa: F401
-                                filesystem, hidden_temporary)
+                                filesystem, hidden_temporary, is_damage)
 from cad_ray.store.scores import ScoreStore  # noqa: F401
 from cad_ray.store.tables import (SCORE_SCHEMA, aggregate_tables, partition, score_parts,  # noqa: F401
                                   table_metadata)

@@ -42,6 +42,14 @@ def _lock_is_stale(holder: dict) -> bool:
     return False
 
 
+def is_damage(error: Exception) -> bool:
+    """Whether a read error says the file is damaged (truncated, garbled, not ours), as opposed to an error of
+    access (permissions, the network) that says nothing about the file and must not read as "not done"."""
+    if isinstance(error, (PermissionError, ConnectionError, TimeoutError)):
+        return False
+    return isinstance(error, (pa.ArrowInvalid, ValueError, KeyError, TypeError, OSError))
+
+
 class Footer(NamedTuple):
     metadata: dict
     rows: int
@@ -174,10 +182,8 @@ class RunRoot:
             return Footer(json.loads(footer.metadata[METADATA_KEY]), footer.num_rows)
         except FileNotFoundError:
             return None
-        except (pa.ArrowInvalid, ValueError, KeyError, TypeError):
-            return None  # damaged: truncated or garbled, or a Parquet file that is not ours
-        except OSError as e:
-            if not self.fs.exists(path):
+        except Exception as e:
+            if is_damage(e):
                 return None
             raise CadRayError(f"cannot read {self.uri_under(*parts)}: {type(e).__name__}: {e}") from None
 
@@ -190,10 +196,10 @@ class RunRoot:
                 for group in range(reader.num_row_groups):
                     reader.read_row_group(group)
             return True
-        except FileNotFoundError:
-            return False
-        except (pa.ArrowInvalid, ValueError, OSError):
-            return False
+        except Exception as e:
+            if is_damage(e):
+                return False
+            raise CadRayError(f"cannot read {self.uri_under(*parts)}: {type(e).__name__}: {e}") from None
 
     @contextmanager
     def locked(self, stage: str):

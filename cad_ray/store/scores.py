@@ -61,7 +61,7 @@ class ScoreStore:
                 expr = e if expr is None else expr & e
         return expr
 
-    def _check_whole(self, table: str, concept: str, objective: str) -> None:
+    def check_whole(self, table: str, concept: str, objective: str) -> None:
         """One line naming a table file that is missing, damaged or not of this run, and the repair."""
         parts = (table, partition(concept, objective), "part-0.parquet")
         footer = self.run.footer(*parts)
@@ -98,7 +98,7 @@ class ScoreStore:
 
     def scores(self, concept: str, objective: str = "erase", columns: list[str] | None = None) -> pd.DataFrame:
         self._check_known(concept, objective)
-        self._check_whole("scores", concept, objective)
+        self.check_whole("scores", concept, objective)
         return self._read("scores", concept, objective, columns=columns).to_pandas()
 
     def top(self, concept: str, k: int = 20, negative: bool = False, objective: str = "erase") -> pd.DataFrame:
@@ -106,7 +106,7 @@ class ScoreStore:
         if k < 1:
             raise CadRayError(f"k must be at least 1, got {k}")
         self._check_known(concept, objective)
-        self._check_whole("scores", concept, objective)
+        self.check_whole("scores", concept, objective)
         order = [("score", "ascending" if negative else "descending")]
         scanner = self._dataset("scores").scanner(columns=["tensor", "index", "weight", "grad", "score"],
                                                   filter=self._filter(concept, objective), batch_size=1 << 20)
@@ -128,7 +128,7 @@ class ScoreStore:
         if concept is not None:
             self._check_known(concept, objective)
             if objective is not None:
-                self._check_whole("layers", concept, objective)
+                self.check_whole("layers", concept, objective)
         table = self._read("layers", concept, objective).to_pandas()
         for col in ("concept", "objective"):
             table[col] = table[col].astype(str)
@@ -137,7 +137,7 @@ class ScoreStore:
     def tensor_scores(self, concept: str, objective: str = "erase") -> dict[str, np.ndarray]:
         """Every scoped tensor's scores, shaped like the tensor, in the run's tensor order."""
         layers = self.layers(concept, objective)
-        self._check_whole("scores", concept, objective)
+        self.check_whole("scores", concept, objective)
         table = self._read("scores", concept, objective, columns=["tensor", "index", "score"])
         tensors = table.column("tensor").combine_chunks()
         names = np.asarray(tensors.dictionary.to_pylist(), dtype=object)[tensors.indices.to_numpy()]
@@ -167,7 +167,7 @@ class ScoreStore:
 
     def neurons(self, concept: str, objective: str = "erase") -> pd.DataFrame:
         self._check_known(concept, objective)
-        self._check_whole("neurons", concept, objective)
+        self.check_whole("neurons", concept, objective)
         return self._read("neurons", concept, objective).to_pandas()
 
     def overlap(self, concept_a: str, concept_b: str, k: int = 100, objective: str = "erase",
