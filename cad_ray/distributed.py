@@ -207,6 +207,11 @@ class Executor:
                  progress: bool = True):
         self.config, self.root, self.address, self.local, self.progress = config, root, address, local, progress
         self.pools = {}
+        if not progress:  # --quiet: Ray's own notices too (start-up, token mode), errors still show
+            import logging
+
+            for name in ("ray", "ray._private.authentication.authentication_token_setup"):  # ray.init resets "ray"
+                logging.getLogger(name).setLevel(logging.ERROR)
 
     def pool(self, worker_class):
         if worker_class not in self.pools:

@@ -216,3 +216,56 @@ def test_every_reader_names_a_damaged_table(small_run, tmp_path, capsys):
                   "--out", str(tmp_path / "edited")]):
         _one_line_refusal(argv, "scores/concept=seven/objective=erase/part-0.parquet is missing or damaged",
                           capsys, str(root))
+
+
+def test_an_access_error_is_never_read_as_not_done(small_run, monkeypatch):
+    """An S3 permission error while checking a file says nothing about the file: it is raised, not taken for
+    "absent or damaged" (which would recompute, or report missing)."""
+    import pytest
+
+    from cad_ray.errors import CadRayError
+    from cad_ray.store import RunRoot
+
+    run = RunRoot(small_run)
+    parts = ("scores", "concept=seven", "objective=erase", "part-0.parquet")
+    assert run.footer(*parts) is not None and run.footer("scores", "nothing.parquet") is None
+
+    def denied(*args, **kwargs):
+        raise PermissionError("Access Denied")
+
+    monkeypatch.setattr(run.fs, "open", denied)
+    with pytest.raises(CadRayError, match="cannot read .*PermissionError: Access Denied"):
+        run.footer(*parts)
+    with pytest.raises(CadRayError, match="PermissionError"):
+        run.readable(*parts)
+
+
+def test_a_half_written_fine_tuned_edit_is_made_again(small_run, tmp_path, capsys):
+    root = tmp_path / "run"
+    shutil.copytree(small_run, root)
+    config = config_file(tmp_path, "ft", evaluation={"targets": ["seven"], "edits": ["finetune"],
+                                                     "images_per_prompt": 1, "steps": 4,
+                                                     "finetune": {"steps": 2, "samples": 1}})
+    argv = ["evaluate", "--config", config, "--root", str(root), "--local", "--quiet"]
+    assert _run(argv, capsys)[0] == 0
+    folder = root / "edits" / "finetune-seven"
+    weights = folder / "model" / "unet" / "diffusion_pytorch_model.safetensors"
+    whole = weights.read_bytes()
+    # a crash after model_index.json but before the weights and the completion marker
+    (folder / "_complete.json").unlink()
+    weights.write_bytes(whole[:1000])
+    assert _run(argv, capsys)[0] == 0
+    assert weights.read_bytes() == whole and (folder / "_complete.json").exists()
+
+
+def test_quiet_prints_only_the_result_line(tmp_path):
+    import subprocess
+    import sys
+
+    config = config_file(tmp_path, "tiny", samples=2, block=2, batch=2, erase={"steps": 3},
+                         concepts=[{"name": "seven"}])
+    done = subprocess.run([sys.executable, "-m", "cad_ray.cli", "attribute", "--config", config, "--root",
+                           str(tmp_path / "r"), "--quiet", "--workers", "1"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("attribution complete in"), lines
