@@ -154,10 +154,22 @@ def cmd_status(args: argparse.Namespace) -> None:
 
 
 def cmd_top(args: argparse.Namespace) -> None:
+    import pandas as pd
+
     from cad_ray.store import ScoreStore
 
     store = ScoreStore(args.root, allow_incomplete=args.allow_incomplete)
-    print_top(store, args.concept, args.k, args.negative, args.objective)
+    if not args.specific:
+        print_top(store, args.concept, args.k, args.negative, args.objective)
+        return
+    top = store.specific(args.concept, args.against, args.objective, args.k, args.aggregate, args.negative)
+    top["tensor"] = top["tensor"].map(_short_tensor)
+    against = ", ".join(args.against) if args.against else "every other concept"
+    print(f"\ncomponents most specific to {args.concept!r} ({args.objective}, against {against}, {args.aggregate}):")
+    if len(top) < args.k:
+        print(f"(only {len(top)} component(s) are specific to it)")
+    with pd.option_context("display.width", 200, "display.max_colwidth", 80, "display.float_format", "{:.4g}".format):
+        print(top.to_string(index=False))
 
 
 def cmd_layers(args: argparse.Namespace) -> None:
@@ -437,7 +449,15 @@ def build_parser() -> argparse.ArgumentParser:
             "most negative ones (inhibiting it).", [query], [
                 ("--concept", {"required": True, "help": "concept name, e.g. seven"}),
                 ("--k", {"type": _positive_int, "default": 20, "help": "how many (default: 20)"}),
-                ("--negative", {"action": "store_true", "help": "most negative scores instead"})])
+                ("--negative", {"action": "store_true", "help": "most negative scores instead"}),
+                ("--specific", {"action": "store_true", "help": "rank by what the concept needs and the others do "
+                                                                "not (scores normalised per concept, others "
+                                                                "subtracted); see docs/editing.md"}),
+                ("--against", {"nargs": "+", "default": None, "help": "with --specific: the concepts to rank "
+                                                                      "against (default: every other one)"}),
+                ("--aggregate", {"default": "mean", "choices": ["mean", "max"],
+                                 "help": "with --specific: subtract the others' mean, or their max (protects the "
+                                         "most similar concept)"})])
     command("layers", cmd_layers, "print a concept's per-layer score summary",
             "Print the sum, positive sum, negative sum and count of scores per tensor.", [query], [
                 ("--concept", {"required": True, "help": "concept name, e.g. seven"})])

@@ -94,6 +94,48 @@ class FinetuneOptions(Strict):
     negative_guidance: float = Field(1.0, ge=0, description="ESD's eta: the target is base - eta*(concept - base)")
 
 
+DEFAULT_SEARCH_RATIOS = [0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2]
+
+
+def _check_selection(text: str) -> str:
+    from cad_ray.method.editing import Selection
+
+    try:
+        Selection.parse(text)
+    except Exception as e:
+        raise ValueError(str(e)) from None
+    return text
+
+
+class SearchOptions(Strict):
+    """Choose each target's CAD-Erase selection and ratio by images: on a selection split of prompts and seeds
+    only; the verdicts are then reported on the test split (see docs/editing.md)."""
+
+    selections: list[str] = Field(default_factory=lambda: ["attn2/global/kind-mean"], min_length=1,
+                                  description="candidate selections, scope/granularity/contrast[/floor]")
+    ratios: list[float] = Field(default_factory=lambda: list(DEFAULT_SEARCH_RATIOS), min_length=1)
+    images_per_prompt: int = Field(2, ge=1, description="seeds per prompt of the selection split")
+    margin: int = Field(1, ge=0, description="grid steps above the smallest clean ratio at which a setting is "
+                                             "checked and picked: near the threshold a verdict depends on seeds")
+    target_max: float = Field(0.2, ge=0, le=1, description="clean: the target's accuracy at most this, on own "
+                                                          "and on unseen wordings")
+    others_min: float = Field(0.9, ge=0, le=1, description="kept: every other label keeps this share of its "
+                                                          "unedited accuracy")
+
+    @field_validator("selections")
+    @classmethod
+    def _selections(cls, v):
+        return [_check_selection(s) for s in v]
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v):
+        bad = [r for r in v if not 0 < r <= 1]
+        if bad:
+            raise ValueError(f"edit ratios must be in (0, 1], got {bad}")
+        return sorted(set(v))
+
+
 class EvaluationOptions(Strict):
     """Edits judged by images (`cad-ray evaluate`); not part of the attribution's config hash."""
 
@@ -102,7 +144,13 @@ class EvaluationOptions(Strict):
     ratios: list[float] = Field(default_factory=lambda: [0.01, 0.03, 0.1], min_length=1,
                                 description="shares of components zeroed, each in (0, 1]")
     recovery_ratios: list[float] = Field(default_factory=lambda: [0.01, 0.03])
-    granularity: Literal["global", "tensor", "row"] = "global"
+    selection: str = Field("all/global/none", description="how zeroing edits pick components: "
+                           "scope/granularity/contrast[/floor] or 'published' (ff/row/none/floor)")
+    search: SearchOptions | None = Field(None, description="choose cad-erase's selection and ratio per target on "
+                                         "a selection split (cad-erase-published: its ratio); null: every ratio")
+    prompt_panel: Literal["canonical", "wordings"] = Field(
+        "wordings", description="digits model: 'wordings' = every digit's own (colour-free) wordings and unseen "
+                                "coloured ones; 'canonical' = one prompt per digit")
     images_per_prompt: int = Field(10, ge=1)
     prompts: str | None = Field(None, description="prompt CSV (benchmark format); null: the digits prompts")
     seed: int = Field(1000, description="seed of the evaluation images (with each row's seed)")
@@ -122,10 +170,16 @@ class EvaluationOptions(Strict):
                              "'factory' is not allowed")
         return v
 
+    @field_validator("selection")
+    @classmethod
+    def _selection(cls, v):
+        return _check_selection(v)
+
     @field_validator("edits")
     @classmethod
     def _known_edits(cls, v):
-        known = ("cad-erase", "cad-amplify", "random", "finetune", "cad-finetune", "finetune+cad-amplify")
+        known = ("cad-erase", "cad-erase-published", "cad-amplify", "random", "finetune", "cad-finetune",
+                 "finetune+cad-amplify")
         bad = [e for e in v if e not in known]
         if bad:
             raise ValueError(f"unknown edit {bad[0]!r}; choose from {', '.join(known)}")

@@ -136,7 +136,7 @@ def test_overwrite_with_another_seed_then_later_stages_equal_a_fresh_run(tmp_pat
     stages = {"validation": {"fractions": [0.01], "ablations": 6, "concepts": ["seven"], "eval_samples": 1,
                              "eval_points_per_sample": 2, "projections": 2, "sketch_points_per_sample": 2, "block": 6},
               "evaluation": {"targets": ["seven"], "edits": ["cad-erase", "random"], "ratios": [0.05],
-                             "images_per_prompt": 1, "steps": 4}}
+                             "images_per_prompt": 1, "steps": 4, "prompt_panel": "canonical"}}
     small = {**SMALL, "concepts": [{"name": "seven"}, {"name": "one"}], "erase": {"steps": 6}, **stages}
     first, second = tmp_path / "s0.yaml", tmp_path / "s1.yaml"
     first.write_text(yaml.safe_dump({**small, "seed": 0}))
@@ -196,6 +196,15 @@ def test_more_bad_inputs_each_one_line_and_nothing_lost(small_run, tiny_sd_folde
                                                         config_file(tmp_path, "seed9", seed=9), "--local", "--quiet"],
                                                        "another attribution run"),
         "top of an unknown concept": (["top", "--root", root, "--concept", "three"], "no scores for concept"),
+        "a contrast without other concepts of the kind": (
+            ["evaluate", "--root", root, "--local", "--quiet", "--config", config_file(
+                tmp_path, "kind", evaluation={"selection": "attn2/global/kind-mean"})], "ranks 'seven' against other"),
+        "a specific ranking against itself": (["top", "--root", root, "--concept", "seven", "--specific",
+                                               "--against", "seven"], "needs other concepts"),
+        "a specific ranking against a concept without scores": (
+            ["top", "--root", root, "--concept", "seven", "--specific", "--against", "blue"], "no erase scores for blue"),
+        "an unknown selection": (["evaluate", "--root", root, "--local", "--quiet", "--config", config_file(
+            tmp_path, "sel", evaluation={"selection": "attn2/diagonal/none"})], "unknown granularity 'diagonal'"),
     }
     for what, (argv, message) in cases.items():
         before = snapshot(root)
@@ -203,7 +212,7 @@ def test_more_bad_inputs_each_one_line_and_nothing_lost(small_run, tiny_sd_folde
         assert status == 1 and "\n" not in err and err.startswith(f"cad-ray {argv[0]}: error:"), (what, err)
         assert re.search(message, err), (what, err)
         assert snapshot(root) == before, what
-    assert len(cases) == 10
+    assert len(cases) == 14
 
 
 def test_every_reader_names_a_damaged_table(small_run, tmp_path, capsys):
@@ -244,7 +253,7 @@ def test_a_half_written_fine_tuned_edit_is_made_again(small_run, tmp_path, capsy
     root = tmp_path / "run"
     shutil.copytree(small_run, root)
     config = config_file(tmp_path, "ft", evaluation={"targets": ["seven"], "edits": ["finetune"],
-                                                     "images_per_prompt": 1, "steps": 4,
+                                                     "images_per_prompt": 1, "steps": 4, "prompt_panel": "canonical",
                                                      "finetune": {"steps": 2, "samples": 1}})
     argv = ["evaluate", "--config", config, "--root", str(root), "--local", "--quiet"]
     assert _run(argv, capsys)[0] == 0

@@ -16,6 +16,7 @@ from cad_ray.stages.evaluation import read_prompt_set, summarize_evaluation
 
 PEER_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "peer-prompts"
 EVALUATION = {"targets": ["seven"], "edits": ["cad-erase", "random"], "ratios": [0.05], "images_per_prompt": 2,
+              "prompt_panel": "canonical",
               "steps": 10, "batch_size": 8}
 
 
@@ -102,7 +103,8 @@ def test_summary_names_the_best_trade_off():
                       "correct": k < ok, "zeroed": 1} for k in range(10)]
     rows += [{"edit": "none", "target": "", "ratio": 0.0, "guidance": 3.0, "label": label, "correct": True,
               "zeroed": 0} for label in ("seven", "one") for _ in range(10)]
-    summary = summarize_evaluation(pd.DataFrame(rows))
+    table = pd.DataFrame(rows).assign(selection="all/global/none", colour="", template="free-0w", split="test")
+    summary = summarize_evaluation(table)
     best = summary[summary["best"]]
     assert list(best["ratio"]) == [0.03]  # lowest target accuracy among ratios that keep others >= 90%
     assert summary.set_index("ratio").loc[0.1, "worst_other_retained"] == 0.5

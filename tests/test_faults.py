@@ -52,7 +52,7 @@ def test_killed_driver_resumes_skips_finished_shards_and_gives_the_same_table(tm
 LATER = {"validation": {"fractions": [0.01, 0.05], "ablations": 8, "block": 1, "eval_samples": 1,
                         "eval_points_per_sample": 3, "projections": 4, "sketch_points_per_sample": 3},
          "evaluation": {"targets": ["seven"], "edits": ["cad-erase", "random"], "ratios": [0.05],
-                        "images_per_prompt": 1, "steps": 10, "batch_size": 2}}
+                        "images_per_prompt": 1, "steps": 10, "batch_size": 2, "prompt_panel": "canonical"}}
 
 
 @pytest.mark.parametrize("stage,written,table", [("validate", "actual-*.parquet", "validation"),
@@ -257,7 +257,7 @@ def test_a_run_waits_for_resources_says_so_and_goes_on_when_they_come(tmp_path, 
 VALIDATION = {"fractions": [0.01, 0.05], "ablations": 6, "block": 1, "eval_samples": 1, "eval_points_per_sample": 3,
               "projections": 4, "sketch_points_per_sample": 3}
 EVALUATION = {"targets": ["seven"], "edits": ["cad-erase", "random"], "ratios": [0.05], "images_per_prompt": 1,
-              "steps": 10, "batch_size": 4}
+              "steps": 10, "batch_size": 4, "prompt_panel": "canonical"}
 
 
 def _in_thread(work):

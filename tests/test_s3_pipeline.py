@@ -16,7 +16,7 @@ CONFIG = {"samples": 2, "block": 2, "batch": 2, "erase": {"steps": 6}, "amplify"
           "validation": {"fractions": [0.01], "ablations": 6, "eval_samples": 1, "eval_points_per_sample": 3,
                          "projections": 4, "sketch_points_per_sample": 3, "block": 3},
           "evaluation": {"targets": ["seven"], "edits": ["cad-erase", "finetune", "finetune+cad-amplify"],
-                         "ratios": [0.05], "recovery_ratios": [0.05], "images_per_prompt": 1, "steps": 5,
+                         "ratios": [0.05], "recovery_ratios": [0.05], "images_per_prompt": 1, "steps": 5, "prompt_panel": "canonical",
                          "finetune": {"steps": 2, "samples": 1}}}
 
 

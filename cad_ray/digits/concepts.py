@@ -30,3 +30,8 @@ def digits_concept(name: str) -> tuple[list[str], list[str], np.ndarray]:
         return prompts, bases, render(images, name)
     raise CadRayError(f"concept {name!r} has no prompts; the digits model knows the concepts "
                       f"{', '.join(DIGIT_WORDS + COLOUR_NAMES)}; give 'prompts:' for any other")
+
+
+def concept_kind(name: str) -> str | None:
+    """`digit` or `colour` for a digits-world concept, else None."""
+    return "digit" if name in DIGIT_WORDS else "colour" if name in COLOUR_NAMES else None

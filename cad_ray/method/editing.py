@@ -15,6 +15,7 @@ A selection is only made from a score table whose model fingerprint is the model
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from cad_ray.seeds import numpy_rng
 ZEROING_EDITS = {"cad-erase": ("erase", True), "cad-amplify": ("amplify", False)}
 EDITS = ("cad-erase", "cad-amplify", "random", "finetune", "cad-finetune")
 GRANULARITIES = ("global", "tensor", "row")
+ROUNDINGS = ("round", "floor")
+AGGREGATES = ("mean", "max")
+CONTRASTS = ("none", "others", "kind")
 
 
 def check_ratio(ratio: float) -> float:
@@ -48,27 +52,36 @@ def _units(score: np.ndarray, granularity: str) -> np.ndarray:
 
 
 def select(scores: dict[str, np.ndarray], ratio: float | None = None, count: int | None = None,
-           granularity: str = "row", largest: bool = True) -> dict[str, np.ndarray]:
+           granularity: str = "row", largest: bool = True, rounding: str = "round") -> dict[str, np.ndarray]:
     """Boolean masks (per tensor, tensor-shaped) of the components to zero.
 
     `largest=True` takes the largest positive scores (CAD-Erase), `False` the most negative (CAD-Amplify);
     only components of that sign are eligible. `ratio` is the share of each unit's components (a unit is the
-    whole scope, a tensor, or an output row); `count` is a number of components per unit.
+    whole scope, a tensor, or an output row); `count` is a number of components per unit. `rounding` turns a
+    ratio into a count: `round` (ours: max(1, round(ratio * n)), every unit loses at least one) or `floor` (the
+    published `ablate_model`: int(ratio * n), so a unit with ratio * n < 1 loses nothing).
     """
     if granularity not in GRANULARITIES:
         raise CadRayError(f"unknown granularity {granularity!r}; choose one of {', '.join(GRANULARITIES)}")
+    if rounding not in ROUNDINGS:
+        raise CadRayError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
     if (ratio is None) == (count is None):
         raise CadRayError("give an edit ratio or a count, not both")
     if ratio is not None:
         check_ratio(ratio)
     elif count < 1:
         raise CadRayError(f"edit count must be at least 1, got {count}")
+
+    def how_many(n: int) -> int:
+        if count is not None:
+            return min(count, n)
+        return min(int(ratio * n) if rounding == "floor" else max(1, int(round(ratio * n))), n)
+
     key = {name: (s if largest else -s).astype(np.float64) for name, s in scores.items()}
     if granularity == "global":
         flat = np.concatenate([k.reshape(-1) for k in key.values()])
-        k = count if count is not None else max(1, int(round(ratio * flat.size)))
         chosen = np.zeros(flat.size, dtype=bool)
-        order = np.argsort(-flat, kind="stable")[:min(k, flat.size)]
+        order = np.argsort(-flat, kind="stable")[:how_many(flat.size)]
         chosen[order[flat[order] > 0]] = True
         masks, offset = {}, 0
         for name, s in scores.items():
@@ -78,13 +91,120 @@ def select(scores: dict[str, np.ndarray], ratio: float | None = None, count: int
     masks = {}
     for name, s in key.items():
         units = _units(s, granularity)
-        k = count if count is not None else max(1, int(round(ratio * units.shape[1])))
-        k = min(k, units.shape[1])
+        k = how_many(units.shape[1])
         order = np.argsort(-units, axis=1, kind="stable")[:, :k]
         chosen = np.zeros(units.shape, dtype=bool)
         np.put_along_axis(chosen, order, True, axis=1)
         masks[name] = (chosen & (units > 0)).reshape(s.shape)
     return masks
+
+
+def normalised(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Scores divided by their mean absolute value over the scope, so that concepts whose objective is larger
+    do not dominate a contrast."""
+    scale = np.mean(np.concatenate([np.abs(s).reshape(-1) for s in scores.values()]).astype(np.float64))
+    return {name: s.astype(np.float64) / (scale if scale > 0 else 1.0) for name, s in scores.items()}
+
+
+def specific_scores(target: dict[str, np.ndarray], others: list[dict[str, np.ndarray]], aggregate: str = "mean",
+                    largest: bool = True) -> dict[str, np.ndarray]:
+    """What the target needs and the other concepts do not: n_target - agg(n_other) with n = scores / mean|scores|
+    (`normalised`). `aggregate` is `mean` over the others or `max`, which protects the single most similar
+    concept (for `largest=False`, CAD-Amplify, the mirror: `min`). Only components whose own score has the
+    edit's sign keep a value; the rest get 0, so `select` never zeroes a component the target does not use."""
+    if aggregate not in AGGREGATES:
+        raise CadRayError(f"unknown contrast aggregate {aggregate!r}; choose one of {', '.join(AGGREGATES)}")
+    if not others:
+        raise CadRayError("a specific ranking needs the scores of at least one other concept")
+    own, rest = normalised(target), [normalised(o) for o in others]
+    out = {}
+    for name, value in own.items():
+        stacked = np.stack([o[name] for o in rest])
+        if aggregate == "mean":
+            against = stacked.mean(axis=0)
+        else:
+            against = stacked.max(axis=0) if largest else stacked.min(axis=0)
+        contrast = value - against
+        eligible = target[name] > 0 if largest else target[name] < 0
+        out[name] = np.where(eligible, contrast, 0.0)
+    return out
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How a zeroing edit picks its components: the sub-scope of the run's scope (scores do not depend on the
+    scope they were computed in, so one run over a union serves each part), the unit, the contrast against
+    other concepts and how a ratio becomes a count. Written as a string: `attn2/global/others-mean`,
+    `ff/row/none/floor`."""
+
+    scope: str = "all"
+    granularity: str = "global"
+    contrast: str = "none"  # none | others (every other concept) | kind (the others of the target's kind)
+    aggregate: str = "mean"
+    rounding: str = "round"
+
+    def __str__(self) -> str:
+        contrast = self.contrast if self.contrast == "none" else f"{self.contrast}-{self.aggregate}"
+        return "/".join([self.scope, self.granularity, contrast] + (["floor"] if self.rounding == "floor" else []))
+
+    @classmethod
+    def parse(cls, text: str) -> "Selection":
+        """`scope/granularity/contrast[-aggregate][/floor]`, or a preset name (`published`)."""
+        if text in PRESETS:
+            return PRESETS[text]
+        parts = str(text).split("/")
+        if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "floor"):
+            raise CadRayError(f"selection {text!r}: write scope/granularity/contrast[/floor], e.g. "
+                              "attn2/global/others-mean, or a preset: " + ", ".join(PRESETS))
+        scope, granularity, contrast = parts[:3]
+        aggregate = "mean"
+        if contrast != "none":
+            head, _, tail = contrast.rpartition("-")
+            if tail in AGGREGATES and head:
+                contrast, aggregate = head, tail
+        if granularity not in GRANULARITIES:
+            raise CadRayError(f"selection {text!r}: unknown granularity {granularity!r}; choose one of "
+                              f"{', '.join(GRANULARITIES)}")
+        if contrast not in CONTRASTS:
+            raise CadRayError(f"selection {text!r}: unknown contrast {contrast!r}; choose one of {', '.join(CONTRASTS)}")
+        return cls(scope, granularity, contrast, aggregate, "floor" if len(parts) == 4 else "round")
+
+
+PRESETS = {"published": Selection(scope="ff", granularity="row", contrast="none", rounding="floor")}
+
+
+def contrast_concepts(target: str, concepts: list[str], contrast: str) -> list[str]:
+    """The concepts a contrast ranks the target against: every other one (`others`), or those of its own kind
+    (`kind`: for the digits world, the other digits of a digit and the other colours of a colour; for other
+    models every other concept)."""
+    from cad_ray.digits.concepts import concept_kind
+
+    others = [c for c in concepts if c != target]
+    if contrast == "kind" and concept_kind(target) is not None:
+        others = [c for c in others if concept_kind(c) == concept_kind(target)]
+    return others if contrast != "none" else []
+
+
+def selection_masks(scores_of, target: str, others: list[str], selection: Selection, ratio: float,
+                    largest: bool = True) -> dict[str, np.ndarray]:
+    """The masks of one zeroing edit: `scores_of(concept)` gives a concept's tensor scores over the run's scope;
+    `others` are the concepts a contrast ranks against (`contrast_concepts`; ignored without contrast)."""
+    from cad_ray.method.scopes import scope_matcher
+
+    inside = scope_matcher(selection.scope)
+    own = {n: s for n, s in scores_of(target).items() if inside(n, torch.empty(s.shape, device="meta"))}
+    if not own:
+        raise CadRayError(f"selection scope {selection.scope!r} holds none of the run's scored tensors")
+    ranked = own
+    if selection.contrast != "none":
+        if not others:
+            raise CadRayError(f"a specific selection of {target!r} needs other concepts' scores of the same objective "
+                              "in the run; it has none")
+        ranked = specific_scores(own, [{n: scores_of(o)[n] for n in own} for o in others], selection.aggregate,
+                                 largest)
+    masks = select(ranked, ratio=ratio, granularity=selection.granularity, largest=largest,
+                   rounding=selection.rounding)
+    return {n: masks.get(n, np.zeros(s.shape, dtype=bool)) for n, s in scores_of(target).items()}
 
 
 def random_like(masks: dict[str, np.ndarray], granularity: str, seed: int) -> dict[str, np.ndarray]:

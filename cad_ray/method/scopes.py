@@ -25,6 +25,11 @@ NAMED_SCOPES = {
 
 
 def scope_matcher(scope: str):
+    """A predicate over (name, parameter). `a+b` is the union of scopes a and b (one attribution run then serves
+    edits in either part)."""
+    if "+" in scope and not scope.startswith("re:"):
+        parts = [scope_matcher(part) for part in scope.split("+")]
+        return lambda name, p: any(match(name, p) for match in parts)
     if scope in NAMED_SCOPES:
         return NAMED_SCOPES[scope]
     if scope.startswith("re:"):

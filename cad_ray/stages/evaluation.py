@@ -24,7 +24,7 @@ import pandas as pd
 
 from cad_ray.config import AttributionConfig, EvaluationOptions
 from cad_ray.digits import DIGIT_WORDS, canonical_prompt
-from cad_ray.method.editing import ZEROING_EDITS, check_fingerprint, random_like, select
+from cad_ray.method.editing import ZEROING_EDITS, check_fingerprint, random_like
 from cad_ray.errors import CadRayError
 from cad_ray.store import RunRoot, ScoreStore, partition
 
@@ -49,7 +49,7 @@ class DigitsJudge:
 
         predicted = [DIGIT_WORDS[d] for d in self.judges.digits(images)]
         return {"predicted": predicted, "correct": [p == l for p, l in zip(predicted, labels)],
-                "colour": [COLOUR_NAMES[c] for c in self.judges.colours(images)],
+                "predicted_colour": [COLOUR_NAMES[c] for c in self.judges.colours(images)],
                 "features": list(self.judges.features(images).astype(np.float32))}
 
 
@@ -138,41 +138,116 @@ def read_prompt_set(path: str) -> pd.DataFrame:
     return out
 
 
-def digits_prompt_set(images_per_prompt: int, seed: int) -> pd.DataFrame:
-    """The ten digits' colour-free prompts, `images_per_prompt` seeds each."""
-    return pd.DataFrame([{"prompt": canonical_prompt(d), "label": DIGIT_WORDS[d], "seed": seed + k}
-                         for d in range(10) for k in range(images_per_prompt)])
+SELECTION_SEED_OFFSET = 100_000  # selection-split seeds never meet test-split seeds
 
 
-def edit_list(options: EvaluationOptions) -> list[dict]:
-    """Every (edit, target, ratio, guidance) to generate, `none` first."""
+def digits_prompt_set(images_per_prompt: int, seed: int, panel: str = "wordings", split: str = "test") -> pd.DataFrame:
+    """The digits model's prompts: (prompt, seed, label, colour, template, split).
+
+    `wordings`: for every digit, the colour-free wordings a digit concept is attributed on (its own: 4 templates,
+    word and numeral; `template` free-<i><w|n>) and coloured wordings it never saw (unseen: the 5 coloured
+    templates in two colours each, rotating so that every colour appears with every digit; colour-<i><w|n>;
+    colour-0w, "a red seven", is a colour concept's own wording). The selection split has half as many (4 own, 4
+    unseen per digit) on seeds of its own. `canonical`: one colour-free prompt per digit (the earlier panel).
+    """
+    from cad_ray.digits import COLOUR_NAMES, TEMPLATES_WITH_COLOUR, TEMPLATES_WITHOUT_COLOUR, prompt_for
+
+    base = seed + (SELECTION_SEED_OFFSET if split == "selection" else 0)
+    rows = []
+    for d in range(10):
+        if panel == "canonical":
+            wordings = [(canonical_prompt(d), "", "free-0w")]
+        else:
+            own = [(i, n) for i in range(len(TEMPLATES_WITHOUT_COLOUR)) for n in (False, True)]
+            coloured = [(i, (d + i + shift) % len(COLOUR_NAMES)) for i in range(len(TEMPLATES_WITH_COLOUR))
+                        for shift in (0, 2)]
+            if split == "selection":
+                own = [(i, i % 2 == 1) for i in range(len(TEMPLATES_WITHOUT_COLOUR))]
+                coloured = [(i, (d + i) % len(COLOUR_NAMES)) for i in range(4)]
+            wordings = [(prompt_for(d, None, TEMPLATES_WITHOUT_COLOUR[i], n), "", f"free-{i}{'n' if n else 'w'}")
+                        for i, n in own]
+            wordings += [(prompt_for(d, COLOUR_NAMES[c], TEMPLATES_WITH_COLOUR[i], i % 2 == 1), COLOUR_NAMES[c],
+                          f"colour-{i}{'n' if i % 2 else 'w'}") for i, c in coloured]
+        rows += [{"prompt": prompt, "seed": base + k, "label": DIGIT_WORDS[d], "colour": colour,
+                  "template": template, "split": split}
+                 for prompt, colour, template in wordings for k in range(images_per_prompt)]
+    return pd.DataFrame(rows)
+
+
+def prompt_panels(options: EvaluationOptions) -> pd.DataFrame:
+    """The prompts of both splits: the test split (what the summary reports) and, with a search, the selection
+    split (what picks the settings). A CSV prompt set is split by row: even rows select, odd rows test."""
+    if options.prompts:
+        table = read_prompt_set(options.prompts)
+        table["colour"], table["template"] = "", "free-0w"
+        table["split"] = np.where(np.arange(len(table)) % 2 == 0, "selection", "test") if options.search \
+            else "test"
+        return table
+    panels = [digits_prompt_set(options.images_per_prompt, options.seed, options.prompt_panel, "test")]
+    if options.search:
+        panels.append(digits_prompt_set(options.search.images_per_prompt, options.seed, options.prompt_panel,
+                                        "selection"))
+    return pd.concat(panels, ignore_index=True)
+
+
+def target_kind(target: str) -> str:
+    """What a target's verdict reads: the colour judge for a digits-world colour, else the label (digit, class)."""
+    from cad_ray.digits.concepts import concept_kind
+
+    return "colour" if concept_kind(target) == "colour" else "label"
+
+
+def target_rows(prompts: pd.DataFrame, target: str) -> pd.Series:
+    """The rows that ask for the target (a colour: asked in that colour; else: its label)."""
+    return prompts["colour"] == target if target_kind(target) == "colour" else prompts["label"] == target
+
+
+def own_wording(prompts: pd.DataFrame, target: str) -> pd.Series:
+    """Rows worded as the target's concept was attributed (digit: colour-free; colour: "a <colour> <digit>")."""
+    if target_kind(target) == "colour":
+        return prompts["template"] == "colour-0w"
+    return prompts["template"].str.startswith("free")
+
+
+def edit_rows(edit: str, target: str, selection: str, ratio: float, guidance, prompts: pd.DataFrame) -> pd.DataFrame:
+    rows = prompts.assign(edit=edit, target=target, selection=selection, ratio=float(ratio))
+    rows["guidance"] = np.nan if guidance is None else float(guidance)
+    return rows
+
+
+ZEROING = ("cad-erase", "cad-erase-published", "random", "cad-amplify", RECOVERY)
+
+
+def plan_test_rows(options: EvaluationOptions, prompts: pd.DataFrame, picks: dict) -> pd.DataFrame:
+    """Every test-split row: `none`, then each edit of each target. `picks[(edit, target)]` is the searched
+    (selection, ratio) of cad-erase and cad-erase-published (random follows cad-erase's); without a search
+    every ratio of `options.ratios` is made with `options.selection`."""
+    test = prompts[prompts["split"] == "test"]
     guidance = options.guidance
-    edits = [{"edit": "none", "target": "", "ratio": 0.0, "guidance": guidance}]
+    frames = [edit_rows("none", "", "", 0.0, guidance, test)]
     if "cad-amplify" in options.edits:
-        edits.append({"edit": "none", "target": "", "ratio": 0.0, "guidance": options.amplify_guidance})
+        frames.append(edit_rows("none", "", "", 0.0, options.amplify_guidance, test))
     for target in options.targets:
         for edit in options.edits:
-            if edit in ("cad-erase", "random"):
-                edits += [{"edit": edit, "target": target, "ratio": r, "guidance": guidance} for r in options.ratios]
+            if edit in ("cad-erase", "cad-erase-published", "random"):
+                source = "cad-erase" if edit == "random" else edit
+                if (source, target) in picks:
+                    selection, ratio = picks[(source, target)][:2]
+                    frames.append(edit_rows(edit, target, selection, ratio, guidance, test))
+                else:
+                    selection = "published" if edit == "cad-erase-published" else options.selection
+                    frames += [edit_rows(edit, target, selection, r, guidance, test) for r in options.ratios]
             elif edit == "cad-amplify":
-                edits += [{"edit": edit, "target": target, "ratio": r, "guidance": options.amplify_guidance}
-                          for r in options.ratios]
+                frames += [edit_rows(edit, target, options.selection, r, options.amplify_guidance, test)
+                           for r in options.ratios]
             elif edit == "finetune":
-                edits.append({"edit": edit, "target": target, "ratio": 1.0, "guidance": guidance})
+                frames.append(edit_rows(edit, target, "", 1.0, guidance, test))
             elif edit == "cad-finetune":
-                edits.append({"edit": edit, "target": target, "ratio": options.finetune.ratio, "guidance": guidance})
+                frames.append(edit_rows(edit, target, options.selection, options.finetune.ratio, guidance, test))
             elif edit == RECOVERY:
-                edits += [{"edit": edit, "target": target, "ratio": r, "guidance": guidance}
-                          for r in options.recovery_ratios]
-    return edits
-
-
-def plan_rows(options: EvaluationOptions, prompts: pd.DataFrame) -> pd.DataFrame:
-    rows = [dict(e, prompt=p.prompt, seed=int(p.seed), label=p.label)
-            for e in edit_list(options) for p in prompts.itertuples(index=False)]
-    table = pd.DataFrame(rows)
-    table["guidance"] = table["guidance"].astype(float)
-    return table
+                frames += [edit_rows(edit, target, options.selection, r, guidance, test)
+                           for r in options.recovery_ratios]
+    return pd.concat(frames, ignore_index=True)
 
 
 def edit_folder(edit: str, target: str) -> tuple[str, ...]:
@@ -217,8 +292,12 @@ class EditWorker:
         ft = self.options.finetune
         masks = None
         if edit == "cad-finetune":
-            masks = select(self.store.tensor_scores(target, "erase"), ratio=ft.ratio,
-                           granularity=self.options.granularity)
+            from cad_ray.method.editing import Selection, contrast_concepts, selection_masks
+
+            chosen = Selection.parse(self.options.selection)
+            concepts = [c for c, o in self.store.concepts().itertuples(index=False) if o == "erase"]
+            masks = selection_masks(lambda c: self.store.tensor_scores(c, "erase"), target,
+                                    contrast_concepts(target, concepts, chosen.contrast), chosen, ft.ratio)
         objective = objective_for(self.config, "erase")
         weights = finetune(self.model, concept, objective, self.config.scope, list(range(ft.samples)),
                            self.config.seed, ft.steps, ft.lr, masks, self.config.chunk_size, ft.negative_guidance)
@@ -282,25 +361,35 @@ class ImageJudge:
         self.judges = load_judge(self.options.judge, self.model.kind)
         self.cache = {}
 
-    def _masks(self, edit: str, target: str, ratio: float):
-        key = (edit, target, ratio)
+    def _scores(self, concept: str, objective: str) -> dict[str, np.ndarray]:
+        key = ("scores", concept, objective)
         if key not in self.cache:
-            granularity = self.options.granularity
+            self.cache[key] = self.store.tensor_scores(concept, objective)
+        return self.cache[key]
+
+    def _masks(self, edit: str, target: str, selection: str, ratio: float):
+        from cad_ray.method.editing import Selection, contrast_concepts, selection_masks
+
+        key = (edit, target, selection, ratio)
+        if key not in self.cache:
+            chosen = Selection.parse(selection)
             if edit == RECOVERY:
                 store = ScoreStore(self.run.uri_under(*edit_folder("finetune", target)))
                 if store.fingerprint != self._finetuned_fingerprint("finetune", target):
                     raise CadRayError(f"the recovery scores under {store.run.uri} were computed on another model "
                                       f"than {self.run.uri_under(*edit_folder('finetune', target), 'model')}; "
                                       "re-run 'cad-ray evaluate' with --overwrite")
-                self.cache[key] = select(store.tensor_scores(target, "amplify"), ratio=ratio,
-                                         granularity=granularity, largest=False)
+                self.cache[key] = selection_masks(lambda c: store.tensor_scores(c, "amplify"), target, [], chosen,
+                                                  ratio, largest=False)
             elif edit == "random":
-                self.cache[key] = random_like(self._masks("cad-erase", target, ratio), granularity,
-                                              self.config.seed)
+                self.cache[key] = random_like(self._masks("cad-erase", target, selection, ratio),
+                                              chosen.granularity, self.config.seed)
             else:
-                objective, largest = ZEROING_EDITS[edit]
-                self.cache[key] = select(self.store.tensor_scores(target, objective), ratio=ratio,
-                                         granularity=granularity, largest=largest)
+                objective, largest = ZEROING_EDITS["cad-erase" if edit == "cad-erase-published" else edit]
+                concepts = [c for c, o in self.store.concepts().itertuples(index=False) if o == objective]
+                self.cache[key] = selection_masks(lambda c: self._scores(c, objective), target,
+                                                  contrast_concepts(target, concepts, chosen.contrast), chosen,
+                                                  ratio, largest)
         return self.cache[key]
 
     def _finetuned(self, edit: str, target: str):
@@ -319,7 +408,7 @@ class ImageJudge:
         self._finetuned(edit, target)
         return self.cache[("fingerprint", edit, target)]
 
-    def _applied(self, edit: str, target: str, ratio: float):
+    def _applied(self, edit: str, target: str, selection: str, ratio: float):
         from contextlib import ExitStack, nullcontext
 
         from cad_ray.method.editing import edited, weights_replaced
@@ -331,17 +420,17 @@ class ImageJudge:
         stack = ExitStack()
         if edit == RECOVERY:
             stack.enter_context(weights_replaced(self.model, self._finetuned("finetune", target)))
-        stack.enter_context(edited(self.model, self._masks(edit, target, ratio)))
+        stack.enter_context(edited(self.model, self._masks(edit, target, selection, ratio)))
         return stack
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         out = []
-        for (edit, target, ratio, guidance), rows in batch.groupby(["edit", "target", "ratio", "guidance"],
-                                                                      sort=False, dropna=False):
+        for (edit, target, selection, ratio, guidance), rows in batch.groupby(
+                ["edit", "target", "selection", "ratio", "guidance"], sort=False, dropna=False):
             rows = rows.copy()
-            zeroed = int(sum(m.sum() for m in self._masks(edit, target, ratio).values())) \
-                if edit in ("cad-erase", "random", "cad-amplify", RECOVERY) else 0
-            with self._applied(edit, target, ratio):
+            zeroed = int(sum(m.sum() for m in self._masks(edit, target, selection, ratio).values())) \
+                if edit in ZEROING else 0
+            with self._applied(edit, target, selection, ratio):
                 images = self.model.sample(list(rows["prompt"]), seed=self.options.seed,
                                            guidance=None if np.isnan(guidance) else float(guidance),
                                            steps=self.options.steps, ids=[int(s) for s in rows["seed"]]).images
@@ -372,35 +461,71 @@ def real_features() -> np.ndarray:
     return builtin_judges().features(np.concatenate([render(images, c) for c in COLOUR_NAMES]))
 
 
-def summarize_evaluation(table: pd.DataFrame, reference: np.ndarray | None = None) -> pd.DataFrame:
-    """Per (edit, target, ratio, guidance): the target's accuracy, the other labels' accuracy and the worst
-    share of its unedited accuracy that another label keeps, the Frechet distance of judge features to real
-    digits and its rise over the unedited model; `best` marks each (edit, target)'s best trade-off ratio."""
+def accuracies(rows: pd.DataFrame, target: str) -> dict:
+    """The verdicts of one edit's images for a target: its accuracy (asked for it and judged so), on its own
+    wordings and on unseen ones, and the accuracy of everything else that should stay (other labels; for a
+    colour target also the other colours and every digit)."""
+    def share(values) -> float:
+        return float(np.mean(values)) if len(values) else float("nan")
+
+    labels = rows.groupby("label")["correct"].mean()
+    if target and target_kind(target) == "colour":
+        coloured = rows[rows["colour"] != ""]
+        right = coloured["predicted_colour"] == coloured["colour"]
+        asked = right[coloured["colour"] == target]
+        own = own_wording(coloured, target)[coloured["colour"] == target]
+        others = {f"colour:{c}": v for c, v in right.groupby(coloured["colour"]).mean().items() if c != target}
+        others.update({f"digit:{l}": v for l, v in labels.items()})
+        return {"target": share(asked), "own": share(asked[own]), "unseen": share(asked[~own]), "others": others}
+    asked = rows[rows["label"] == target]
+    own = own_wording(asked, target)
+    return {"target": share(asked["correct"]) if target else float("nan"), "own": share(asked["correct"][own]),
+            "unseen": share(asked["correct"][~own]), "others": {l: v for l, v in labels.items() if l != target}}
+
+
+def retained(edited: dict, unedited: dict) -> float:
+    """The worst share of its unedited accuracy that anything that should stay keeps."""
+    shares = [v / unedited["others"][k] for k, v in edited["others"].items() if unedited["others"].get(k, 0) > 0]
+    return float(min(shares)) if shares else float("nan")
+
+
+def summarize_evaluation(table: pd.DataFrame, reference: np.ndarray | None = None,
+                         picks: dict | None = None) -> pd.DataFrame:
+    """Per (edit, target, selection, ratio, guidance) on the test split: the target's accuracy (all, own and
+    unseen wordings) beside its unedited accuracy, the other labels' mean accuracy, the worst share of its
+    unedited accuracy anything else keeps, the Frechet distance of judge features to real digits and its rise;
+    `clean` (target <= 20% on own and unseen wordings, everything else >= 90%); `picked`: the setting the
+    search chose on the selection split; `best`: each (edit, target)'s best trade-off among its rows."""
     from cad_ray.digits.judges import frechet_distance
 
-    none = table[table["edit"] == "none"]
-    base_acc = none.groupby(["guidance", "label"])["correct"].mean()
+    table = table[table["split"] == "test"] if "split" in table else table
+    picks = picks or {}
+    none = {g: rows for g, rows in table[table["edit"] == "none"].groupby("guidance")}
     fd_none = {}
-    rows = []
-    for (edit, target, ratio, guidance), g in table.groupby(["edit", "target", "ratio", "guidance"], sort=True):
-        acc = g.groupby("label")["correct"].mean()
+    out = []
+    for (edit, target, selection, ratio, guidance), g in table.groupby(
+            ["edit", "target", "selection", "ratio", "guidance"], sort=True):
+        base_rows = none.get(guidance, g)
+        now, before = accuracies(g, target), accuracies(base_rows, target)
         fd = float("nan")
         if reference is not None and "features" in g:
             fd = frechet_distance(np.stack(g["features"].to_numpy()), reference)
         if edit == "none":
             fd_none[guidance] = fd
-        base = base_acc.loc[guidance] if guidance in base_acc.index.get_level_values(0) else acc
-        others = [l for l in acc.index if l != target]
-        retained = [acc[l] / base[l] for l in others if base.get(l, 0) > 0]
-        rows.append({"edit": edit, "target": target, "ratio": ratio, "guidance": guidance, "images": len(g),
-                     "zeroed": int(g["zeroed"].iloc[0]),
-                     "target_accuracy": float(acc.get(target, np.nan)) if target else float("nan"),
-                     "target_accuracy_unedited": float(base.get(target, np.nan)) if target else float("nan"),
-                     "others_accuracy": float(acc[others].mean()) if others else float("nan"),
-                     "worst_other_retained": float(min(retained)) if retained else float("nan"),
-                     "fd": fd})
-    summary = pd.DataFrame(rows)
+        pick = picks.get((edit if edit != "random" else "cad-erase", target))
+        out.append({"edit": edit, "target": target, "selection": selection, "ratio": ratio, "guidance": guidance,
+                    "images": len(g), "zeroed": int(g["zeroed"].iloc[0]),
+                    "target_accuracy": now["target"], "target_accuracy_own": now["own"],
+                    "target_accuracy_unseen": now["unseen"], "target_accuracy_unedited": before["target"],
+                    "others_accuracy": float(np.mean(list(now["others"].values()))) if now["others"] else np.nan,
+                    "worst_other_retained": retained(now, before), "fd": fd,
+                    "picked": bool(pick is not None and (pick[0], pick[1]) == (selection, ratio)),
+                    "selection_passed": bool(pick is not None and pick[2])})
+    summary = pd.DataFrame(out)
     summary["fd_rise"] = [r.fd / fd_none.get(r.guidance, np.nan) - 1 for r in summary.itertuples()]
+    own_ok = summary["target_accuracy_own"].fillna(summary["target_accuracy"]) <= 0.2
+    unseen_ok = summary["target_accuracy_unseen"].isna() | (summary["target_accuracy_unseen"] <= 0.2)
+    summary["clean"] = (summary["edit"] != "none") & own_ok & unseen_ok & (summary["worst_other_retained"] >= 0.9)
     summary["best"] = False
     for _, g in summary[summary["edit"] != "none"].groupby(["edit", "target"]):
         keeps = g[g["worst_other_retained"] >= 0.9]
@@ -410,6 +535,83 @@ def summarize_evaluation(table: pd.DataFrame, reference: np.ndarray | None = Non
             best = score.idxmax() if g["edit"].iloc[0] in ("cad-amplify", RECOVERY) else score.idxmin()
             summary.loc[best, "best"] = True
     return summary
+
+
+def choose_settings(judged: pd.DataFrame, candidates: list[tuple], options) -> dict:
+    """The search's rule, on selection-split rows only: for each (edit, target, selection) the ratio `margin`
+    grid steps above the smallest at which the target is clean (own and unseen wordings <= target_max), kept
+    there if it is still clean and everything else keeps >= others_min of its unedited accuracy. Per (edit, target): among the kept settings the lowest target
+    accuracy (ties: the smaller ratio, then the earlier selection); if none is kept, the clean setting that
+    keeps the most; if none is clean, the lowest target accuracy. Returns {(edit, target): (selection, ratio,
+    passed)}."""
+    search = options.search
+    judged = judged[judged["split"] == "selection"]
+    unedited = judged[judged["edit"] == "none"]
+    verdicts = {}
+    checked_ratios = {}  # the ratios whose other rows were judged too
+    for (edit, target, selection), group in judged[judged["edit"] != "none"].groupby(["edit", "target", "selection"]):
+        for ratio, rows in group.groupby("ratio"):
+            verdicts[(edit, target, selection, ratio)] = accuracies(rows, target)
+            if (~target_rows(rows, target)).any():
+                checked_ratios.setdefault((edit, target, selection), set()).add(ratio)
+    picks = {}
+    for edit, target in dict.fromkeys((c[0], c[1]) for c in candidates):
+        before = accuracies(unedited, target)
+        options_here = []
+        for order, selection in enumerate(c[2] for c in candidates if c[:2] == (edit, target)):
+            for ratio in search.ratios:
+                now = verdicts.get((edit, target, selection, ratio))
+                if now is None:
+                    continue
+                clean = all(not v > search.target_max for v in (now["own"], now["unseen"]) if v == v)
+                checked = checked_ratios.get((edit, target, selection), set())
+                kept = retained(now, before) if ratio in checked else float("nan")
+                options_here.append({"selection": selection, "ratio": ratio, "order": order, "clean": clean,
+                                     "kept": kept, "target": now["target"]})
+        frame = pd.DataFrame(options_here)
+        if frame.empty:
+            continue
+        passed = frame[frame["clean"] & (frame["kept"] >= search.others_min)]
+        if len(passed):
+            best = passed.sort_values(["target", "ratio", "order"]).iloc[0]
+        elif frame["clean"].any():
+            best = frame[frame["clean"]].sort_values(["kept", "ratio", "order"], ascending=[False, True, True]).iloc[0]
+        else:
+            best = frame.sort_values(["target", "ratio", "order"]).iloc[0]
+        picks[(edit, target)] = (best["selection"], float(best["ratio"]), bool(len(passed)))
+    return picks
+
+
+def search_rounds(options: EvaluationOptions, prompts: pd.DataFrame, judge) -> tuple[dict, int]:
+    """The search, in two passes over the selection split: every candidate's target rows at every ratio, then
+    the other rows only at each candidate's smallest clean ratio (larger ratios only zero more). `judge(rows)`
+    generates and judges rows (resuming from finished blocks). Returns (picks, images judged)."""
+    search = options.search
+    selection_rows = prompts[prompts["split"] == "selection"]
+    candidates = [(edit, target, s) for target in options.targets
+                  for edit in ("cad-erase", "cad-erase-published") if edit in options.edits
+                  or (edit == "cad-erase" and "random" in options.edits)
+                  for s in (search.selections if edit == "cad-erase" else ["published"])]
+    guidance = options.guidance
+    first = [edit_rows("none", "", "", 0.0, guidance, selection_rows)]
+    for edit, target, selection in candidates:
+        asked = selection_rows[target_rows(selection_rows, target)]
+        first += [edit_rows(edit, target, selection, r, guidance, asked) for r in search.ratios]
+    judged = judge(pd.concat(first, ignore_index=True))
+    second = []
+    for (edit, target, selection), group in judged[judged["edit"] != "none"].groupby(["edit", "target", "selection"]):
+        ratios = sorted(group["ratio"].unique())
+        for i, ratio in enumerate(ratios):
+            now = accuracies(group[group["ratio"] == ratio], target)
+            if all(not v > search.target_max for v in (now["own"], now["unseen"]) if v == v):
+                # `margin` steps further: near the threshold a verdict depends on the seeds
+                checked = ratios[min(i + search.margin, len(ratios) - 1)]
+                rest = selection_rows[~target_rows(selection_rows, target)]
+                second.append(edit_rows(edit, target, selection, checked, guidance, rest))
+                break
+    if second:
+        judged = pd.concat([judged, judge(pd.concat(second, ignore_index=True))], ignore_index=True)
+    return choose_settings(judged, candidates, options), len(judged)
 
 
 def evaluation_metadata(manifest: dict, options: EvaluationOptions) -> dict:
@@ -429,19 +631,27 @@ EDIT_MARKER = "_complete.json"
 def finetune_key(options: EvaluationOptions, store: ScoreStore) -> dict:
     """What a fine-tuned edit depends on; written last into its folder, so a half-written or stale edit is
     made again."""
-    return {"finetune": options.finetune.model_dump(mode="json"), "granularity": options.granularity,
+    return {"finetune": options.finetune.model_dump(mode="json"), "selection": options.selection,
             "recovery": RECOVERY in options.edits, "fingerprint": store.fingerprint,
             "config_hash": store.manifest["config_hash"]}
 
 
-def evaluation_block(block: int) -> tuple[str, str]:
-    return ("_evaluation", f"block-{int(block):06d}.parquet")
+ROW_KEY = ["edit", "target", "selection", "ratio", "guidance", "prompt", "seed", "split"]
 
 
-def block_is_done(run: RunRoot, block: int, rows: int, meta: dict) -> bool:
-    """A block file counts only if it is whole (footer), has its rows, and was made with these options and model."""
-    footer = run.footer(*evaluation_block(block))
-    return footer is not None and footer.rows == rows and all(footer.metadata.get(k) == v for k, v in meta.items())
+def block_name(rows: pd.DataFrame, meta: dict) -> str:
+    """A block file is named by a hash of its rows and of everything its images depend on, so a block from
+    other options, another model or other scores is never taken for this one (search passes included)."""
+    import hashlib
+
+    text = json.dumps(meta, sort_keys=True) + rows[ROW_KEY].to_csv(index=False)
+    return f"block-{hashlib.sha256(text.encode()).hexdigest()[:20]}.parquet"
+
+
+def block_is_done(run: RunRoot, name: str, rows: int) -> bool:
+    """A block file counts only if it is whole (footer) and has its rows."""
+    footer = run.footer("_evaluation", name)
+    return footer is not None and footer.rows == rows
 
 
 def check_targets(options: EvaluationOptions, store: ScoreStore, root: str) -> None:
@@ -455,12 +665,29 @@ def check_targets(options: EvaluationOptions, store: ScoreStore, root: str) -> N
                                   f"the run has {', '.join(sorted(f'{c}/{o}' for c, o in known))}")
             if edit != "finetune":
                 store.check_whole("scores", target, objective)
+    check_contrasts(options, store)
+
+
+def check_contrasts(options: EvaluationOptions, store: ScoreStore) -> None:
+    """A contrast needs other concepts' scores of the same objective in the run: refuse before any work."""
+    from cad_ray.method.editing import Selection, contrast_concepts
+
+    used = [options.selection, *(options.search.selections if options.search else [])]
+    concepts = [c for c, o in store.concepts().itertuples(index=False) if o == "erase"]
+    for text in used:
+        contrast = Selection.parse(text).contrast
+        for target in options.targets:
+            if contrast != "none" and not contrast_concepts(target, concepts, contrast):
+                raise CadRayError(f"selection {text!r} ranks {target!r} against other concepts ({contrast}), but "
+                                  f"the run has erase scores for {', '.join(concepts)} only; attribute them too, "
+                                  "or choose contrast 'others' or 'none'")
 
 
 def run(config: AttributionConfig, root: str, executor, overwrite: bool = False) -> dict:
-    """The stage: make the fine-tuned edits (units: (edit, target) on actors), then generate and judge every
-    row (units: blocks of rows, through Ray Data), each block written as it finishes so that a killed driver
-    resumes; finish with evaluation/ and evaluation_summary/."""
+    """The stage: make the fine-tuned edits (units: (edit, target) on actors); with a search, pick each target's
+    setting on the selection split; then generate and judge the test split (units: blocks of rows, through
+    Ray Data), each block written as it finishes so that a killed driver resumes; finish with evaluation/ and
+    evaluation_summary/."""
     import pyarrow as pa
     from tqdm.auto import tqdm
 
@@ -471,13 +698,19 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
     if store.manifest["config_hash"] != config.config_hash():
         raise CadRayError(f"--config describes another attribution run than the one in {root}")
     check_targets(options, store, root)
-    prompts = read_prompt_set(options.prompts) if options.prompts else digits_prompt_set(options.images_per_prompt,
-                                                                                         options.seed)
+    prompts = prompt_panels(options)
     started = time.time()
     guidance = executor.first(EditWorker, "default_guidance")
     if options.guidance is None:
         config = config.model_copy(update={"evaluation": options.model_copy(update={"guidance": guidance})})
         options = config.evaluation
+    if not overwrite and run_root.exists("evaluation", "part-0.parquet"):
+        previous = evaluation_options_hash(run_root)
+        if previous is not None and previous != options.options_hash():
+            raise CadRayError(f"{root} holds an evaluation made with other options; pass --overwrite to replace it "
+                              "or evaluate into a copy of the root")
+    if overwrite:
+        run_root.remove("_evaluation")
     edit_key = finetune_key(options, store)
     todo = [(e, t) for t in options.targets for e in ("finetune", "cad-finetune")
             if (e in options.edits or (e == "finetune" and RECOVERY in options.edits))
@@ -485,49 +718,63 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
     for _ in executor.map(EditWorker, "make_edit", todo, "fine-tuned edits"):
         pass
     executor.close_pool(EditWorker)
-    rows = plan_rows(options, prompts)
-    rows["block"] = np.arange(len(rows)) // options.batch_size
-    sizes = rows.groupby("block").size().to_dict()
-    block_meta = {"options_hash": options.options_hash(), "fingerprint": store.fingerprint,
-                  "config_hash": store.manifest["config_hash"]}
-    if not overwrite and run_root.exists("evaluation", "part-0.parquet"):
-        previous = evaluation_options_hash(run_root)
-        if previous is not None and previous != block_meta["options_hash"]:
-            raise CadRayError(f"{root} holds an evaluation made with other options; pass --overwrite to replace it "
-                              "or evaluate into a copy of the root")
-    pending = [b for b in sizes if not block_is_done(run_root, b, sizes[b], block_meta)]
-    bar = tqdm(total=len(sizes), initial=len(sizes) - len(pending), unit="block", desc="images",
-               disable=not executor.progress)
-    waiting = {}
+    # what every image depends on besides its row; in each block's name
+    meta = {"fingerprint": store.fingerprint, "config_hash": store.manifest["config_hash"],
+            "images": {k: v for k, v in options.model_dump(mode="json").items()
+                       if k in ("seed", "steps", "judge", "finetune", "selection")}}
+    counts = {"computed": 0, "skipped": 0, "actors": 0}
 
-    def save(frame):  # rows of a block may come in several batches; a block is written once it is whole
-        for block, group in frame.groupby("block"):
-            waiting[block] = pd.concat([waiting[block], group]) if block in waiting else group
-            if len(waiting[block]) == sizes[block]:
-                run_root.write_table(pa.Table.from_pandas(waiting.pop(block), preserve_index=False),
-                                     *evaluation_block(block), metadata=dict(block_meta, rows=int(sizes[block])))
-                bar.update(1)
+    def judge(rows: pd.DataFrame) -> pd.DataFrame:
+        """Generate and judge `rows` in blocks; finished blocks are read back, not made again."""
+        rows = rows.reset_index(drop=True)
+        blocks = {}
+        for start in range(0, len(rows), options.batch_size):
+            part = rows.iloc[start:start + options.batch_size]
+            blocks[block_name(part, meta)] = part
+        pending = {n: b for n, b in blocks.items() if not block_is_done(run_root, n, len(b))}
+        counts["computed"] += len(pending)
+        counts["skipped"] += len(blocks) - len(pending)
+        names = list(pending)
+        waiting = {}
+        bar = tqdm(total=len(blocks), initial=len(blocks) - len(pending), unit="block", desc="images",
+                   disable=not executor.progress)
 
-    actors = executor.judge_frames(ImageJudge, [rows[rows["block"] == b] for b in pending], options.batch_size,
-                                   {"config": config, "root": root}, save)
-    bar.close()
-    summary, images = finish_evaluation(run_root, store, options, sorted(sizes))
-    return {"summary": summary, "images": images, "actors": max(actors, 1), "run_seconds": time.time() - started,
-            "edits_made": len(todo), "blocks_computed": len(pending), "blocks_skipped": len(sizes) - len(pending)}
+        def save(frame):  # rows of a block may come in several batches; a block is written once it is whole
+            for block, group in frame.groupby("block"):
+                name = names[int(block)]
+                waiting[name] = pd.concat([waiting[name], group]) if name in waiting else group
+                if len(waiting[name]) == len(pending[name]):
+                    run_root.write_table(pa.Table.from_pandas(waiting.pop(name).drop(columns=["block"]),
+                                                              preserve_index=False), "_evaluation", name,
+                                         metadata=dict(meta, rows=len(pending[name])))
+                    bar.update(1)
+
+        frames = [pending[n].assign(block=i) for i, n in enumerate(names)]
+        counts["actors"] = max(counts["actors"], executor.judge_frames(
+            ImageJudge, frames, options.batch_size, {"config": config, "root": root}, save))
+        bar.close()
+        return pd.concat([run_root.read_table("_evaluation", n).to_pandas() for n in blocks], ignore_index=True)
+
+    picks, searched = search_rounds(options, prompts, judge) if options.search else ({}, 0)
+    table = judge(plan_test_rows(options, prompts, picks))
+    summary, images = finish_evaluation(run_root, store, options, table, picks)
+    return {"summary": summary, "images": images + searched, "images_selection": searched, "picks": picks,
+            "actors": max(counts["actors"], 1), "run_seconds": time.time() - started, "edits_made": len(todo),
+            "blocks_computed": counts["computed"], "blocks_skipped": counts["skipped"]}
 
 
-def finish_evaluation(run: RunRoot, store: ScoreStore, options: EvaluationOptions, blocks: list[int]):
-    """evaluation/ (one row per image, in a fixed order) and evaluation_summary/ from the judged blocks."""
+def finish_evaluation(run: RunRoot, store: ScoreStore, options: EvaluationOptions, table: pd.DataFrame,
+                      picks: dict):
+    """evaluation/ (one row per test-split image, in a fixed order) and evaluation_summary/."""
     import pyarrow as pa
 
-    table = pd.concat([run.read_table(*evaluation_block(b)).to_pandas() for b in blocks])
-    table = table.drop(columns=["block"])
-    key = ["edit", "target", "ratio", "guidance", "label", "prompt", "seed"]
+    key = ["edit", "target", "selection", "ratio", "guidance", "label", "prompt", "seed"]
     table = table.sort_values(key, kind="stable").reset_index(drop=True)
     # the Frechet distance's reference is the real digits; other models' quality needs a reference set of theirs
     reference = real_features() if "features" in table and store.manifest.get("model") == "builtin:digits" else None
-    summary = summarize_evaluation(table, reference)
+    summary = summarize_evaluation(table, reference, picks)
     meta = evaluation_metadata(store.manifest, options)
+    meta["picks"] = [[edit, target, *pick] for (edit, target), pick in sorted(picks.items())]
     stored = table.drop(columns=[c for c in ("features",) if c in table])
     run.write_table(pa.Table.from_pandas(stored, preserve_index=False), "evaluation", "part-0.parquet", metadata=meta)
     run.write_table(pa.Table.from_pandas(summary, preserve_index=False), "evaluation_summary", "part-0.parquet",

@@ -124,6 +124,40 @@ class ScoreStore:
         best.insert(0, "rank", np.arange(1, len(best) + 1))
         return best
 
+    def specific(self, concept: str, against: list[str] | None = None, objective: str = "erase", k: int = 20,
+                 aggregate: str = "mean", negative: bool = False) -> pd.DataFrame:
+        """The k components most specific to `concept`: ranked by what it needs and the concepts `against` do not
+        (`cad_ray.method.editing.specific_scores`: scores normalised per concept, the others' mean or max
+        subtracted). `against` defaults to every other concept with scores of this objective in the run."""
+        from cad_ray.method.editing import specific_scores
+
+        if k < 1:
+            raise CadRayError(f"k must be at least 1, got {k}")
+        have = [c for c, o in self.concepts().itertuples(index=False) if o == objective]
+        against = [c for c in have if c != concept] if against is None else list(against)
+        missing = [c for c in [concept, *against] if c not in have]
+        if missing:
+            raise CadRayError(f"no {objective} scores for {', '.join(missing)} in {self.run.uri}; a specific ranking "
+                              f"needs scores of the same objective, model and scope; the run has {', '.join(have)}")
+        if not against or against == [concept]:
+            raise CadRayError(f"a specific ranking of {concept!r} needs other concepts' {objective} scores in the "
+                              f"run; it has only {', '.join(have)}")
+        target = self.tensor_scores(concept, objective)
+        ranked = specific_scores(target, [self.tensor_scores(c, objective) for c in against if c != concept],
+                                 aggregate, largest=not negative)
+        names = list(ranked)
+        flat = np.concatenate([ranked[n].reshape(-1) for n in names])
+        sizes = np.cumsum([0] + [ranked[n].size for n in names])
+        key = flat if negative else -flat
+        pick = np.argsort(key, kind="stable")[:k]
+        pick = pick[(flat[pick] < 0) if negative else (flat[pick] > 0)]
+        tensor_of = np.searchsorted(sizes, pick, side="right") - 1
+        rows = pd.DataFrame({"tensor": [names[i] for i in tensor_of], "index": pick - sizes[tensor_of],
+                             "score": [target[names[i]].reshape(-1)[j] for i, j in zip(tensor_of, pick - sizes[tensor_of])],
+                             "specific": flat[pick]})
+        rows.insert(0, "rank", np.arange(1, len(rows) + 1))
+        return rows
+
     def layers(self, concept: str | None = None, objective: str | None = None) -> pd.DataFrame:
         if concept is not None:
             self._check_known(concept, objective)

@@ -1,0 +1,191 @@
+"""Issue 14: specific (contrastive) selection, the published selection rule, the search's split and the digits
+prompt panel; and a clean erase of one digit on the shipped model that random zeroing of as many does not make."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cad_ray.config import parse_config
+from cad_ray.errors import CadRayError
+from cad_ray.method.editing import Selection, random_like, select, selection_masks, specific_scores
+
+
+def test_contrast_on_a_hand_made_table_has_the_known_answer():
+    # target needs a0 and a1 strongly; the other concept needs a0 just as much (relative to its own scale)
+    target = {"a": np.array([[4.0, 2.0, -1.0, 1.0]])}  # mean |.| = 2
+    other = {"a": np.array([[20.0, 0.0, 0.0, -20.0]])}  # mean |.| = 10
+    spec = specific_scores(target, [other])
+    # n_target = [2, 1, -0.5, 0.5], n_other = [2, 0, 0, -2]: [0, 1, (own < 0: 0), 2.5]
+    np.testing.assert_allclose(spec["a"], [[0.0, 1.0, 0.0, 2.5]])
+    # max protects the most similar other concept; mean averages them
+    third = {"a": np.array([[0.0, 3.0, 0.0, 0.0]])}  # mean 0.75: n = [0, 4, 0, 0]
+    np.testing.assert_allclose(specific_scores(target, [other, third], "max")["a"], [[0.0, -3.0, 0.0, 0.5]])
+    np.testing.assert_allclose(specific_scores(target, [other, third], "mean")["a"], [[1.0, -1.0, 0.0, 1.5]])
+    # so the top-1 edit zeroes a3 (what only the target needs), where the plain ranking zeroes a0 (shared)
+    masks = selection_masks({"t": target, "o": other}.get, "t", ["o"], Selection.parse("all/global/others-mean"),
+                            0.25)
+    np.testing.assert_array_equal(masks["a"], [[False, False, False, True]])
+    plain = selection_masks({"t": target, "o": other}.get, "t", [], Selection.parse("all/global/none"), 0.25)
+    np.testing.assert_array_equal(plain["a"], [[True, False, False, False]])
+    with pytest.raises(CadRayError, match="needs other concepts"):
+        selection_masks({"t": target}.get, "t", [], Selection.parse("all/global/others-mean"), 0.25)
+
+
+def published_reference(scores: dict, ratio: float) -> dict:
+    """The published `ablate_model`, written from its definition: per output row, sort descending, zero the
+    first int(ratio * in_features) entries whose score is not negative... here: positive."""
+    masks = {}
+    for name, s in scores.items():
+        mask = np.zeros(s.shape, dtype=bool)
+        k = int(ratio * s.shape[1])
+        for r in range(s.shape[0]):
+            for j in np.argsort(-s[r], kind="stable")[:k]:
+                if s[r, j] > 0:
+                    mask[r, j] = True
+        masks[name] = mask
+    return masks
+
+
+def test_the_published_selection_floors_per_row_and_never_zeroes_negative_scores():
+    rng = np.random.default_rng(1)
+    scores = {"down.ff.net.2.weight": rng.normal(size=(6, 10)), "down.ff.net.0.proj.weight": rng.normal(size=(4, 7)),
+              "down.attn2.to_k.weight": rng.normal(size=(3, 10))}
+    published = Selection.parse("published")
+    assert (published.scope, published.granularity, published.rounding) == ("ff", "row", "floor")
+    for ratio in (0.1, 0.15, 0.3):
+        got = selection_masks(lambda c: scores, "t", [], published, ratio)
+        want = published_reference({n: s for n, s in scores.items() if ".ff." in n}, ratio)
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name])
+        assert not got["down.attn2.to_k.weight"].any()  # outside the ff scope
+    # 0.1 of 7 inputs: floor zeroes nothing in that tensor, round (ours) one per row
+    floor = select({"x": scores["down.ff.net.0.proj.weight"]}, ratio=0.1, granularity="row", rounding="floor")
+    ours = select({"x": scores["down.ff.net.0.proj.weight"]}, ratio=0.1, granularity="row")
+    assert floor["x"].sum() == 0 and (ours["x"].sum(axis=1) == (scores["down.ff.net.0.proj.weight"].max(1) > 0)).all()
+    # 0.15 of 10 inputs: floor 1, round 2
+    assert select({"x": np.abs(scores["down.ff.net.2.weight"])}, ratio=0.15, granularity="row",
+                  rounding="floor")["x"].sum(axis=1).tolist() == [1] * 6
+    assert select({"x": np.abs(scores["down.ff.net.2.weight"])}, ratio=0.15,
+                  granularity="row")["x"].sum(axis=1).tolist() == [2] * 6
+
+
+def test_the_digits_panel_has_unseen_wordings_and_splits_with_disjoint_seeds():
+    from cad_ray.digits.concepts import digits_concept
+    from cad_ray.stages.evaluation import own_wording, prompt_panels, target_rows
+
+    options = parse_config({"concepts": [{"name": "seven"}], "evaluation": {"search": {}}}).evaluation
+    panel = prompt_panels(options)
+    test, selection = panel[panel["split"] == "test"], panel[panel["split"] == "selection"]
+    assert not set(test["seed"]) & set(selection["seed"])
+    sevens = test[target_rows(test, "seven")]
+    own = set(sevens[own_wording(sevens, "seven")]["prompt"])
+    attributed = set(digits_concept("seven")[0])
+    assert own == attributed  # every wording seven was attributed on, and only those
+    unseen = set(sevens[~own_wording(sevens, "seven")]["prompt"])
+    assert {"a red seven", "the digit 7 in blue", "the green number 7"} & unseen and not unseen & attributed
+    assert all(any(c in p for c in ("white", "red", "green", "blue")) for p in unseen)
+    # a colour's own wording is the one it was attributed on: "a red <digit>"
+    reds = test[target_rows(test, "red")]
+    assert set(reds[own_wording(reds, "red")]["prompt"]) <= set(digits_concept("red")[0])
+    assert set(reds["colour"]) == {"red"} and reds["label"].nunique() == 10
+
+
+def test_the_search_rule_never_reads_the_test_split():
+    from cad_ray.stages.evaluation import choose_settings
+
+    options = parse_config({"concepts": [{"name": "seven"}],
+                            "evaluation": {"search": {"selections": ["attn2/global/none", "ff/global/none"],
+                                                      "ratios": [0.01, 0.1]}}}).evaluation
+
+    def rows(edit, selection, ratio, split, seven_ok, one_ok):
+        return [{"edit": edit, "target": "seven" if edit != "none" else "", "selection": selection, "ratio": ratio,
+                 "split": split, "label": label, "colour": "", "template": "free-0w", "correct": k < ok}
+                for label, ok in (("seven", seven_ok), ("one", one_ok)) for k in range(10)]
+
+    selection = (rows("none", "", 0.0, "selection", 10, 10) + rows("cad-erase", "attn2/global/none", 0.1, "selection", 0, 10)
+                 + rows("cad-erase", "ff/global/none", 0.1, "selection", 0, 5))
+    candidates = [("cad-erase", "seven", "attn2/global/none"), ("cad-erase", "seven", "ff/global/none")]
+    picks = choose_settings(pd.DataFrame(selection), candidates, options)
+    assert picks[("cad-erase", "seven")] == ("attn2/global/none", 0.1, True)
+    # test rows that would favour the other setting change nothing: the rule reads the selection split only
+    test = (rows("none", "", 0.0, "test", 10, 10) + rows("cad-erase", "attn2/global/none", 0.1, "test", 10, 0)
+            + rows("cad-erase", "ff/global/none", 0.01, "test", 0, 10))
+    assert choose_settings(pd.DataFrame(selection + test), candidates, options) == picks
+
+
+@pytest.fixture(scope="module")
+def attn2_digits(tmp_path_factory):
+    from cad_ray.distributed import run_attribution
+
+    root = str(tmp_path_factory.mktemp("attn2") / "run")
+    config = parse_config({"scope": "attn2", "samples": 8, "concepts": [{"name": n} for n in (
+        "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]})
+    run_attribution(config, root, local=True, progress=False)
+    return root
+
+
+def test_a_specific_erase_on_the_shipped_model_removes_one_and_keeps_the_others(attn2_digits, digits_model):
+    """A measured setting (docs/editing.md): "one", attn2, global, contrast against the other digits, 5%.
+    One image per wording of "one", two of every other digit; the digit judge; random zeroing of as many
+    components leaves "one"."""
+    from cad_ray.digits.judges import builtin_judges
+    from cad_ray.method.editing import edited
+    from cad_ray.stages.evaluation import digits_prompt_set
+    from cad_ray.store import ScoreStore
+
+    store = ScoreStore(attn2_digits)
+    digits = [c for c in store.concepts()["concept"]]
+    masks = selection_masks(lambda c: store.tensor_scores(c), "one", [d for d in digits if d != "one"],
+                            Selection.parse("attn2/global/kind-mean"), 0.05)
+    panel = digits_prompt_set(1, 2000, "wordings", "test")
+    panel = panel[(panel["label"] == "one") | panel["template"].isin(["free-0w", "colour-1n"])]
+    judges = builtin_judges()
+
+    def accuracy(model_masks):
+        with edited(digits_model, model_masks):
+            images = digits_model.sample(list(panel["prompt"]), seed=2000, ids=list(panel["seed"])).images
+        right = pd.Series(np.array(judges.digits(images)) == panel["label"].map(
+            ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"].index).to_numpy())
+        return right.groupby(panel["label"].to_numpy()).mean()
+
+    erased = accuracy(masks)
+    assert erased["one"] <= 0.2, erased
+    assert erased.drop("one").min() >= 0.9, erased
+    panel = panel[panel["label"] == "one"]
+    kept = accuracy(random_like(masks, "global", seed=0))
+    assert kept["one"] >= 0.8, kept
+
+
+def test_evaluate_with_a_search_picks_on_selection_and_reports_the_test_split(small_run, tmp_path):
+    """The whole stage with a search: the selection split picks each edit's setting, the tables hold only test-split
+    images, the picked row is marked, and random follows cad-erase's pick."""
+    import shutil
+
+    from conftest import small_config
+
+    from cad_ray.distributed import run_evaluation
+
+    root = str(tmp_path / "run")
+    shutil.copytree(small_run, root)
+    config = small_config(evaluation={
+        "targets": ["seven"], "edits": ["cad-erase", "cad-erase-published", "random"], "steps": 4,
+        "images_per_prompt": 1, "prompt_panel": "canonical", "selection": "all/global/none",
+        "search": {"selections": ["all/global/others-mean", "all/row/none"], "ratios": [0.01, 0.05, 0.2],
+                   "images_per_prompt": 1, "margin": 0}})
+    result = run_evaluation(config, root, local=True, progress=False)
+    table = pd.read_parquet(f"{root}/evaluation")
+    summary = pd.read_parquet(f"{root}/evaluation_summary")
+    assert set(table["split"]) == {"test"} and result["images_selection"] > 0
+    picks = result["picks"]
+    erase = summary[summary["edit"] == "cad-erase"]
+    assert len(erase) == 1 and erase["picked"].all()
+    assert (erase["selection"].iloc[0], erase["ratio"].iloc[0]) == picks[("cad-erase", "seven")][:2]
+    assert erase["selection"].iloc[0] in ("all/global/others-mean", "all/row/none")
+    published = summary[summary["edit"] == "cad-erase-published"]
+    assert published["selection"].tolist() == ["published"]
+    rand = summary[summary["edit"] == "random"]
+    assert (rand["selection"].iloc[0], rand["ratio"].iloc[0]) == picks[("cad-erase", "seven")][:2]
+    assert rand["zeroed"].iloc[0] == erase["zeroed"].iloc[0]
+    # a re-run resumes every block, of both passes
+    again = run_evaluation(config, root, local=True, progress=False)
+    assert again["blocks_computed"] == 0 and again["picks"] == picks
