@@ -274,7 +274,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
-    from cad_ray.method.editing import ZEROING_EDITS, check_fingerprint, check_ratio, select, zero_components
+    from cad_ray.method.editing import (ZEROING_EDITS, Selection, check_fingerprint, check_ratio, contrast_concepts,
+                                        select, selection_masks, zero_components)
     from cad_ray.models import load_model
     from cad_ray.store import ScoreStore
 
@@ -294,15 +295,22 @@ def cmd_edit(args: argparse.Namespace) -> None:
     model = load_model(args.model if args.model else store.manifest["config"].get("model"))
     check_fingerprint(model, store.fingerprint)
     objective, largest = ZEROING_EDITS[args.edit]
-    masks = select(store.tensor_scores(args.target, objective), ratio=args.ratio, count=args.count,
-                   granularity=args.granularity, largest=largest)
+    selection = Selection.parse(args.selection)
+    if args.count is not None:  # a count per unit: the plain ranking of the run's scores
+        masks = select(store.tensor_scores(args.target, objective), count=args.count,
+                       granularity=selection.granularity, largest=largest)
+    else:
+        concepts = [c for c, o in store.concepts().itertuples(index=False) if o == objective]
+        masks = selection_masks(lambda c: store.tensor_scores(c, objective), args.target,
+                                contrast_concepts(args.target, concepts, selection.contrast), selection, args.ratio,
+                                largest)
     zeroed = zero_components(model, masks)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     if out.exists():
         out.rmdir()  # empty, checked above
     os.replace(tmp, out)
-    print(f"wrote {out}: {args.edit} of {args.target!r}, {zeroed} components zeroed ({args.granularity}); "
+    print(f"wrote {out}: {args.edit} of {args.target!r}, {zeroed} components zeroed ({args.selection}); "
           f"load it with --model {out}")
 
 
@@ -430,7 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
                 ("--ratio", {"type": float, "default": None, "help": "share of each unit's components, in (0, 1]"}),
                 ("--count", {"type": int, "default": None, "help": "number of components per unit instead of a "
                                                                    "ratio"}),
-                ("--granularity", {"default": "global", "choices": ["global", "tensor", "row"]}),
+                ("--selection", {"default": "all/global/none",
+                                 "help": "scope/granularity/contrast[/floor]: a part of the run's scope, the unit "
+                                         "ranked in (global, tensor, row), the contrast (none; kind: against the "
+                                         "other concepts of its kind; others: against every other; -mean or -max), "
+                                         "floor for the published rounding; or 'published' (ff/row/none/floor). "
+                                         "Default: all/global/none"}),
                 ("--model", {"default": None, "help": "model to edit (default: the run's)"}),
                 ("--out", {"required": True, "help": "new folder for the edited model"})])
     command("run", cmd_run, "the whole pipeline: attribute, validate, evaluate, report",

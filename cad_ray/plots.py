@@ -95,6 +95,31 @@ def ratio_sweep(summary: pd.DataFrame, target: str) -> bytes:
     return _png(fig)
 
 
+def erase_verdicts(summary: pd.DataFrame) -> bytes:
+    """Per target, for each searched edit (picked setting) and random: the target's accuracy on its own and on
+    unseen wordings, and the worst share of its accuracy anything else keeps; the 20% and 90% lines of "clean"."""
+    plt = _pyplot()
+    rows = summary[summary["edit"].isin(["cad-erase", "cad-erase-published", "random"])
+                   & (summary["picked"] | (summary["edit"] == "random"))]
+    targets = list(dict.fromkeys(rows["target"]))
+    edits = [e for e in ("cad-erase", "cad-erase-published", "random") if e in set(rows["edit"])]
+    fig, axes = plt.subplots(3, 1, figsize=(max(6, 0.7 * len(targets)), 7), sharex=True)
+    width = 0.8 / max(len(edits), 1)
+    for k, edit in enumerate(edits):
+        g = rows[rows["edit"] == edit].set_index("target").reindex(targets)
+        x = [i + (k - (len(edits) - 1) / 2) * width for i in range(len(targets))]
+        for ax, column in zip(axes, ("target_accuracy_own", "target_accuracy_unseen", "worst_other_retained")):
+            ax.bar(x, g[column].fillna(0), width=width, label=edit)
+    for ax, title, line in zip(axes, ("target, own wordings", "target, unseen wordings", "worst other kept"),
+                               (0.2, 0.2, 0.9)):
+        ax.axhline(line, color="grey", lw=0.8, ls=":")
+        ax.set_ylim(0, 1.05)
+        ax.set_title(title, fontsize=9)
+    axes[-1].set_xticks(range(len(targets)), targets, rotation=45, fontsize=8)
+    axes[0].legend(fontsize=7, ncol=len(edits))
+    return _png(fig)
+
+
 def layer_summary(layers: pd.DataFrame) -> bytes:
     """Positive and negative score mass per tensor, one bar group per concept."""
     plt = _pyplot()

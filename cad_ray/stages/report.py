@@ -10,6 +10,7 @@ import io
 import numpy as np
 import pandas as pd
 
+from cad_ray.stages.evaluation import target_kind, target_rows
 from cad_ray.store import RunRoot, ScoreStore
 
 TEMPLATE = "report.html.j2"  # in cad_ray/assets: the page's layout; this module computes what goes in it
@@ -42,7 +43,7 @@ def _optional(run: RunRoot, store: ScoreStore, name: str) -> pd.DataFrame | None
 def build_report(root: str) -> str:
     import jinja2
 
-    from cad_ray.plots import layer_summary, ratio_sweep
+    from cad_ray.plots import erase_verdicts, layer_summary, ratio_sweep
 
     run, store = RunRoot(root), ScoreStore(root)
     pairs = store.concepts()
@@ -75,6 +76,8 @@ def build_report(root: str) -> str:
             "images": len(images), "edits": sorted(evaluation["edit"].unique()), "targets": targets,
             "ratios": sorted(evaluation[~evaluation["edit"].isin(["none", "finetune"])]["ratio"].unique().tolist()),
             "table": _table(evaluation.drop(columns=["fd"]).round(4)),
+            "verdicts": _img(erase_verdicts(evaluation), "erase verdicts per target")
+            if "picked" in evaluation and evaluation["picked"].any() else None,
             "per_target": [{"name": t, "sweep": _img(ratio_sweep(evaluation, t), f"sweep {t}"),
                             "grids": _image_grids(images, evaluation, t)} for t in targets]}
     environment = jinja2.Environment(loader=jinja2.PackageLoader("cad_ray", "assets"),
@@ -93,8 +96,10 @@ def _image_grids(images: pd.DataFrame, summary: pd.DataFrame, target: str, per_p
                       & ((images["target"] == target) | (edit == "none")) & (np.isclose(images["ratio"], ratio))]
         if rows.empty:
             continue
-        rows = rows.groupby("label", sort=False).head(per_prompt)
-        ordered = pd.concat([rows[rows["label"] == target], rows[rows["label"] != target]])
+        rows = rows.groupby("label", sort=False).head(per_prompt) if target_kind(target) != "colour" else \
+            pd.concat([rows[rows["colour"] == target].head(per_prompt), rows[rows["colour"] != target].head(per_prompt)])
+        asked = target_rows(rows, target) if "colour" in rows else rows["label"] == target
+        ordered = pd.concat([rows[asked], rows[~asked]])
         caption = f"{edit}" + (f" ratio {ratio:g}" if edit != "none" else "") + f", guidance {guidance:g}"
         out.append({"img": _img(_grid_png(list(ordered['image_png']), per_prompt), caption, 300), "caption": caption})
     return out
