@@ -278,3 +278,13 @@ def test_quiet_prints_only_the_result_line(tmp_path):
     assert done.returncode == 0, done.stderr
     lines = (done.stdout + done.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("attribution complete in"), lines
+
+
+def test_a_run_refused_by_its_config_check_does_not_block_the_corrected_run(tmp_path, capsys):
+    root = str(tmp_path / "new")
+    _one_line_refusal(["attribute", "--root", root, "--local", "--quiet", "--config",
+                       config_file(tmp_path, "bad", scope="re:nothing")], "matches no parameter", capsys)
+    status, _, err = _run(["attribute", "--root", root, "--local", "--quiet", "--config",
+                           config_file(tmp_path, "good", samples=2, block=2, batch=2, erase={"steps": 3},
+                                       concepts=[{"name": "seven"}])], capsys)
+    assert status == 0, err

@@ -184,7 +184,8 @@ def open_run(config: AttributionConfig, root: str, fingerprint: str, overwrite: 
                               "run root of ours: choose an empty or new --root")
     if manifest is not None and (manifest.get("config_hash") != config.config_hash()
                                  or manifest.get("fingerprint") != fingerprint):
-        if not overwrite:
+        started_nothing = not manifest.get("complete") and not any(run.exists(n) for n in ("_shards", *RESULT_TABLES))
+        if not overwrite and not started_nothing:  # a run that wrote nothing yet costs nothing to replace
             what = "config" if manifest.get("config_hash") != config.config_hash() else "model"
             raise CadRayError(f"{root} holds a run made with another {what}; use another --root, or --overwrite "
                               "to replace it")
@@ -251,8 +252,8 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
     started = time.time()
     fingerprint = executor.first(AttributionWorker, "fingerprint")  # the first call loads the model
     setup_seconds = time.time() - started
+    layout = executor.first(AttributionWorker, "tensor_layout")  # checks the scope before the root is touched
     manifest = open_run(config, root, fingerprint, overwrite)
-    layout = executor.first(AttributionWorker, "tensor_layout")
     shards = plan_shards(config)
     done, pending = shard_status(run_root, shards, manifest, layout)
     for _ in executor.map(AttributionWorker, "run_shard", pending, "attribution", total=len(shards)):

@@ -148,7 +148,8 @@ def digits_prompt_set(images_per_prompt: int, seed: int, panel: str = "wordings"
     word and numeral; `template` free-<i><w|n>) and coloured wordings it never saw (unseen: the 5 coloured
     templates in two colours each, rotating so that every colour appears with every digit; colour-<i><w|n>;
     colour-0w, "a red seven", is a colour concept's own wording). The selection split has half as many (4 own, 4
-    unseen per digit) on seeds of its own. `canonical`: one colour-free prompt per digit (the earlier panel).
+    unseen per digit). Every image has a seed of its own (the selection split's never meet the test split's).
+    `canonical`: one colour-free prompt per digit (the earlier panel).
     """
     from cad_ray.digits import COLOUR_NAMES, TEMPLATES_WITH_COLOUR, TEMPLATES_WITHOUT_COLOUR, prompt_for
 
@@ -168,10 +169,13 @@ def digits_prompt_set(images_per_prompt: int, seed: int, panel: str = "wordings"
                         for i, n in own]
             wordings += [(prompt_for(d, COLOUR_NAMES[c], TEMPLATES_WITH_COLOUR[i], i % 2 == 1), COLOUR_NAMES[c],
                           f"colour-{i}{'n' if i % 2 else 'w'}") for i, c in coloured]
-        rows += [{"prompt": prompt, "seed": base + k, "label": DIGIT_WORDS[d], "colour": colour,
-                  "template": template, "split": split}
-                 for prompt, colour, template in wordings for k in range(images_per_prompt)]
-    return pd.DataFrame(rows)
+        rows += [{"prompt": prompt, "label": DIGIT_WORDS[d], "colour": colour, "template": template, "split": split}
+                 for prompt, colour, template in wordings for _ in range(images_per_prompt)]
+    table = pd.DataFrame(rows)
+    # every image its own seed: within one seed the wordings of a digit give nearly the same image, so shared
+    # seeds would make a panel's many images few independent draws
+    table.insert(1, "seed", base + np.arange(len(table), dtype=np.int64))
+    return table
 
 
 def prompt_panels(options: EvaluationOptions) -> pd.DataFrame:
