@@ -3,7 +3,8 @@ scope (the real tensor names and shapes, 148.7M components per concept).
 
     python bench/store_scale.py [--root /tmp/cad-ray-store-bench] [--scale 1.0]
 
-Measures write throughput, bytes per component on disk, the time of a top-100 query for one concept and of
+Measures write throughput, bytes per component on disk (the score table per concept; the weights table once per
+run), the time of a top-100 query for one concept (weight and grad derived) and of
 the per-layer summary, and compares with saving the gradient dict with torch.save as the published code does.
 Weights and gradients are random normal with SD-like magnitudes; real tables compress about the same
 (float mantissas are noise either way).
@@ -39,7 +40,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of each tensor's rows (for a quick run)")
     args = parser.parse_args()
 
-    from cad_ray.store import SCORE_SCHEMA, RunRoot, ScoreStore, aggregate_tables, score_parts
+    from cad_ray.store import SCORE_SCHEMA, WEIGHT_SCHEMA, RunRoot, ScoreStore, aggregate_tables, score_parts, weight_parts
 
     layout = [(n, (max(1, int(r * args.scale)), c)) for n, (r, c) in sd14_ff_layout()]
     rng = np.random.default_rng(0)
@@ -50,15 +51,20 @@ def main() -> None:
 
     shutil.rmtree(args.root, ignore_errors=True)
     run = RunRoot(args.root)
-    run.write_manifest({"complete": True, "fingerprint": "synthetic", "config_hash": "synthetic"})
+    identity = {"fingerprint": "synthetic", "config_hash": "synthetic"}
+    run.write_manifest({"complete": True, **identity})
     where = ("concept=synthetic", "objective=erase", "part-0.parquet")
     start = time.perf_counter()
-    run.write_parts(SCORE_SCHEMA, score_parts(names, weights, grads), "scores", *where)
+    run.write_parts(SCORE_SCHEMA, score_parts(names, weights, grads), "scores", *where, metadata=identity)
     write_s = time.perf_counter() - start
     start = time.perf_counter()
+    run.write_parts(WEIGHT_SCHEMA, weight_parts(names, weights), "weights", "part-0.parquet", metadata=identity)
+    weights_s = time.perf_counter() - start
+    weights_size = os.path.getsize(os.path.join(args.root, "weights", "part-0.parquet"))
+    start = time.perf_counter()
     neurons, layers = aggregate_tables(names, weights, grads)
-    run.write_table(neurons, "neurons", *where)
-    run.write_table(layers, "layers", *where)
+    run.write_table(neurons, "neurons", *where, metadata=identity)
+    run.write_table(layers, "layers", *where, metadata=identity)
     aggregate_s = time.perf_counter() - start
     size = os.path.getsize(os.path.join(args.root, "scores", *where))
 
@@ -80,6 +86,8 @@ def main() -> None:
         "components": components, "tensors": len(names), "threads": torch.get_num_threads(),
         "write_seconds": round(write_s, 1), "write_components_per_s": round(components / write_s),
         "bytes_per_component": round(size / components, 2), "scores_file_mb": round(size / 2**20, 1),
+        "weights_table_bytes_per_component_once_per_run": round(weights_size / components, 2),
+        "weights_write_seconds": round(weights_s, 1),
         "neurons_layers_seconds": round(aggregate_s, 1),
         "top100_seconds": round(top_s, 2), "layer_summary_seconds": round(layers_s, 3), "layer_rows": len(summary),
         "torch_save_seconds": round(torch_s, 1), "torch_save_bytes_per_component": round(torch_size / components, 2),

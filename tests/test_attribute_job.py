@@ -28,11 +28,12 @@ def assert_same_scores(a, b, rel=1e-6):
 
 def test_tables_are_readable_with_plain_pandas(small_run):
     scores = pd.read_parquet(small_run + "/scores", filters=[("concept", "==", "seven")])
-    assert {"concept", "objective", "tensor", "index", "weight", "grad", "score"} <= set(scores.columns)
+    assert {"concept", "objective", "tensor", "index", "score"} == set(scores.columns)
     assert set(scores["objective"].astype(str)) == {"erase", "amplify"}
     assert scores["score"].dtype == np.float32 and scores["index"].dtype == np.int64
-    np.testing.assert_allclose(scores["score"], scores["weight"].astype(np.float64) * scores["grad"], rtol=1e-5,
-                               atol=1e-12)
+    weights = pd.read_parquet(small_run + "/weights")
+    assert {"tensor", "index", "weight"} == set(weights.columns)
+    assert len(weights) == len(scores[scores["objective"] == "erase"])
     layers = table(small_run, "layers")
     erase = scores[scores["objective"] == "erase"]
     assert layers[layers["objective"] == "erase"]["count"].sum() == len(erase)
@@ -208,3 +209,25 @@ def test_stable_diffusion_pipeline_through_the_whole_stage(tiny_sd_folder, tmp_p
     assert len(scores) > 0 and scores["tensor"].astype(str).str.contains("attn2").all()
     assert np.isfinite(scores["score"]).all() and (scores["score"] != 0).any()
     assert store.metadata("parachute")["config"]["scope"] == "attn2"
+
+
+def test_derived_weight_and_grad_equal_what_the_estimator_computed(small_run, digits_model):
+    """Weight and grad are no longer stored beside each score: ScoreStore derives them (weights table, score /
+    weight) and they equal the estimator's own weight and mean gradient (what the tables stored before)."""
+    from cad_ray.method.attribution import CAD
+    from cad_ray.method.concepts import build_concept
+    from cad_ray.stages.attribution import objective_for
+
+    config = small_config()
+    estimator = CAD(digits_model, objective_for(config, "erase"), config.scope, config.chunk_size, config.seed,
+                    config.batch)
+    attribution = estimator.attribute(build_concept(config.concepts[0], digits_model), config.samples)
+    store = ScoreStore(small_run)
+    top = store.top("seven", 50)
+    full = store.scores("seven")
+    for row in top.itertuples():
+        w = attribution.weights[row.tensor].reshape(-1)[row.index].item()
+        g = attribution.grads[row.tensor].reshape(-1)[row.index].item()
+        assert row.weight == pytest.approx(w, rel=1e-6) and row.grad == pytest.approx(g, rel=1e-4)
+    assert {"tensor", "index", "weight", "grad", "score"} <= set(full.columns) and len(full) == len(
+        pd.read_parquet(small_run + "/weights"))

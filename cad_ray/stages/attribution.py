@@ -23,8 +23,8 @@ from cad_ray import __version__
 from cad_ray.method.attribution import CAD, GradientSum
 from cad_ray.config import LATER_STAGES, AttributionConfig
 from cad_ray.errors import CadRayError
-from cad_ray.store import (METADATA_KEY, SCORE_SCHEMA, RunRoot, aggregate_tables, is_damage, partition, score_parts,
-                           table_metadata)
+from cad_ray.store import (METADATA_KEY, SCORE_SCHEMA, WEIGHT_SCHEMA, RunRoot, aggregate_tables, is_damage, partition,
+                           score_parts, table_metadata, weight_parts)
 
 RESULT_TABLES = ("scores", "neurons", "layers")
 # what later stages derive from the scores; removed with them by --overwrite
@@ -133,6 +133,23 @@ class AttributionWorker:
     def finalize_pair(self, work: tuple) -> dict:
         return self.finalize(*work)
 
+    def write_weights(self, manifest: dict) -> None:
+        """The run's weights table: the scoped weights once, for every concept's grad = score / weight."""
+        write_weights(self.run, self.estimator("erase").parameters, manifest)
+
+
+def write_weights(run: RunRoot, parameters, manifest: dict) -> None:
+    names = [n for n, _ in parameters]
+    weights = {n: p.detach().double().cpu() for n, p in parameters}
+    meta = {"fingerprint": manifest["fingerprint"], "config_hash": manifest["config_hash"]}
+    run.write_parts(WEIGHT_SCHEMA, weight_parts(names, weights), "weights", "part-0.parquet", metadata=meta)
+
+
+def weights_are_whole(run: RunRoot, manifest: dict) -> bool:
+    footer = run.footer("weights", "part-0.parquet")
+    return (footer is not None and footer.metadata.get("fingerprint") == manifest["fingerprint"]
+            and footer.metadata.get("config_hash") == manifest["config_hash"] and run.readable("weights", "part-0.parquet"))
+
 
 def shard_is_valid(run: RunRoot, shard: Shard, names: list[str], total_size: int, manifest: dict) -> bool:
     """A shard counts as done only if its file is whole and belongs to this run, model and layout."""
@@ -189,7 +206,7 @@ def open_run(config: AttributionConfig, root: str, fingerprint: str, overwrite: 
             what = "config" if manifest.get("config_hash") != config.config_hash() else "model"
             raise CadRayError(f"{root} holds a run made with another {what}; use another --root, or --overwrite "
                               "to replace it")
-        for name in ("_shards", *RESULT_TABLES, *DOWNSTREAM, "_manifest.json"):
+        for name in ("_shards", *RESULT_TABLES, "weights", *DOWNSTREAM, "_manifest.json"):
             run.remove(name)  # later stages' results too: they were made from the scores being replaced
         manifest = None
     if manifest is None:
@@ -224,8 +241,9 @@ def table_is_whole(run: RunRoot, table: str, concept: str, objective: str, manif
 
 def damaged_tables(run: RunRoot, config: AttributionConfig, manifest: dict) -> list[str]:
     """The final tables that are missing, damaged or from another run, as paths under the root."""
-    return ["/".join((t, partition(spec.name, objective), "part-0.parquet")) for spec, objective in config.pairs()
-            for t in RESULT_TABLES if not table_is_whole(run, t, spec.name, objective, manifest)]
+    damaged = ["/".join((t, partition(spec.name, objective), "part-0.parquet")) for spec, objective in config.pairs()
+               for t in RESULT_TABLES if not table_is_whole(run, t, spec.name, objective, manifest)]
+    return damaged + ([] if weights_are_whole(run, manifest) else ["weights/part-0.parquet"])
 
 
 def pairs_to_finalize(run: RunRoot, config: AttributionConfig, manifest: dict) -> list[tuple[str, str]]:
@@ -263,6 +281,8 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
         by_pair[(shard.concept, shard.objective)].append(shard)
     todo = [(*pair, by_pair[pair], manifest) for pair in pairs_to_finalize(run_root, config, manifest)]
     results = [r for _, r in executor.map(AttributionWorker, "finalize_pair", todo, "reduce")]
+    if not weights_are_whole(run_root, manifest):
+        executor.first(AttributionWorker, "write_weights", manifest)
     manifest = mark_complete(run_root, manifest, results)
     manifest.update(run_seconds=time.time() - started, setup_seconds=setup_seconds,  # Ray start-up, model loading
                     shards_computed=len(pending), shards_skipped=len(done), workers=executor.workers,

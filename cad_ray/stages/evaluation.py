@@ -330,6 +330,7 @@ class EditWorker:
         """CAD scores of the target under the amplify objective on the edited model, as a run root of its own."""
         from cad_ray.method.attribution import CAD
         from cad_ray.stages.attribution import objective_for
+        from cad_ray.stages.attribution import write_weights
         from cad_ray.store import SCORE_SCHEMA, aggregate_tables, score_parts, table_metadata
 
         estimator = CAD(self.model, objective_for(self.config, "amplify"), self.config.scope, self.config.chunk_size,
@@ -343,6 +344,7 @@ class EditWorker:
         names = estimator.tensor_names
         neurons, layers = aggregate_tables(names, attribution.weights, attribution.grads)
         sub.write_table(layers, "layers", *where, metadata=meta)
+        write_weights(sub, estimator.parameters, manifest)  # the fine-tuned model's weights
         sub.write_parts(SCORE_SCHEMA, score_parts(names, attribution.weights, attribution.grads), "scores", *where,
                         metadata=meta)
         sub.write_manifest(manifest)

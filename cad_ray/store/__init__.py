@@ -5,6 +5,7 @@
     <root>/scores/concept=<c>/objective=<o>/part-0.parquet  one row per component
     <root>/neurons/concept=<c>/objective=<o>/part-0.parquet one row per output row of each tensor
     <root>/layers/concept=<c>/objective=<o>/part-0.parquet  one row per tensor
+    <root>/weights/part-0.parquet                           the scoped weights, once (grad = score / weight)
 
 A root is a local path or `s3://bucket/prefix` (`root.RunRoot`: atomic writes, the one footer check, the
 manifest); `tables` says what the tables hold; `scores.ScoreStore` queries them. Plain
@@ -14,5 +15,5 @@ manifest); `tables` says what the tables hold; `scores.ScoreStore` queries them.
 from cad_ray.store.root import (METADATA_KEY, ROW_GROUP_SIZE, Footer, RunRoot, atomic_local_file,  # noqa: F401
                                 filesystem, hidden_temporary, is_damage)
 from cad_ray.store.scores import ScoreStore  # noqa: F401
-from cad_ray.store.tables import (SCORE_SCHEMA, aggregate_tables, partition, score_parts,  # noqa: F401
-                                  table_metadata)
+from cad_ray.store.tables import (SCORE_SCHEMA, WEIGHT_SCHEMA, aggregate_tables, partition,  # noqa: F401
+                                  score_parts, table_metadata, weight_parts)

@@ -97,9 +97,45 @@ class ScoreStore:
                               else "") + f" in {self.run.uri}; it has {pairs}")
 
     def scores(self, concept: str, objective: str = "erase", columns: list[str] | None = None) -> pd.DataFrame:
+        """A concept's whole score table; `weight` and `grad` (= score / weight) are derived from the run's
+        weights table when asked for (by default they are)."""
         self._check_known(concept, objective)
         self.check_whole("scores", concept, objective)
-        return self._read("scores", concept, objective, columns=columns).to_pandas()
+        derived = [c for c in ("weight", "grad") if columns is None or c in columns]
+        stored = None if columns is None else [c for c in columns if c not in derived] or ["score"]
+        table = self._read("scores", concept, objective, columns=stored).to_pandas()
+        if derived:
+            table = self._with_weights(table, derived)
+        return table if columns is None else table[columns]
+
+    def _with_weights(self, rows: pd.DataFrame, derived: list[str]) -> pd.DataFrame:
+        """`rows` with the weight of each (tensor, index) from the weights table, and grad = score / weight (NaN
+        where the weight is zero: the score is then zero whatever the gradient)."""
+        parts = ("weights", "part-0.parquet")
+        footer = self.run.footer(*parts)
+        if footer is None or footer.metadata.get("fingerprint") != self.fingerprint:
+            raise CadRayError(f"{self.run.uri_under(*parts)} is missing or damaged (runs written before cad-ray "
+                              f"kept weights there lack it); add it with 'cad-ray attribute --root {self.run.uri}' "
+                              "and the run's config")
+        keys = rows[["tensor", "index"]].astype({"tensor": str})
+        expr = pc.field("tensor").isin(sorted(set(keys["tensor"]))) if len(rows) < 1 << 20 else None
+        if expr is not None:
+            expr = expr & pc.field("index").isin(sorted(set(keys["index"].tolist())))
+        try:
+            weights = ds.dataset(self.run.join(*parts), filesystem=self._arrow_fs(), format="parquet").to_table(
+                filter=expr).to_pandas()
+        except (pa.ArrowInvalid, OSError):
+            raise self._damaged(parts) from None
+        weights["tensor"] = weights["tensor"].astype(str)
+        merged = keys.merge(weights, on=["tensor", "index"], how="left")
+        out = rows.copy()
+        w = merged["weight"].to_numpy(dtype=np.float64)
+        if "weight" in derived:
+            out["weight"] = w.astype(np.float32)
+        if "grad" in derived:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                out["grad"] = np.where(w != 0, rows["score"].to_numpy(dtype=np.float64) / w, np.nan).astype(np.float32)
+        return out
 
     def top(self, concept: str, k: int = 20, negative: bool = False, objective: str = "erase") -> pd.DataFrame:
         """The k components with the largest scores (or most negative with `negative`), streaming the table."""
@@ -108,7 +144,7 @@ class ScoreStore:
         self._check_known(concept, objective)
         self.check_whole("scores", concept, objective)
         order = [("score", "ascending" if negative else "descending")]
-        scanner = self._dataset("scores").scanner(columns=["tensor", "index", "weight", "grad", "score"],
+        scanner = self._dataset("scores").scanner(columns=["tensor", "index", "score"],
                                                   filter=self._filter(concept, objective), batch_size=1 << 20)
         best = None
         try:
@@ -121,6 +157,7 @@ class ScoreStore:
         best = best.to_pandas().sort_values(["score", "tensor", "index"], ascending=[negative, True, True],
                                             kind="stable").reset_index(drop=True)
         best["tensor"] = best["tensor"].astype(str)
+        best = self._with_weights(best, ["weight", "grad"])[["tensor", "index", "weight", "grad", "score"]]
         best.insert(0, "rank", np.arange(1, len(best) + 1))
         return best
 

@@ -14,9 +14,13 @@ from cad_ray import __version__
 SCORE_SCHEMA = pa.schema([
     ("tensor", pa.dictionary(pa.int32(), pa.string())),
     ("index", pa.int64()),
-    ("weight", pa.float32()),
-    ("grad", pa.float32()),
     ("score", pa.float32()),
+])
+# the scoped weights, once per run (they are the same for every concept): readers derive grad = score / weight
+WEIGHT_SCHEMA = pa.schema([
+    ("tensor", pa.dictionary(pa.int32(), pa.string())),
+    ("index", pa.int64()),
+    ("weight", pa.float32()),
 ])
 
 
@@ -34,22 +38,31 @@ def _as_numpy(values) -> np.ndarray:
     return values.double().numpy() if hasattr(values, "numpy") else np.asarray(values, dtype=np.float64)
 
 
-def score_parts(tensor_names: list[str], weights: dict, grads: dict) -> Iterator[pa.Table]:
-    """The score table of one concept and objective, one tensor at a time (so it streams at SD scale).
-
-    Scores are computed in float64 (w * mean grad) and stored as float32.
-    """
+def _tensor_parts(tensor_names: list[str], column: str, values_of, schema: pa.Schema) -> Iterator[pa.Table]:
     dictionary = pa.array(tensor_names, pa.string())
     for code, name in enumerate(tensor_names):
-        w, g = _as_numpy(weights[name]).reshape(-1), _as_numpy(grads[name]).reshape(-1)
-        n = w.size
+        values = values_of(name)
+        n = values.size
         yield pa.table({
             "tensor": pa.DictionaryArray.from_arrays(pa.array(np.full(n, code, np.int32)), dictionary),
             "index": pa.array(np.arange(n, dtype=np.int64)),
-            "weight": pa.array(w.astype(np.float32)),
-            "grad": pa.array(g.astype(np.float32)),
-            "score": pa.array((w * g).astype(np.float32)),
-        }, schema=SCORE_SCHEMA)
+            column: pa.array(values.astype(np.float32)),
+        }, schema=schema)
+
+
+def score_parts(tensor_names: list[str], weights: dict, grads: dict) -> Iterator[pa.Table]:
+    """The score table of one concept and objective, one tensor at a time (so it streams at SD scale).
+
+    Scores are computed in float64 (w * mean grad) and stored as float32; weight and gradient are not stored
+    beside them (`weight_parts` holds the weights once per run), which keeps a table near 4 bytes a component.
+    """
+    return _tensor_parts(tensor_names, "score", lambda n: (_as_numpy(weights[n]) * _as_numpy(grads[n])).reshape(-1),
+                         SCORE_SCHEMA)
+
+
+def weight_parts(tensor_names: list[str], weights: dict) -> Iterator[pa.Table]:
+    """The weights table of a run (`weights/part-0.parquet`): the scoped weights as float32."""
+    return _tensor_parts(tensor_names, "weight", lambda n: _as_numpy(weights[n]).reshape(-1), WEIGHT_SCHEMA)
 
 
 def aggregate_tables(tensor_names: list[str], weights: dict, grads: dict) -> tuple[pa.Table, pa.Table]:
