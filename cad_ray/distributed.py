@@ -11,7 +11,6 @@ dead workers and shows progress.
 from __future__ import annotations
 
 import sys
-import time
 from collections import defaultdict, deque
 
 from cad_ray.config import AttributionConfig
