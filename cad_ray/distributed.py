@@ -43,9 +43,15 @@ class WorkerHost:
 
 
 def _unwrap(error: Exception) -> Exception:
-    """The user-facing error inside a Ray task error, if there is one."""
-    cause = getattr(error, "cause", None)
-    return cause if isinstance(cause, CadRayError) else error
+    """The user-facing error inside a Ray task error (or a Ray Data error around one), if there is one."""
+    seen = error
+    for _ in range(8):  # Ray Data wraps the task error once more
+        if isinstance(seen, CadRayError):
+            return seen
+        seen = getattr(seen, "cause", None) or seen.__cause__
+        if seen is None:
+            break
+    return error
 
 
 class _LocalPool:
@@ -277,8 +283,11 @@ class Executor:
             # at least one actor, not all: the GPU count can still include a node that was just lost, and Ray
             # Data would wait forever for an actor it cannot place; the others start as Ray places them
             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors), **request)
-        for batch in judged.iter_batches(batch_format="pandas", batch_size=None):
-            on_rows(batch)
+        try:
+            for batch in judged.iter_batches(batch_format="pandas", batch_size=None):
+                on_rows(batch)
+        except Exception as e:
+            raise _unwrap(e) from None
         return actors
 
 

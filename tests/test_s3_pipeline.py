@@ -12,11 +12,12 @@ from cad_ray.stages.report import write_report
 from cad_ray.status import root_status
 
 CONFIG = {"samples": 2, "block": 2, "batch": 2, "erase": {"steps": 6}, "amplify": {"points_per_sample": 4},
-          "concepts": [{"name": "seven", "objectives": ["erase", "amplify"]}],
+          "concepts": [{"name": "seven", "objectives": ["erase", "amplify"]}, {"name": "red"}],
           "validation": {"fractions": [0.01], "ablations": 6, "eval_samples": 1, "eval_points_per_sample": 3,
-                         "projections": 4, "sketch_points_per_sample": 3, "block": 3},
+                         "projections": 4, "sketch_points_per_sample": 3, "block": 3, "concepts": ["seven"]},
           "evaluation": {"targets": ["seven"], "edits": ["cad-erase", "finetune", "finetune+cad-amplify"],
                          "ratios": [0.05], "recovery_ratios": [0.05], "images_per_prompt": 1, "steps": 5, "prompt_panel": "canonical",
+                         "selection": "all/global/others-mean",
                          "finetune": {"steps": 2, "samples": 1}}}
 
 
@@ -48,5 +49,5 @@ def test_attribute_validate_evaluate_report_on_s3(s3_endpoint):
 
     status = root_status(root).set_index("stage")  # one listing of the bucket prefix
     assert status["complete"].all()
-    assert (status.loc["attribution", "done"], status.loc["attribution", "total"]) == (2, 2)
+    assert (status.loc["attribution", "done"], status.loc["attribution", "total"]) == (3, 3)
     assert (status.loc["validation", "done"], status.loc["validation", "total"]) == (3, 3)

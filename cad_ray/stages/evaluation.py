@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -385,8 +386,9 @@ class ImageJudge:
                     raise CadRayError(f"the recovery scores under {store.run.uri} were computed on another model "
                                       f"than {self.run.uri_under(*edit_folder('finetune', target), 'model')}; "
                                       "re-run 'cad-ray evaluate' with --overwrite")
-                self.cache[key] = selection_masks(lambda c: store.tensor_scores(c, "amplify"), target, [], chosen,
-                                                  ratio, largest=False)
+                # the recovery's scores are the target's alone, on the erased model: no other concept to contrast
+                self.cache[key] = selection_masks(lambda c: store.tensor_scores(c, "amplify"), target, [],
+                                                  replace(chosen, contrast="none"), ratio, largest=False)
             elif edit == "random":
                 self.cache[key] = random_like(self._masks("cad-erase", target, selection, ratio),
                                               chosen.granularity, self.config.seed)
