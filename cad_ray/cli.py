@@ -274,8 +274,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
-    from cad_ray.method.editing import (ZEROING_EDITS, Selection, check_fingerprint, check_ratio, contrast_concepts,
-                                        select, selection_masks, zero_components)
+    from cad_ray.method.editing import ZEROING_EDITS, Selection, check_fingerprint, check_ratio, select, zero_components
     from cad_ray.models import load_model
     from cad_ray.store import ScoreStore
 
@@ -300,10 +299,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
         masks = select(store.tensor_scores(args.target, objective), count=args.count,
                        granularity=selection.granularity, largest=largest)
     else:
-        concepts = [c for c, o in store.concepts().itertuples(index=False) if o == objective]
-        masks = selection_masks(lambda c: store.tensor_scores(c, objective), args.target,
-                                contrast_concepts(args.target, concepts, selection.contrast), selection, args.ratio,
-                                largest)
+        masks = store.masks(args.target, selection, args.ratio, objective, largest)
     zeroed = zero_components(model, masks)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp)

@@ -297,12 +297,7 @@ class EditWorker:
         ft = self.options.finetune
         masks = None
         if edit == "cad-finetune":
-            from cad_ray.method.editing import Selection, contrast_concepts, selection_masks
-
-            chosen = Selection.parse(self.options.selection)
-            concepts = [c for c, o in self.store.concepts().itertuples(index=False) if o == "erase"]
-            masks = selection_masks(lambda c: self.store.tensor_scores(c, "erase"), target,
-                                    contrast_concepts(target, concepts, chosen.contrast), chosen, ft.ratio)
+            masks = self.store.masks(target, self.options.selection, ft.ratio)
         objective = objective_for(self.config, "erase")
         weights = finetune(self.model, concept, objective, self.config.scope, list(range(ft.samples)),
                            self.config.seed, ft.steps, ft.lr, masks, self.config.chunk_size, ft.negative_guidance)
@@ -375,7 +370,7 @@ class ImageJudge:
         return self.cache[key]
 
     def _masks(self, edit: str, target: str, selection: str, ratio: float):
-        from cad_ray.method.editing import Selection, contrast_concepts, selection_masks
+        from cad_ray.method.editing import Selection, selection_masks
 
         key = (edit, target, selection, ratio)
         if key not in self.cache:
@@ -394,10 +389,8 @@ class ImageJudge:
                                               chosen.granularity, self.config.seed)
             else:
                 objective, largest = ZEROING_EDITS["cad-erase" if edit == "cad-erase-published" else edit]
-                concepts = [c for c, o in self.store.concepts().itertuples(index=False) if o == objective]
-                self.cache[key] = selection_masks(lambda c: self._scores(c, objective), target,
-                                                  contrast_concepts(target, concepts, chosen.contrast), chosen,
-                                                  ratio, largest)
+                self.cache[key] = self.store.masks(target, chosen, ratio, objective, largest,
+                                                   lambda c: self._scores(c, objective))
         return self.cache[key]
 
     def _finetuned(self, edit: str, target: str):

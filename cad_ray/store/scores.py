@@ -195,6 +195,18 @@ class ScoreStore:
         rows.insert(0, "rank", np.arange(1, len(rows) + 1))
         return rows
 
+    def masks(self, target: str, selection, ratio: float, objective: str = "erase", largest: bool = True,
+              scores_of=None) -> dict[str, np.ndarray]:
+        """The components a zeroing edit of `target` takes by `selection` (a `Selection` or its text): its scores,
+        and for a contrast those of the other concepts of the objective in this run. `scores_of(concept)` may
+        supply cached tensor scores."""
+        from cad_ray.method.editing import Selection, contrast_concepts, selection_masks
+
+        chosen = selection if isinstance(selection, Selection) else Selection.parse(selection)
+        concepts = [c for c, o in self.concepts().itertuples(index=False) if o == objective]
+        return selection_masks(scores_of or (lambda c: self.tensor_scores(c, objective)), target,
+                               contrast_concepts(target, concepts, chosen.contrast), chosen, ratio, largest)
+
     def layers(self, concept: str | None = None, objective: str | None = None) -> pd.DataFrame:
         if concept is not None:
             self._check_known(concept, objective)
