@@ -101,7 +101,10 @@ def erase_verdicts(summary: pd.DataFrame) -> bytes:
     plt = _pyplot()
     rows = summary[summary["edit"].isin(["cad-erase", "cad-erase-published", "random"])
                    & (summary["picked"] | (summary["edit"] == "random"))]
-    targets = list(dict.fromkeys(rows["target"]))
+    from cad_ray.digits import COLOUR_NAMES, DIGIT_WORDS
+
+    known = list(DIGIT_WORDS + COLOUR_NAMES)  # the digits world in its own order, anything else after it
+    targets = sorted(set(rows["target"]), key=lambda name: (known.index(name) if name in known else len(known), name))
     edits = [e for e in ("cad-erase", "cad-erase-published", "random") if e in set(rows["edit"])]
     fig, axes = plt.subplots(3, 1, figsize=(max(6, 0.7 * len(targets)), 7), sharex=True)
     width = 0.8 / max(len(edits), 1)
