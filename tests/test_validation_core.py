@@ -8,7 +8,7 @@ from conftest import untrained_float64_model
 from cad_ray.method.attribution import CAD
 from cad_ray.errors import CadRayError
 from cad_ray.method.objectives import Concept, EraseObjective
-from cad_ray.method.estimators import (AblationEvaluator, bootstrap_interval, first_order_prediction, pearson,
+from cad_ray.method.estimators import (AblationEvaluator, FirstOrder, bootstrap_interval, pearson,
                                 random_subset, spearman)
 
 
@@ -55,7 +55,7 @@ def test_actual_change_restores_weights_and_matches_first_order_for_tiny_ablatio
     weights = np.concatenate([p.detach().flatten().numpy() for _, p in evaluator.parameters])
     tiny = np.argsort(np.abs(weights))[:20]  # components whose zeroing is a tiny step
     change = evaluator.change(tiny)
-    assert change.frozen_base == pytest.approx(first_order_prediction(flat, tiny), rel=1e-3)
+    assert change.frozen_base == pytest.approx(FirstOrder(flat).predict([tiny])[0], rel=1e-3)
     for (_, p), b in zip(evaluator.parameters, before):
         assert torch.equal(p, b)
     with pytest.raises(CadRayError, match="out of range"):

@@ -104,11 +104,6 @@ class AblationEvaluator:
         return ObjectiveChange(frozen - self.base[0], recomputed - self.base[1])
 
 
-def first_order_prediction(flat_scores: np.ndarray, flat_indices: np.ndarray) -> float:
-    """CAD's prediction of J(ablated) - J: minus the sum of the zeroed components' scores."""
-    return -float(np.asarray(flat_scores, dtype=np.float64)[flat_indices].sum())
-
-
 class SecondOrderSketch:
     """K random projections of the residual Jacobian, times the weights: `attribute(concept, samples)` returns
     a (K, n_components) float64 array `uw` with which `quadratic(uw, S)` is the Gauss-Newton term of zeroing S.
@@ -187,6 +182,52 @@ def fit_coar(x_train: np.ndarray, y_train: np.ndarray):
     if len(y_train) < 3:
         raise CadRayError(f"COAR needs at least 3 training ablations, got {len(y_train)}; raise 'ablations'")
     return RidgeCV(alphas=np.logspace(-8, 4, 25)).fit(x_train, y_train)
+
+
+class FirstOrder:
+    """CAD's own estimate of zeroing a subset: dJ(S) ~ -sum of its scores."""
+
+    name = "cad"
+
+    def __init__(self, scores: np.ndarray):
+        self.scores = np.asarray(scores, dtype=np.float64)
+
+    def predict(self, subsets: list[np.ndarray]) -> np.ndarray:
+        return np.array([-self.scores[s].sum() for s in subsets])
+
+
+class SecondOrder(FirstOrder):
+    """First order plus the sketched Gauss-Newton term of each subset (`SecondOrderSketch`, `quadratic`)."""
+
+    name = "cad2"
+
+    def __init__(self, scores: np.ndarray, quadratic_terms: np.ndarray):
+        super().__init__(scores)
+        self.quadratic_terms = np.asarray(quadratic_terms, dtype=np.float64)
+
+    def predict(self, subsets: list[np.ndarray]) -> np.ndarray:
+        return super().predict(subsets) + self.quadratic_terms
+
+
+class Coar:
+    """COAR (Shah et al.): a ridge regression of the actual change on each neuron's zeroed share, fit on
+    training ablations (`fit_coar`)."""
+
+    name = "coar"
+
+    def __init__(self, shapes: list[tuple[int, ...]]):
+        self.neuron_of, self.n_neurons = neuron_index(shapes)
+        self.model = None
+
+    def features(self, subsets: list[np.ndarray]) -> np.ndarray:
+        return neuron_shares(subsets, self.neuron_of, self.n_neurons)
+
+    def fit(self, subsets: list[np.ndarray], actual: np.ndarray) -> "Coar":
+        self.model = fit_coar(self.features(subsets), np.asarray(actual))
+        return self
+
+    def predict(self, subsets: list[np.ndarray]) -> np.ndarray:
+        return self.model.predict(self.features(subsets))
 
 
 def concentration(scores: np.ndarray, shares=(0.001, 0.01)) -> dict[float, float]:

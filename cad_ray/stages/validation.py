@@ -29,9 +29,9 @@ from cad_ray import __version__
 from cad_ray.config import AttributionConfig, ValidationOptions
 from cad_ray.errors import CadRayError
 from cad_ray.store import RunRoot, ScoreStore, partition
-from cad_ray.method.estimators import (AblationEvaluator, SecondOrderSketch, bootstrap_interval, concentration,
-                         fit_coar, jaccard, neuron_index, neuron_shares, pearson, quadratic, random_subset, spearman,
-                         top_set)
+from cad_ray.method.estimators import (AblationEvaluator, Coar, FirstOrder, SecondOrder, SecondOrderSketch,
+                                      bootstrap_interval, concentration, jaccard, pearson, quadratic, random_subset,
+                                      spearman, top_set)
 
 MANIFEST = "_validation.json"
 TABLES = ("validation", "validation_summary", "localization", "overlap")
@@ -215,19 +215,18 @@ def predictions(config: AttributionConfig, options: ValidationOptions, scores: n
                 shapes: list[tuple[int, ...]], actual: pd.DataFrame, sketch: pd.DataFrame) -> pd.DataFrame:
     """Every estimator's prediction for every ablation of one concept, beside the actual changes."""
     n = len(scores)
-    neuron_of, n_neurons = neuron_index(shapes)
     train_count = max(1, int(round(options.coar_train_fraction * options.ablations)))
     frames = []
     for fraction, part in actual.groupby("fraction", sort=True):
         part = part.sort_values("ablation").reset_index(drop=True)
         subsets = [random_subset(n, fraction, int(a), config.seed) for a in part["ablation"]]
-        first = np.array([-scores[s].sum() for s in subsets])
         quad = sketch[sketch["fraction"] == fraction].set_index("ablation")["quadratic"].reindex(part["ablation"])
         split = np.where(part["ablation"] < train_count, "train", "test")
-        x = neuron_shares(subsets, neuron_of, n_neurons)
-        coar = fit_coar(x[split == "train"], part["actual"].to_numpy()[split == "train"]).predict(x)
-        for name, predicted in (("cad", first), ("cad2", first + quad.to_numpy()), ("coar", coar)):
-            frames.append(part.assign(estimator=name, predicted=predicted, split=split,
+        train = [s for s, k in zip(subsets, split) if k == "train"]
+        estimators = (FirstOrder(scores), SecondOrder(scores, quad.to_numpy()),
+                      Coar(shapes).fit(train, part["actual"].to_numpy()[split == "train"]))
+        for estimator in estimators:  # one interface: predict(subsets)
+            frames.append(part.assign(estimator=estimator.name, predicted=estimator.predict(subsets), split=split,
                                       subset_size=[len(s) for s in subsets]))
     return pd.concat(frames, ignore_index=True)
 
