@@ -25,7 +25,6 @@ from cad_ray.method.scopes import select_parameters
 from cad_ray.seeds import numpy_rng
 
 ZEROING_EDITS = {"cad-erase": ("erase", True), "cad-amplify": ("amplify", False)}
-EDITS = ("cad-erase", "cad-amplify", "random", "finetune", "cad-finetune")
 GRANULARITIES = ("global", "tensor", "row")
 ROUNDINGS = ("round", "floor")
 AGGREGATES = ("mean", "max")
@@ -36,12 +35,6 @@ def check_ratio(ratio: float) -> float:
     if not 0 < ratio <= 1:
         raise CadRayError(f"edit ratio must be in (0, 1], got {ratio}")
     return float(ratio)
-
-
-def check_edit(name: str) -> str:
-    if name not in EDITS:
-        raise CadRayError(f"unknown edit {name!r}; choose one of {', '.join(EDITS)}")
-    return name
 
 
 def _units(score: np.ndarray, granularity: str) -> np.ndarray:
