@@ -325,6 +325,15 @@ def cmd_run(args: argparse.Namespace) -> None:
     print(f"\nreport: {write_report(root)}")
 
 
+def cmd_judges(args: argparse.Namespace) -> None:
+    from cad_ray.judges import judge_listing
+
+    rows = judge_listing()  # finds packages without importing them; no judge's code is loaded
+    width = max(len(name) for name, *_ in rows)
+    for name, status, needs, description in rows:
+        print(f"{name:<{width}}  {status} | needs {needs} | {description}")
+
+
 def _option_group(*options: tuple) -> argparse.ArgumentParser:
     """A parent parser holding shared options: (flags, keyword arguments) pairs."""
     group = argparse.ArgumentParser(add_help=False)
@@ -453,6 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
             "Show each stage of a run root (attribution, validation, evaluation, report): complete or not, and "
             "how many of its shard or block files are written. A re-run of the same command keeps those and "
             "computes the rest.", [root])
+    command("judges", cmd_judges, "list the judges an evaluation can name",
+            "List every registered judge (built-in, or a plugin under the 'cad_ray.judges' entry-point group), one "
+            "line each: its name, whether it can run here (ready; needs <package>; unavailable, and why), what it "
+            "needs (packages, the option naming its weights) and what it measures. A config names one in its "
+            "evaluation section: judge: {name: nudenet} (docs/editing.md).")
     command("top", cmd_top, "print a concept's top components",
             "Print the k components with the largest scores of a concept (inducing it), or with --negative the "
             "most negative ones (inhibiting it).", [query], [

@@ -113,6 +113,35 @@ def test_the_search_rule_never_reads_the_test_split():
     assert choose_settings(pd.DataFrame(selection + test), candidates, options) == picks
 
 
+def test_the_search_bisects_the_ratio_grid_and_picks_margin_steps_above_the_first_clean_ratio():
+    """A judge whose target vanishes from a known ratio on: the search finds that ratio in log2 rounds (never
+    judging the whole grid), checks the others `margin` steps above it, and picks that ratio."""
+    from cad_ray.stages.evaluation import prompt_panels, search_rounds
+
+    ratios = [0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2]
+    options = parse_config({"concepts": [{"name": "seven"}, {"name": "one"}], "evaluation": {
+        "targets": ["seven", "one"], "edits": ["cad-erase"], "prompt_panel": "wordings",
+        "search": {"selections": ["attn2/global/none"], "ratios": ratios, "margin": 1}}}).evaluation
+    erased_from = {"seven": 0.03, "one": 1.0}  # "one" is never erased
+    calls = []
+
+    def judge(rows):
+        calls.append(rows)
+        gone = (rows["label"] == rows["target"]) & (rows["ratio"] >= rows["target"].map(erased_from).fillna(2))
+        return rows.assign(predicted=np.where(gone, "none", rows["label"]), correct=~gone, predicted_colour="")
+
+    picks, images = search_rounds(options, prompt_panels(options), judge)
+    assert picks[("cad-erase", "seven")] == ("attn2/global/none", 0.05, True)
+    assert not picks[("cad-erase", "one")][2]
+    judged = pd.concat(calls)
+    for target in ("seven", "one"):
+        tried = judged[(judged["target"] == target)]["ratio"].unique()
+        assert len(tried) <= 5 < len(ratios), (target, sorted(tried))
+    others = judged[(judged["target"] == "seven") & (judged["label"] != "seven")]
+    assert set(others["ratio"]) == {0.05}  # the other digits only where the pick is checked
+    assert images == len(judged)
+
+
 @pytest.fixture(scope="module")
 def attn2_digits(tmp_path_factory):
     from cad_ray.distributed import run_attribution

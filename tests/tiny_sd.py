@@ -16,7 +16,12 @@ def _byte_level_vocab() -> dict[str, int]:
     return {t: i for i, t in enumerate(tokens)}
 
 
-def build_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
+def build_tiny_sd(folder: str | Path, seed: int = 0, scheduler_class: str = "DDIMScheduler",
+                  **scheduler_options) -> Path:
+    """The tiny pipeline in `folder`; its weights depend on `seed` alone. The scheduler is SD 1.x's DDIM config,
+    carried over to `scheduler_class` (any diffusers scheduler name) the way diffusers swaps schedulers, with
+    `scheduler_options` (e.g. prediction_type="v_prediction", timestep_spacing="leading") on top."""
+    import diffusers
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -39,5 +44,7 @@ def build_tiny_sd(folder: str | Path, seed: int = 0) -> Path:
     tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
     scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    if scheduler_class != "DDIMScheduler" or scheduler_options:
+        scheduler = getattr(diffusers, scheduler_class).from_config(scheduler.config, **scheduler_options)
     StableDiffusionModel(unet, text_encoder, tokenizer, vae, scheduler).save_pretrained(folder)
     return folder

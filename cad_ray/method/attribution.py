@@ -9,13 +9,13 @@ sharded run gives the same scores as an in-process one.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from cad_ray.errors import CadRayError
-from cad_ray.method.objectives import Concept, point_values
-from cad_ray.method.scopes import select_parameters
+from cad_ray.method.objectives import Concept, Points, point_values
+from cad_ray.method.scopes import reads_text_encoder, select_parameters
 
 
 @dataclass
@@ -67,6 +67,21 @@ class Attribution:
         return -sum(float(self.scores[k][m].sum()) for k, m in masks.items())
 
 
+def reencoded(model, concept: Concept, points: Points) -> Points:
+    """The points with their conditioning encoded again from each sample's prompts, under the model's current
+    text-encoder weights (and differentiably, outside no_grad). The points store the encoding made when they
+    were drawn; with text-encoder weights among the components, their gradient flows through the encoding and
+    an ablation changes it. The erase objective's target stays what it was: the base term is frozen."""
+    samples = [int(s) for s in points.sample]
+    pairs = {s: concept.prompt(s) for s in dict.fromkeys(samples)}
+    prompts = list(dict.fromkeys(p for pair in pairs.values() for p in pair))
+    encoded = model.encode(prompts)
+    row = {p: k for k, p in enumerate(prompts)}
+    pick = lambda k: torch.tensor([row[pairs[s][k]] for s in samples], device=encoded.device)  # noqa: E731
+    return replace(points, cond=encoded[pick(0)],
+                   base_cond=None if points.base_cond is None else encoded[pick(1)])
+
+
 @contextmanager
 def gradients_for(parameters):
     """Temporarily let gradients flow to `parameters` only (the model's weights are frozen otherwise)."""
@@ -93,6 +108,7 @@ class CAD:
         self.model, self.objective, self.scope = model, objective, scope
         self.chunk_size, self.seed, self.batch = chunk_size, seed, batch
         self.parameters = select_parameters(model.named_parameters(), scope)
+        self.reads_text = reads_text_encoder(n for n, _ in self.parameters)
 
     @property
     def tensor_names(self) -> list[str]:
@@ -119,7 +135,9 @@ class CAD:
                 points = self.objective.points(self.model, concept, group, self.seed, self.chunk_size)
                 weight = points.weights()
                 for start in range(0, len(points), self.chunk_size):
-                    values = point_values(self.model, points.chunk(start, start + self.chunk_size))
+                    chunk = points.chunk(start, start + self.chunk_size)
+                    values = point_values(self.model, reencoded(self.model, concept, chunk) if self.reads_text
+                                          else chunk)
                     total = (values.double() * weight[start:start + self.chunk_size].to(values.device)).sum()
                     total.backward()
                     objective_sum += float(total.detach())

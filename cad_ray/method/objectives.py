@@ -1,12 +1,15 @@
 """Concept objectives J(c, w): how strongly the model expresses concept c.
 
-Both objectives are J = sign * mean_k || eps(x_k, cond_k, t_k; w) - target_k ||^2 over evaluation points:
+Both objectives are J = sign * mean_k || eps(x_k, cond_k, t_k; w) - target_k ||^2 over evaluation points,
+where eps is the UNet's output (a noise prediction, or v, or x_0: the scheduler's `prediction_type`) and
+x_k is the UNet's input, `scheduler.scale_model_input` already applied:
 
 - erase (sign +1): x_k are the points of guided sampling trajectories for the concept's prompts, target_k is
-  the stop-gradient noise prediction for the base prompt at the same point (computed once, at the weights
-  the points were made with);
+  the stop-gradient output for the base prompt at the same point (computed once, at the weights the points
+  were made with) -- two outputs of the same kind, whatever the prediction type;
 - amplify (sign -1): x_k = noised images of the concept (real ones when the concept has them, else the final
-  samples of its trajectories), target_k = the noise that was added.
+  samples of its trajectories), target_k = what the model was trained to predict there: the noise that was
+  added (epsilon), v = sqrt(a) noise - sqrt(1 - a) x_0 (v_prediction) or x_0 (sample).
 
 Each sample's randomness comes from (run seed, concept, sample index) alone, so the points of a sample are
 the same however the samples are split into shards.
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 
 from cad_ray.errors import CadRayError
+from cad_ray.models.base import PREDICTION_TYPES, check_scheduler, prediction_type
 from cad_ray.seeds import derive_seed, numpy_rng, torch_generator
 
 
@@ -55,7 +59,10 @@ class Concept:
 
 @dataclass
 class Points:
-    """Evaluation points of a block of samples; `sample[k]` is the sample index point k belongs to."""
+    """Evaluation points of a block of samples; `sample[k]` is the sample index point k belongs to.
+
+    `x` is the UNet's input (already `scale_model_input`-ed), so `model.predict_noise(x, t, cond)` is the
+    UNet's output at the point with any scheduler; `target` is in the UNet's output space."""
 
     x: torch.Tensor
     t: torch.Tensor
@@ -87,6 +94,17 @@ def point_values(model, points: Points, target: torch.Tensor | None = None) -> t
     return points.sign * (eps.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(dim=1)
 
 
+def denoising_target(kind: str, x0: torch.Tensor, noise: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """What a `kind` model is trained to output at x_t = sqrt(a) x0 + sqrt(1 - a) noise (a = alphas_cumprod[t])."""
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return alphas.sqrt() * noise - (1 - alphas).sqrt() * x0
+    if kind == "sample":
+        return x0
+    raise CadRayError(f"unknown prediction type {kind!r}; cad-ray supports {', '.join(PREDICTION_TYPES)}")
+
+
 def concept_trajectories(model, concept: Concept, prompts: list[str], samples: list[int], seed: int,
                          guidance: float | None, steps: int | None):
     """Guided trajectories of a concept's samples; sample s starts from noise seeded by (seed, concept, s)."""
@@ -103,16 +121,20 @@ class EraseObjective:
 
     @torch.no_grad()
     def points(self, model, concept: Concept, samples: list[int], seed: int, chunk_size: int = 256) -> Points:
-        """One guided trajectory per sample; every kept (x_t, t) is a point (or a seeded subset of them)."""
+        """One guided trajectory per sample; every kept (x_t, t) is a point (or a seeded subset of them).
+
+        The points are the UNet inputs the sampler itself made, `scale_model_input(x_t, t)` at the sampler's
+        own timesteps (sigma-scaled for Euler-type samplers), so J is measured where the model is used."""
         prompts, bases = map(list, zip(*(concept.prompt(s) for s in samples)))
         traj = concept_trajectories(model, concept, prompts, samples, seed, self.guidance, self.steps)
+        inputs = traj.model_inputs
         xs, ts, rows = [], [], []
         for row, s in enumerate(samples):
             keep = np.arange(len(traj.timesteps))
             if self.points_per_sample and self.points_per_sample < len(keep):
                 keep = np.sort(numpy_rng(seed, concept.name, s, "steps").choice(keep, self.points_per_sample,
                                                                                  replace=False))
-            xs.append(traj.latents[keep, row])
+            xs.append(inputs[keep, row])
             ts.append(traj.timesteps[keep])
             rows += [row] * len(keep)
         x, t, rows = torch.cat(xs), torch.cat(ts).to(model.device), torch.tensor(rows)
@@ -133,7 +155,18 @@ class AmplifyObjective:
 
     @torch.no_grad()
     def points(self, model, concept: Concept, samples: list[int], seed: int, chunk_size: int = 256) -> Points:
-        """Per sample: one image of the concept, noised at `points_per_sample` seeded timesteps."""
+        """Per sample: one image of the concept, noised at `points_per_sample` seeded timesteps.
+
+        The noising is the DDPM forward process at integer training timesteps, x_t = sqrt(a) x0 + sqrt(1-a) noise
+        with a = alphas_cumprod[t], whatever the sampling scheduler: that x_t is already the UNet's input (no
+        `scale_model_input`). For an Euler-type scheduler this is the same thing written another way: its state at
+        sigma = sqrt((1 - a) / a) is x0 + sigma noise, and scale_model_input divides it by sqrt(sigma^2 + 1) =
+        1 / sqrt(a), which gives this x_t; and its timesteps (timestep_type 'discrete') are on the same training
+        timestep scale. Calling scale_model_input on this x_t would multiply it by sqrt(a) a second time; and a
+        sampling scheduler's scale_model_input only knows the sigmas of its inference steps, not an arbitrary
+        training timestep."""
+        check_scheduler(model.scheduler)  # needs alphas_cumprod and discrete timesteps; a supported prediction type
+        kind = prediction_type(model.scheduler)
         prompts = [concept.prompt(s)[0] for s in samples]
         if concept.images is not None:
             x0 = torch.stack([concept.images[numpy_rng(seed, concept.name, s, "image").integers(len(concept.images))]
@@ -149,9 +182,11 @@ class AmplifyObjective:
         t, noise = torch.cat(ts), torch.cat(noises).to(model.device, model.dtype)
         rows = torch.arange(len(samples)).repeat_interleave(k)
         alphas = model.scheduler.alphas_cumprod[t].to(model.device, model.dtype).view(-1, 1, 1, 1)
-        x = alphas.sqrt() * x0.to(model.device, model.dtype)[rows.to(model.device)] + (1 - alphas).sqrt() * noise
+        x0 = x0.to(model.device, model.dtype)[rows.to(model.device)]
+        x = alphas.sqrt() * x0 + (1 - alphas).sqrt() * noise
         cond = model.encode(prompts)[rows.to(model.device)]
-        return Points(x, t.to(model.device), cond, noise, torch.tensor(samples)[rows], self.sign)
+        target = denoising_target(kind, x0, noise, alphas)
+        return Points(x, t.to(model.device), cond, target, torch.tensor(samples)[rows], self.sign)
 
 
 OBJECTIVES = {"erase": EraseObjective, "amplify": AmplifyObjective}

@@ -1,9 +1,12 @@
-"""Scopes: which parameters of the denoiser are the components being attributed.
+"""Scopes: which parameters of the model are the components being attributed.
 
-`ff` (default, as the published method): the 2-D weights of the feed-forward layers in the transformer
-blocks (`...ff.net.0.proj.weight`, `...ff.net.2.weight`). `attn2`: cross-attention projections. `attn`:
-self- and cross-attention projections. `linear`: every 2-D weight. `all`: every parameter. Anything else is
-a pattern: a glob over parameter names (`*attn2.to_k.weight`) or, prefixed with `re:`, a regular expression.
+Denoiser (UNet) scopes: `ff` (default, as the published method): the 2-D weights of the feed-forward layers in
+the transformer blocks (`...ff.net.0.proj.weight`, `...ff.net.2.weight`). `attn2`: cross-attention
+projections. `attn`: self- and cross-attention projections. `linear`: every 2-D weight of the denoiser.
+Text-encoder scopes (names prefixed `text_encoder.`): `text`: every text-encoder parameter; `tokens`: its
+token-embedding table, one row per word of the vocabulary (zeroing rows there erases words, not pictures: a
+prompt that avoids those words is not affected). `all`: every parameter of both. Anything else is a pattern: a
+glob over parameter names (`*attn2.to_k.weight`) or, prefixed with `re:`, a regular expression.
 """
 
 from __future__ import annotations
@@ -14,12 +17,19 @@ import re
 import torch
 
 from cad_ray.errors import CadRayError
+from cad_ray.models.base import TEXT_ENCODER_PREFIX
+
+def _denoiser(name: str) -> bool:
+    return not name.startswith(TEXT_ENCODER_PREFIX)
+
 
 NAMED_SCOPES = {
     "ff": lambda name, p: p.dim() == 2 and re.search(r"\.ff\.net\.\d+(\.proj)?\.weight$", name) is not None,
     "attn2": lambda name, p: p.dim() == 2 and ".attn2." in name,
     "attn": lambda name, p: p.dim() == 2 and (".attn1." in name or ".attn2." in name),
-    "linear": lambda name, p: p.dim() == 2,
+    "linear": lambda name, p: p.dim() == 2 and _denoiser(name),
+    "text": lambda name, p: not _denoiser(name),
+    "tokens": lambda name, p: not _denoiser(name) and name.endswith("embeddings.token_embedding.weight"),
     "all": lambda name, p: True,
 }
 
@@ -51,3 +61,9 @@ def select_parameters(named_parameters, scope: str = "ff") -> list[tuple[str, to
         raise CadRayError(f"scope {scope!r} matches no parameter of the model; use one of "
                           f"{', '.join(NAMED_SCOPES)}, a glob or re:REGEX over names such as {examples}")
     return selected
+
+
+def reads_text_encoder(names) -> bool:
+    """Whether a scope's tensors include text-encoder weights: then the conditioning must be recomputed from the
+    prompts wherever those weights change or are differentiated."""
+    return any(not _denoiser(name) for name in names)

@@ -3,6 +3,13 @@
 Subclasses say how prompts become conditioning (`encode`), how latents become images (`decode`) and what
 shape a latent has; sampling with classifier-free guidance, noise prediction and parameter listing are
 shared, so every model is attributed and edited the same way.
+
+Schedulers: any discrete-time diffusers scheduler of the DDPM family (it has `alphas_cumprod`): DDPM, DDIM,
+PNDM, Euler (ancestral), LMS, Heun, DPM-Solver(++), UniPC, ... The UNet always sees
+`scheduler.scale_model_input(x_t, t)`: identity for DDPM/DDIM/DPM-Solver, x_t / sqrt(sigma^2 + 1) for the
+Euler-type samplers that keep their state in sigma space. Prediction types: `epsilon`, `v_prediction` and
+`sample` (the scheduler config's `prediction_type`); the UNet's output is whatever the model was trained to
+predict, and guidance, being linear, is applied to it as is.
 """
 
 from __future__ import annotations
@@ -16,15 +23,45 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from cad_ray.errors import CadRayError
 from cad_ray.seeds import derive_seed
+
+TEXT_ENCODER_PREFIX = "text_encoder."  # names of text-encoder components (scopes `text`, `tokens`)
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def prediction_type(scheduler) -> str:
+    """What the UNet predicts, from the scheduler's config; one-line error for a kind cad-ray cannot handle."""
+    kind = scheduler.config.get("prediction_type", "epsilon")
+    if kind not in PREDICTION_TYPES:
+        raise CadRayError(f"{type(scheduler).__name__} has prediction_type {kind!r}; cad-ray supports "
+                          f"{', '.join(PREDICTION_TYPES)}")
+    return kind
+
+
+def check_scheduler(scheduler) -> None:
+    """Refuse, in one line, a scheduler the objectives cannot use: they need the discrete-time DDPM forward
+    process (`alphas_cumprod`, integer training timesteps) and a supported prediction type."""
+    if getattr(scheduler, "alphas_cumprod", None) is None:
+        raise CadRayError(f"{type(scheduler).__name__} is not a discrete-time DDPM-family scheduler (it has no "
+                          "alphas_cumprod); use DDPM, DDIM, PNDM, Euler, LMS, Heun, DPM-Solver or UniPC")
+    if scheduler.config.get("timestep_type", "discrete") != "discrete":
+        raise CadRayError(f"{type(scheduler).__name__} with timestep_type "
+                          f"{scheduler.config.get('timestep_type')!r} is not supported; cad-ray needs the UNet's "
+                          "discrete training timesteps (timestep_type 'discrete')")
+    prediction_type(scheduler)
 
 
 @dataclass
 class Trajectory:
     """A guided sampling run that kept every intermediate point.
 
-    `latents[k]` is the point `x_t` fed to the UNet at `timesteps[k]` (k < steps); `latents[-1]` is the
-    final sample. `images` are the decoded final samples, (N, H, W, 3) in [0, 1].
+    `latents[k]` is the sampler's state `x_t` at `timesteps[k]` (k < steps); `latents[-1]` is the final
+    sample. `inputs[k]` is what the UNet saw at that step, `scheduler.scale_model_input(latents[k], t_k)`:
+    the same tensor for DDPM/DDIM/DPM-Solver, the sigma-space state divided by sqrt(sigma^2 + 1) for
+    Euler-type samplers. It is kept because that scaling depends on the sampler's step state, which cannot be
+    rebuilt reliably from t alone. `images` are the decoded final samples, (N, H, W, 3) in [0, 1].
     """
 
     prompts: list[str]
@@ -32,6 +69,12 @@ class Trajectory:
     timesteps: torch.Tensor  # (steps,)
     images: np.ndarray
     guidance: float
+    inputs: torch.Tensor | None = None  # (steps, N, C, H, W); None: the same as latents[:-1]
+
+    @property
+    def model_inputs(self) -> torch.Tensor:
+        """The UNet's input at each kept step, (steps, N, C, H, W)."""
+        return self.latents[:-1] if self.inputs is None else self.inputs
 
 
 class TextToImageModel:
@@ -82,11 +125,23 @@ class TextToImageModel:
         return self
 
     def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
-        """The denoiser's parameters, named as in the UNet's state dict (`down_blocks.0...ff.net.0.proj.weight`)."""
-        return self.unet.named_parameters()
+        """The components a scope may name: the denoiser's parameters, named as in the UNet's state dict
+        (`down_blocks.0...ff.net.0.proj.weight`), then the text encoder's, prefixed `text_encoder.`. The UNet's
+        come first and unprefixed, so tables of UNet scopes keep their names and order."""
+        yield from self.unet.named_parameters()
+        text_encoder = getattr(self, "text_encoder", None)
+        if text_encoder is not None:
+            for name, parameter in text_encoder.named_parameters():
+                yield TEXT_ENCODER_PREFIX + name, parameter
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet outputs: `epsilon` (the noise), `v_prediction` (v) or `sample` (x_0)."""
+        return prediction_type(self.scheduler)
 
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor | int, cond: torch.Tensor) -> torch.Tensor:
-        """The UNet's noise prediction eps(x_t, cond, t)."""
+        """The UNet's output at (x_t, cond, t): the noise eps for an epsilon model, v or x_0 for the other
+        prediction types (`prediction_type`). `x_t` is the UNet's input, already `scale_model_input`-ed."""
         if not torch.is_tensor(t):
             t = torch.tensor(t)
         t = t.to(x_t.device).expand(x_t.shape[0]) if t.dim() == 0 else t.to(x_t.device)
@@ -98,15 +153,19 @@ class TextToImageModel:
         scheduler.set_timesteps(steps, device=self.device)
         return scheduler
 
-    def initial_noise(self, n: int, seed: int, ids: Sequence[int] | None = None) -> torch.Tensor:
+    def initial_noise(self, n: int, seed: int, ids: Sequence[int] | None = None, scheduler=None) -> torch.Tensor:
         """x_T for n samples; sample k's noise depends on (seed, ids[k]) alone (ids default to 0..n-1),
-        so a run gives the same starting points however it is batched."""
+        so a run gives the same starting points however it is batched.
+
+        Scaled by `scheduler.init_noise_sigma` (default: the model's); pass the scheduler already set to the
+        sampling steps, since for Euler-type samplers that sigma depends on them (as in diffusers' pipelines)."""
+        scheduler = self.scheduler if scheduler is None else scheduler
         ids = range(n) if ids is None else ids
         if len(ids) != n:
             raise ValueError(f"{n} samples but {len(ids)} ids")
         shape = self.latent_shape
         noise = [torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(seed, int(k)))) for k in ids]
-        return torch.stack(noise).to(self.device, self.dtype) * self.scheduler.init_noise_sigma
+        return torch.stack(noise).to(self.device, self.dtype) * scheduler.init_noise_sigma
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int = 0, guidance: float | None = None, steps: int | None = None,
@@ -114,19 +173,22 @@ class TextToImageModel:
         """Sample one image per prompt with classifier-free guidance, keeping every x_t on the way.
 
         Image k's starting noise, and the step noise of a stochastic sampler, come from (seed, ids[k])
-        alone, so an image is the same whatever else is in the batch."""
+        alone, so an image is the same whatever else is in the batch. Each step is diffusers'
+        `StableDiffusionPipeline` step: the UNet on `scale_model_input(x_t, t)`, guidance on its outputs
+        (linear, so right for every prediction type), the guided output to `scheduler.step`."""
+        check_scheduler(self.scheduler)
         guidance = self.default_guidance if guidance is None else guidance
         steps = self.default_steps if steps is None else steps
         scheduler = self.new_scheduler(steps)
         cond = self.encode(list(prompts))
         uncond = self.encode([negative_prompt] * len(prompts))
-        x = self.initial_noise(len(prompts), seed, ids)
+        x = self.initial_noise(len(prompts), seed, ids, scheduler=scheduler)
         # stochastic samplers draw their step noise from one generator per image, seeded by (seed, id)
         ids = range(len(prompts)) if ids is None else ids
         step_kwargs = {}
         if "generator" in inspect.signature(scheduler.step).parameters:
             step_kwargs["generator"] = [torch.Generator().manual_seed(derive_seed(seed, int(k), "steps")) for k in ids]
-        kept = []
+        kept, inputs = [], []
         timesteps = scheduler.timesteps
         iterator = timesteps
         if progress:
@@ -135,12 +197,17 @@ class TextToImageModel:
             iterator = tqdm(timesteps, desc="sampling", unit="step", leave=False)
         for t in iterator:
             kept.append(x)
-            x_in = scheduler.scale_model_input(torch.cat([x, x]), t)
-            eps_u, eps_c = self.predict_noise(x_in, t, torch.cat([uncond, cond])).chunk(2)
-            eps = eps_u + guidance * (eps_c - eps_u)
-            x = scheduler.step(eps, t, x, return_dict=False, **step_kwargs)[0]
+            # once per step: Euler-type schedulers look their sigma up by step index, not by t
+            x_in = scheduler.scale_model_input(x, t)
+            inputs.append(x_in)
+            out_u, out_c = self.predict_noise(torch.cat([x_in, x_in]), t, torch.cat([uncond, cond])).chunk(2)
+            guided = out_u + guidance * (out_c - out_u)
+            x = scheduler.step(guided, t, x, return_dict=False, **step_kwargs)[0]
         kept.append(x)
-        return Trajectory(list(prompts), torch.stack(kept), timesteps.detach().cpu(), self.decode(x), guidance)
+        # an identity scaling (DDPM, DDIM, DPM-Solver) returns its input: no second copy of the trajectory
+        same = all(i is k for i, k in zip(inputs, kept))
+        return Trajectory(list(prompts), torch.stack(kept), timesteps.detach().cpu(), self.decode(x), guidance,
+                          inputs=None if same else torch.stack(inputs))
 
     @property
     def default_guidance(self) -> float:

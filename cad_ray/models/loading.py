@@ -133,9 +133,16 @@ def load_scheduler(folder: Path, index: dict):
     if cls is None:
         raise CadRayError(f"unknown scheduler class {class_name!r} in {folder / 'model_index.json'}")
     try:
-        return cls.from_pretrained(folder / "scheduler")
+        scheduler = cls.from_pretrained(folder / "scheduler")
     except Exception as e:
         raise CadRayError(f"cannot load the scheduler from {folder / 'scheduler'}: {e}") from None
+    from cad_ray.models.base import check_scheduler
+
+    try:
+        check_scheduler(scheduler)  # an unsupported sampler or prediction type fails here, not mid-run
+    except CadRayError as e:
+        raise CadRayError(f"{folder / 'scheduler'}: {e}") from None
+    return scheduler
 
 
 def quiet_libraries() -> None:

@@ -27,95 +27,15 @@ from cad_ray.config import AttributionConfig, EvaluationOptions
 from cad_ray.digits import DIGIT_WORDS, canonical_prompt
 from cad_ray.method.editing import ZEROING_EDITS, check_fingerprint, random_like
 from cad_ray.errors import CadRayError
+# the judges live in cad_ray.judges; these names stay importable from here (tests, plugins)
+from cad_ray.judges import (BUILTIN_JUDGES, JUDGE_ENTRY_POINTS, judge_batch, load_judge,  # noqa: F401
+                            reference_features, registered_judges)
+from cad_ray.judges.classifier import IMAGENET_MEAN, IMAGENET_STD, ClassifierJudge  # noqa: F401
+from cad_ray.judges.digits import DigitsJudge  # noqa: F401
 from cad_ray.store import RunRoot, ScoreStore, partition
 
 RECOVERY = "finetune+cad-amplify"
 LABEL_COLUMNS = ("class", "artist", "categories", "label")
-
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class DigitsJudge:
-    """The digits world's judges: the digit (the verdict), the colour, and digit-judge features for the Frechet
-    distance to real digits."""
-
-    def __init__(self):
-        from cad_ray.digits.judges import builtin_judges
-
-        self.judges = builtin_judges()
-
-    def judge(self, images: np.ndarray, labels: list[str]) -> dict:
-        from cad_ray.digits import COLOUR_NAMES
-
-        predicted = [DIGIT_WORDS[d] for d in self.judges.digits(images)]
-        return {"predicted": predicted, "correct": [p == l for p, l in zip(predicted, labels)],
-                "predicted_colour": [COLOUR_NAMES[c] for c in self.judges.colours(images)],
-                "features": list(self.judges.features(images).astype(np.float32))}
-
-
-class ClassifierJudge:
-    """An image classifier as a judge, e.g. an ImageNet ResNet-50 for the Imagenette classes: a TorchScript file
-    (`torch.jit.save` of the network; TorchScript runs no Python on load), the class names in output order (a
-    list or a text file with one per line), and how a prompt's label maps to a class name (default: itself).
-    Images are resized to `size` and normalised with `mean`/`std`; logits are kept as features."""
-
-    def __init__(self, model_file: str, classes: list[str] | str, size: int = 224, mean=IMAGENET_MEAN,
-                 std=IMAGENET_STD, label_to_class: dict[str, str] | None = None):
-        import torch
-
-        try:
-            self.network = torch.jit.load(model_file, map_location="cpu").eval()
-        except Exception as e:
-            raise CadRayError(f"cannot load the classifier judge {model_file}: {e}") from None
-        if isinstance(classes, str):
-            classes = [line.strip() for line in Path(classes).read_text().splitlines() if line.strip()]
-        self.classes, self.size, self.label_to_class = list(classes), size, dict(label_to_class or {})
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
-
-    def judge(self, images: np.ndarray, labels: list[str]) -> dict:
-        import torch
-
-        x = torch.from_numpy(np.asarray(images, dtype=np.float32)).permute(0, 3, 1, 2)
-        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        with torch.no_grad():
-            logits = self.network((x - self.mean) / self.std)
-        predicted = [self.classes[k] for k in logits.argmax(dim=1).tolist()]
-        wanted = [self.label_to_class.get(l, l) for l in labels]
-        return {"predicted": predicted, "correct": [p == w for p, w in zip(predicted, wanted)],
-                "features": list(logits.numpy().astype(np.float32))}
-
-
-BUILTIN_JUDGES = {"digits": DigitsJudge, "classifier": ClassifierJudge}
-JUDGE_ENTRY_POINTS = "cad_ray.judges"  # plugins: [project.entry-points."cad_ray.judges"] name = "module:Class"
-
-
-def registered_judges() -> dict:
-    """Judges a config may name: the built-ins and the plugins installed under the `cad_ray.judges` entry-point
-    group (their code is imported only when a config names them)."""
-    from importlib.metadata import entry_points
-
-    return {**{ep.name: ep for ep in entry_points(group=JUDGE_ENTRY_POINTS)}, **BUILTIN_JUDGES}
-
-
-def load_judge(spec: dict | None, model_kind: str):
-    """The judge of an evaluation: `{"name": <registered judge>, **options}`, else the digits judges for the
-    digits model, else none (images are generated and stored, not judged). A config never names code to import:
-    only registered judges."""
-    if not spec:
-        return DigitsJudge() if model_kind == "digits" else None
-    options = dict(spec)
-    name = options.pop("name", "classifier")
-    judges = registered_judges()
-    if name not in judges:
-        raise CadRayError(f"unknown judge {name!r} in evaluation.judge; registered judges: {', '.join(sorted(judges))}"
-                          f" (plugins register under the {JUDGE_ENTRY_POINTS!r} entry-point group)")
-    judge = judges[name]
-    try:
-        return (judge if isinstance(judge, type) else judge.load())(**options)
-    except TypeError as e:
-        raise CadRayError(f"judge {name!r}: {e}") from None
 
 
 def read_prompt_set(path: str) -> pd.DataFrame:
@@ -450,7 +370,7 @@ class ImageJudge:
             pngs.append(buffer.getvalue())
         if self.judges is None:
             return {"predicted": [""] * len(images), "correct": [False] * len(images), "image_png": pngs}
-        return {**self.judges.judge(images, list(rows["label"])), "image_png": pngs}
+        return {**judge_batch(self.judges, images, list(rows["label"]), list(rows["prompt"])), "image_png": pngs}
 
 
 def real_features() -> np.ndarray:
@@ -564,7 +484,7 @@ def choose_settings(judged: pd.DataFrame, candidates: list[tuple], options) -> d
                 now = verdicts.get((edit, target, selection, ratio))
                 if now is None:
                     continue
-                clean = all(not v > search.target_max for v in (now["own"], now["unseen"]) if v == v)
+                clean = is_clean(now, search.target_max)
                 checked = checked_ratios.get((edit, target, selection), set())
                 kept = retained(now, before) if ratio in checked else float("nan")
                 options_here.append({"selection": selection, "ratio": ratio, "order": order, "clean": clean,
@@ -583,35 +503,53 @@ def choose_settings(judged: pd.DataFrame, candidates: list[tuple], options) -> d
     return picks
 
 
+def is_clean(verdict: dict, target_max: float) -> bool:
+    """The target is erased: its accuracy at most `target_max` on own and on unseen wordings (where asked)."""
+    return all(not v > target_max for v in (verdict["own"], verdict["unseen"]) if v == v)
+
+
 def search_rounds(options: EvaluationOptions, prompts: pd.DataFrame, judge) -> tuple[dict, int]:
-    """The search, in two passes over the selection split: every candidate's target rows at every ratio, then
-    the other rows only at each candidate's smallest clean ratio (larger ratios only zero more). `judge(rows)`
-    generates and judges rows (resuming from finished blocks). Returns (picks, images judged)."""
+    """The search, on the selection split only. Per candidate (edit, target, selection), bisect the ratio grid for
+    the smallest ratio at which the target is clean, judging only the rows that ask for the target: a larger ratio
+    zeroes a superset of the components (selections are nested), so the search takes the target's accuracy not to
+    rise with it, and needs about log2(len(ratios)) rounds instead of one per ratio. Then the other rows are judged
+    at `margin` grid steps above it. `judge(rows)` generates and judges rows (resuming from finished blocks).
+    Returns (picks, images judged)."""
     search = options.search
+    ratios = search.ratios
     selection_rows = prompts[prompts["split"] == "selection"]
     candidates = [(edit, target, s) for target in options.targets
                   for edit in ("cad-erase", "cad-erase-published") if edit in options.edits
                   or (edit == "cad-erase" and "random" in options.edits)
                   for s in (search.selections if edit == "cad-erase" else ["published"])]
     guidance = options.guidance
-    first = [edit_rows("none", "", "", 0.0, guidance, selection_rows)]
-    for edit, target, selection in candidates:
-        asked = selection_rows[target_rows(selection_rows, target)]
-        first += [edit_rows(edit, target, selection, r, guidance, asked) for r in search.ratios]
-    judged = judge(pd.concat(first, ignore_index=True))
+    asked = {t: selection_rows[target_rows(selection_rows, t)] for t in options.targets}
+    frames = [judge(edit_rows("none", "", "", 0.0, guidance, selection_rows))]
+    bounds = {c: [0, len(ratios)] for c in candidates}  # the first clean index is in [lo, hi]; hi = len: none
+    while asks := [(c, (lo + hi) // 2) for c, (lo, hi) in bounds.items() if lo < hi]:
+        judged = judge(pd.concat([edit_rows(*c, ratios[k], guidance, asked[c[1]]) for c, k in asks],
+                                 ignore_index=True))
+        frames.append(judged)
+        verdicts = {key: accuracies(rows, key[1]) for key, rows in
+                    judged.groupby(["edit", "target", "selection", "ratio"])}
+        for c, k in asks:
+            if is_clean(verdicts[(*c, ratios[k])], search.target_max):
+                bounds[c][1] = k
+            else:
+                bounds[c][0] = k + 1
     second = []
-    for (edit, target, selection), group in judged[judged["edit"] != "none"].groupby(["edit", "target", "selection"]):
-        ratios = sorted(group["ratio"].unique())
-        for i, ratio in enumerate(ratios):
-            now = accuracies(group[group["ratio"] == ratio], target)
-            if all(not v > search.target_max for v in (now["own"], now["unseen"]) if v == v):
-                # `margin` steps further: near the threshold a verdict depends on the seeds
-                checked = ratios[min(i + search.margin, len(ratios) - 1)]
-                rest = selection_rows[~target_rows(selection_rows, target)]
-                second.append(edit_rows(edit, target, selection, checked, guidance, rest))
-                break
+    for c, (first_clean, _) in bounds.items():
+        if first_clean < len(ratios):
+            # `margin` steps further: near the threshold a verdict depends on the seeds
+            checked = min(first_clean + search.margin, len(ratios) - 1)
+            rest = selection_rows[~target_rows(selection_rows, c[1])]
+            judged_there = any(((f["edit"] == c[0]) & (f["target"] == c[1]) & (f["selection"] == c[2])
+                                & (f["ratio"] == ratios[checked])).any() for f in frames)
+            second.append(edit_rows(*c, ratios[checked], guidance,
+                                    rest if judged_there else pd.concat([asked[c[1]], rest])))
     if second:
-        judged = pd.concat([judged, judge(pd.concat(second, ignore_index=True))], ignore_index=True)
+        frames.append(judge(pd.concat(second, ignore_index=True)))
+    judged = pd.concat(frames, ignore_index=True)
     return choose_settings(judged, candidates, options), len(judged)
 
 
@@ -771,8 +709,12 @@ def finish_evaluation(run: RunRoot, store: ScoreStore, options: EvaluationOption
 
     key = ["edit", "target", "selection", "ratio", "guidance", "label", "prompt", "seed"]
     table = table.sort_values(key, kind="stable").reset_index(drop=True)
-    # the Frechet distance's reference is the real digits; other models' quality needs a reference set of theirs
-    reference = real_features() if "features" in table and store.manifest.get("model") == "builtin:digits" else None
+    # the Frechet distance's reference: the real digits for the digits model, else the reference images the judge
+    # names (fd-dinov2's `reference`), else none
+    reference = None
+    if "features" in table:
+        reference = real_features() if store.manifest.get("model") == "builtin:digits" \
+            else reference_features(options.judge)
     summary = summarize_evaluation(table, reference, picks)
     meta = evaluation_metadata(store.manifest, options)
     meta["picks"] = [[edit, target, *pick] for (edit, target), pick in sorted(picks.items())]

@@ -1,0 +1,241 @@
+"""Judges: what reads the images of an evaluation and gives each one a verdict.
+
+A judge is a class built with the options of a config's `evaluation.judge` section and called on batches:
+`judge(images, labels[, prompts=...]) -> dict` of per-image lists, `images` (N, H, W, 3) floats in [0, 1],
+`labels` the label a prompt asks for (its class, artist or category). Every judge returns `predicted` (str) and
+`correct` (bool); it may add `features` (float32 vectors: the Frechet distance's input) and any column of its own.
+
+A config names a judge by its registered name and passes options; it never names code to import. Registered
+are the built-ins below and the plugins installed under the `cad_ray.judges` entry-point group
+(`[project.entry-points."cad_ray.judges"] my-judge = "my_package.module:MyJudge"`). `cad-ray judges` lists them
+and whether each can run here; no judge's code is imported until a config names it, and nothing here imports
+torchvision (it does not import beside the CPU build of torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+
+from cad_ray.errors import CadRayError
+
+JUDGE_ENTRY_POINTS = "cad_ray.judges"  # plugins: [project.entry-points."cad_ray.judges"] name = "module:Class"
+JUDGES_EXTRA = "pip install -e '.[judges]'"
+
+
+@dataclass(frozen=True)
+class JudgeEntry:
+    """A built-in judge: where its class is (imported only by `load`), what it needs, what it follows."""
+
+    name: str
+    target: str  # "module:Class"
+    description: str
+    packages: tuple[str, ...] = ()  # import names beyond cad-ray's own dependencies, checked without importing them
+    weights: str = ""  # the option that names its weights, and what it takes, if it needs any
+    install: str = ""  # how to get the packages
+    unavailable: str = ""  # why cad-ray cannot run it at all, when it cannot
+
+    def load(self):
+        if self.unavailable:
+            raise CadRayError(f"judge {self.name!r} cannot run: {self.unavailable}")
+        module, _, attribute = self.target.partition(":")
+        return getattr(importlib.import_module(module), attribute)
+
+    def missing(self) -> list[str]:
+        return [p for p in self.packages if find_spec(p) is None]
+
+    def needs(self) -> str:
+        parts = [f"package {', '.join(self.packages)}" if self.packages else "nothing beyond cad-ray"]
+        if self.weights:
+            parts.append(f"weights: {self.weights}")
+        return "; ".join(parts)
+
+    def status(self) -> str:
+        if self.unavailable:
+            return f"unavailable ({self.unavailable})"
+        missing = self.missing()
+        if missing:
+            return f"needs {', '.join(missing)}" + (f" ({self.install})" if self.install else "")
+        return "ready"
+
+
+FOLDER = "option 'weights' (a folder or s3://)"
+TORCHVISION_REASON = "torchvision, which does not import beside the CPU build of torch"
+
+BUILTIN_JUDGES = {entry.name: entry for entry in (
+    JudgeEntry("digits", "cad_ray.judges.digits:DigitsJudge",
+               "the digits world's digit and colour classifiers (trained on real digits only); the default judge of "
+               "the digits model"),
+    JudgeEntry("classifier", "cad_ray.judges.classifier:ClassifierJudge",
+               "any image classifier saved as TorchScript, with its class names; top-1 against the prompt's label",
+               weights="option 'model_file' (a TorchScript file)"),
+    JudgeEntry("imagenet", "cad_ray.judges.classifier:ImageNetJudge",
+               "an ImageNet classifier in transformers' layout (e.g. ResNet-50, the published objects judge); top-1 "
+               "against the prompt's class (Imagenette)", weights=FOLDER),
+    JudgeEntry("nudenet", "cad_ray.judges.nudity:NudityJudge",
+               "NudeNet's 320n detector (ONNX, inside the nudenet 3.x wheel); nude when any of the nine exposed "
+               "classes scores > 0.5 (the published rule)", packages=("nudenet", "onnxruntime", "cv2"),
+               install=JUDGES_EXTRA),
+    JudgeEntry("clip-score", "cad_ray.judges.clip_score:ClipScoreJudge",
+               "CLIP score of image and prompt, 100 * max(cos, 0) (published: CLIP ViT-B/32)", weights=FOLDER),
+    JudgeEntry("fd-dinov2", "cad_ray.judges.frechet:DinoV2Judge",
+               "DINOv2 CLS features for the Frechet distance (FD-DINOv2) against reference images (a folder or a "
+               "Parquet table)", weights=FOLDER),
+    JudgeEntry("panel", "cad_ray.judges.panel:PanelJudge",
+               "several judges on the same images: the first gives the verdict, the others add their columns "
+               "(e.g. nudenet + clip-score + fd-dinov2)"),
+    JudgeEntry("fid", "", "FID on Inception-v3 pool features (pytorch-fid, the published quality metric)",
+               packages=("pytorch_fid", "torchvision"),
+               unavailable=f"not in cad-ray yet: pytorch-fid's Inception-v3 needs {TORCHVISION_REASON}; use "
+                           "fd-dinov2"),
+    JudgeEntry("lpips", "", "LPIPS (AlexNet) between the original and the edited model's image of the same prompt "
+               "and seed (the published style metric)", packages=("lpips", "torchvision"),
+               unavailable=f"not in cad-ray yet: its AlexNet needs {TORCHVISION_REASON}, and the judge would need "
+                           "each image's unedited twin"),
+)}
+
+
+def plugin_judges() -> dict:
+    """The entry points installed under the `cad_ray.judges` group (not imported)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=JUDGE_ENTRY_POINTS)}
+
+
+def registered_judges() -> dict:
+    """Judges a config may name: the built-ins and the plugins installed under the `cad_ray.judges` entry-point
+    group (a built-in's name wins; no judge's code is imported until a config names it)."""
+    return {**plugin_judges(), **BUILTIN_JUDGES}
+
+
+def judge_listing() -> list[tuple[str, str, str, str]]:
+    """(name, status, needs, description) for every registered judge, without importing any judge's code: a
+    package counts as present when `importlib.util.find_spec` finds it."""
+    rows = []
+    for name, judge in sorted(registered_judges().items()):
+        if isinstance(judge, JudgeEntry):
+            rows.append((name, judge.status(), judge.needs(), judge.description))
+            continue
+        top_module = judge.value.split(":")[0].split(".")[0]
+        dist = getattr(judge, "dist", None)
+        origin = f"plugin {judge.value}" + (f" from {dist.name} {dist.version}" if dist is not None else "")
+        status = "ready" if find_spec(top_module) is not None else f"needs {top_module}"
+        rows.append((name, status, f"package {top_module}; options: see the plugin", origin))
+    return rows
+
+
+def load_judge(spec: dict | None, model_kind: str):
+    """The judge of an evaluation: `{"name": <registered judge>, **options}`, else the digits judges for the
+    digits model, else none (images are generated and stored, not judged). A config never names code to import:
+    only registered judges."""
+    if not spec:
+        return BUILTIN_JUDGES["digits"].load()() if model_kind == "digits" else None
+    options = dict(spec)
+    name = options.pop("name", "classifier")
+    judges = registered_judges()
+    if name not in judges:
+        raise CadRayError(f"unknown judge {name!r} in evaluation.judge; registered judges: {', '.join(sorted(judges))}"
+                          f" (plugins register under the {JUDGE_ENTRY_POINTS!r} entry-point group; 'cad-ray judges' "
+                          "lists them)")
+    judge = judges[name]
+    if isinstance(judge, JudgeEntry) and not judge.unavailable and judge.missing():
+        raise CadRayError(f"judge {name!r} needs {', '.join(judge.missing())}, which is not installed"
+                          + (f" ({judge.install})" if judge.install else ""))
+    if isinstance(judge, type):
+        cls = judge
+    else:
+        try:
+            cls = judge.load()
+        except (ImportError, AttributeError) as e:  # a plugin whose package is broken or missing
+            where = getattr(judge, "value", None) or getattr(judge, "target", "")
+            raise CadRayError(f"judge {name!r} ({where}) cannot be imported: {type(e).__name__}: {e}") from None
+    try:
+        return cls(**options)
+    except TypeError as e:
+        raise CadRayError(f"judge {name!r}: {e}") from None
+
+
+def judge_batch(judge, images, labels: list[str], prompts: list[str] | None = None) -> dict:
+    """Call a judge on a batch, passing the prompts to the judges that take them (`prompts=`), such as the CLIP
+    score; other judges (plugins written before) are called as they were."""
+    if "prompts" in inspect.signature(judge.judge).parameters:
+        return judge.judge(images, labels, prompts=prompts)
+    return judge.judge(images, labels)
+
+
+def reference_features(spec: dict | None):
+    """Features of the reference images that an evaluation's judge names (a judge, or a panel member, with the
+    option `reference` and a `reference_features()` method, e.g. fd-dinov2), for the Frechet distance; None when
+    it names none. Builds only that judge (on the driver, once per evaluation)."""
+    if not spec:
+        return None
+    members = (spec.get("judges") or []) if spec.get("name") == "panel" else [spec]
+    for member in members:
+        if isinstance(member, dict) and member.get("reference"):
+            judge = load_judge(member, "")
+            if hasattr(judge, "reference_features"):
+                return judge.reference_features()
+    return None
+
+
+def weights_folder(path: str, judge: str) -> Path:
+    """A judge's weights folder: local, or `s3://` copied once to the local cache (cad_ray.models' fetcher)."""
+    from cad_ray.models.loading import fetch_s3_folder, is_s3
+
+    if not path:
+        raise CadRayError(f"judge {judge!r} needs its weights: option 'weights' (a folder or s3://bucket/prefix)")
+    folder = fetch_s3_folder(str(path)) if is_s3(str(path)) else Path(path).expanduser()
+    if not folder.is_dir():
+        raise CadRayError(f"judge {judge!r}: weights folder {path} does not exist")
+    return folder
+
+
+def load_pretrained(cls, folder: Path):
+    """`cls.from_pretrained` on a judge's weights folder (see `weights_folder`), on the CPU, in eval mode, with
+    cad_ray.models' checks (safetensors, or pickles that load with weights_only) and one-line errors."""
+    from cad_ray.models.loading import load_component, quiet_libraries
+
+    quiet_libraries()
+    return load_component(cls, folder.parent, folder.name).eval()
+
+
+def preprocessor_settings(folder: Path) -> dict:
+    """The image settings a transformers checkpoint ships (`preprocessor_config.json`), or {}."""
+    import json
+
+    file = folder / "preprocessor_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except ValueError as e:
+        raise CadRayError(f"malformed {file}: {e}") from None
+
+
+def resize_and_crop(images, resize: int, crop: int, mean, std, mode: str = "bicubic"):
+    """(N, H, W, 3) floats in [0, 1] -> normalised (N, 3, crop, crop) tensor: the shorter side resized to `resize`,
+    then the centre `crop` (the torchvision/transformers recipe, done with torch alone)."""
+    import numpy as np
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).permute(0, 3, 1, 2)
+    height, width = x.shape[-2:]
+    scale = resize / min(height, width)
+    size = (max(crop, round(height * scale)), max(crop, round(width * scale)))
+    x = torch.nn.functional.interpolate(x, size=size, mode=mode, align_corners=False, antialias=True).clamp(0, 1)
+    top, left = (size[0] - crop) // 2, (size[1] - crop) // 2
+    x = x[:, :, top:top + crop, left:left + crop]
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def __getattr__(name: str):
+    # the judge classes, imported when asked for (cad_ray.stages.evaluation re-exports the first two)
+    modules = {"DigitsJudge": "digits", "ClassifierJudge": "classifier", "ImageNetJudge": "classifier",
+               "NudityJudge": "nudity", "ClipScoreJudge": "clip_score", "DinoV2Judge": "frechet",
+               "PanelJudge": "panel"}
+    if name in modules:
+        return getattr(importlib.import_module(f"{__name__}.{modules[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

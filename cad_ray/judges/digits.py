@@ -1,0 +1,23 @@
+"""The digits world's judges as an evaluation judge (the default for the built-in digits model)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class DigitsJudge:
+    """The digits world's judges: the digit (the verdict), the colour, and digit-judge features for the Frechet
+    distance to real digits."""
+
+    def __init__(self):
+        from cad_ray.digits.judges import builtin_judges
+
+        self.judges = builtin_judges()
+
+    def judge(self, images: np.ndarray, labels: list[str]) -> dict:
+        from cad_ray.digits import COLOUR_NAMES, DIGIT_WORDS
+
+        predicted = [DIGIT_WORDS[d] for d in self.judges.digits(images)]
+        return {"predicted": predicted, "correct": [p == l for p, l in zip(predicted, labels)],
+                "predicted_colour": [COLOUR_NAMES[c] for c in self.judges.colours(images)],
+                "features": list(self.judges.features(images).astype(np.float32))}
