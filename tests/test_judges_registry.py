@@ -111,9 +111,9 @@ def test_an_unknown_judge_in_a_config_is_one_line_from_the_cli(tmp_path, capsys,
 
 
 def test_the_digits_judge_stays_the_default_of_the_digits_model():
-    from cad_ray.stages.evaluation import DigitsJudge, load_judge as from_stage
+    from cad_ray.judges.digits import DigitsJudge
 
-    assert from_stage is load_judge and isinstance(load_judge(None, "digits"), DigitsJudge)
+    assert isinstance(load_judge(None, "digits"), DigitsJudge)
     assert load_judge(None, "stable-diffusion") is None
     assert BUILTIN_JUDGES["digits"].load() is DigitsJudge
 

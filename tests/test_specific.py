@@ -217,3 +217,19 @@ def test_evaluate_with_a_search_picks_on_selection_and_reports_the_test_split(sm
     # a re-run resumes every block, of both passes
     again = run_evaluation(config, root, local=True, progress=False)
     assert again["blocks_computed"] == 0 and again["picks"] == picks
+
+
+def test_neuron_selection_zeroes_whole_rows_ranked_by_their_sum():
+    """Hand-made: the unit is a whole output row, ranked by the sum of its scores across tensors; a row whose sum is
+    not positive is never chosen, however large one of its entries; random picks as many whole rows."""
+    scores = {"a": np.array([[5.0, -4.0], [2.0, 2.0], [-1.0, -1.0]]), "b": np.array([[0.5, 0.5, 0.5], [9.0, -10.0, 0.0]])}
+    one = select(scores, count=1, granularity="neuron")
+    assert one["a"][1].all() and one["a"].sum() == 2 and not one["b"].any()  # row sums: 1, 4, -2 | 1.5, -1
+    three = select(scores, ratio=0.6, granularity="neuron")  # round(0.6 * 5 rows) = 3
+    assert three["a"][[0, 1]].all() and three["b"][0].all() and not three["a"][2].any() and not three["b"][1].any()
+    everything = select(scores, ratio=1.0, granularity="neuron")
+    assert sum(m.sum() for m in everything.values()) == 2 + 2 + 3  # the rows with a negative sum stay
+    shuffled = random_like(three, "neuron", seed=0)
+    rows = [m.reshape(m.shape[0], -1) for m in shuffled.values()]
+    assert sum(r.all(axis=1).sum() for r in rows) == 3 and all((r.all(axis=1) | ~r.any(axis=1)).all() for r in rows)
+    assert Selection.parse("tokens/neuron/kind-mean").granularity == "neuron"

@@ -3,7 +3,8 @@ fine-tuning baselines.
 
 - `cad-erase`: zero the top positive scores of the erase objective; `cad-amplify`: zero the most negative
   scores of the amplify objective. Selected by ratio (of the components in each unit) or count, with the unit
-  `global`, `tensor` or `row` (the published code ranks within each output row).
+  `global`, `tensor` or `row` (the published code ranks within each output row); or whole output rows at once,
+  `neuron` (for a token-embedding table, one row is one word).
 - `random`: the same number of components in each unit, chosen at random: the baseline of every zeroing edit.
 - `finetune`: ESD-style gradient steps on every scoped weight that pull the concept's noise prediction to the
   base prompt's (frozen) prediction at points of the concept's trajectories: gradient descent on the erase
@@ -25,7 +26,7 @@ from cad_ray.method.scopes import select_parameters
 from cad_ray.seeds import numpy_rng
 
 ZEROING_EDITS = {"cad-erase": ("erase", True), "cad-amplify": ("amplify", False)}
-GRANULARITIES = ("global", "tensor", "row")
+GRANULARITIES = ("global", "tensor", "row", "neuron")
 ROUNDINGS = ("round", "floor")
 AGGREGATES = ("mean", "max")
 CONTRASTS = ("none", "others", "kind")
@@ -71,6 +72,8 @@ def select(scores: dict[str, np.ndarray], ratio: float | None = None, count: int
         return min(int(ratio * n) if rounding == "floor" else max(1, int(round(ratio * n))), n)
 
     key = {name: (s if largest else -s).astype(np.float64) for name, s in scores.items()}
+    if granularity == "neuron":
+        return _select_neurons(key, how_many)
     if granularity == "global":
         flat = np.concatenate([k.reshape(-1) for k in key.values()])
         chosen = np.zeros(flat.size, dtype=bool)
@@ -89,6 +92,27 @@ def select(scores: dict[str, np.ndarray], ratio: float | None = None, count: int
         chosen = np.zeros(units.shape, dtype=bool)
         np.put_along_axis(chosen, order, True, axis=1)
         masks[name] = (chosen & (units > 0)).reshape(s.shape)
+    return masks
+
+
+def _rows(key: np.ndarray) -> np.ndarray:
+    """A tensor as (output rows, components per row); a 1-D tensor's entries are rows of one."""
+    return key.reshape(key.shape[0], -1) if key.ndim > 1 else key.reshape(-1, 1)
+
+
+def _select_neurons(key: dict[str, np.ndarray], how_many) -> dict[str, np.ndarray]:
+    """Whole output rows, ranked across the tensors by the sum of their scores (only rows whose sum has the
+    edit's sign): the unit is a neuron, as in structured pruning, so a row is zeroed entirely or not at all.
+    `how_many` counts rows."""
+    sums = np.concatenate([_rows(k).sum(axis=1) for k in key.values()])
+    order = np.argsort(-sums, kind="stable")[:how_many(sums.size)]
+    chosen = np.zeros(sums.size, dtype=bool)
+    chosen[order[sums[order] > 0]] = True
+    masks, offset = {}, 0
+    for name, k in key.items():
+        rows = _rows(k)
+        masks[name] = np.repeat(chosen[offset:offset + rows.shape[0], None], rows.shape[1], axis=1).reshape(k.shape)
+        offset += rows.shape[0]
     return masks
 
 
@@ -203,6 +227,15 @@ def selection_masks(scores_of, target: str, others: list[str], selection: Select
 def random_like(masks: dict[str, np.ndarray], granularity: str, seed: int) -> dict[str, np.ndarray]:
     """Random masks with the same number of components in each unit as `masks`."""
     rng = numpy_rng(seed, "random-edit", granularity)
+    if granularity == "neuron":  # as many whole rows, anywhere in the masks' tensors
+        rows = [_rows(m) for m in masks.values()]
+        chosen = np.zeros(sum(r.shape[0] for r in rows), dtype=bool)
+        chosen[rng.choice(chosen.size, int(sum(r.all(axis=1).sum() for r in rows)), replace=False)] = True
+        out, offset = {}, 0
+        for (name, m), r in zip(masks.items(), rows):
+            out[name] = np.repeat(chosen[offset:offset + r.shape[0], None], r.shape[1], axis=1).reshape(m.shape)
+            offset += r.shape[0]
+        return out
     if granularity == "global":
         sizes = [m.size for m in masks.values()]
         chosen = np.zeros(sum(sizes), dtype=bool)

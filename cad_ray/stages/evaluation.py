@@ -27,11 +27,7 @@ from cad_ray.config import AttributionConfig, EvaluationOptions
 from cad_ray.digits import DIGIT_WORDS, canonical_prompt
 from cad_ray.method.editing import ZEROING_EDITS, check_fingerprint, random_like
 from cad_ray.errors import CadRayError
-# the judges live in cad_ray.judges; these names stay importable from here (tests, plugins)
-from cad_ray.judges import (BUILTIN_JUDGES, JUDGE_ENTRY_POINTS, judge_batch, load_judge,  # noqa: F401
-                            reference_features, registered_judges)
-from cad_ray.judges.classifier import IMAGENET_MEAN, IMAGENET_STD, ClassifierJudge  # noqa: F401
-from cad_ray.judges.digits import DigitsJudge  # noqa: F401
+from cad_ray.judges import judge_batch, load_judge, reference_features
 from cad_ray.store import RunRoot, ScoreStore, partition
 
 RECOVERY = "finetune+cad-amplify"
