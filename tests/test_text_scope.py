@@ -61,3 +61,15 @@ def test_only_the_words_of_a_concepts_prompts_have_token_scores(small_model):
     rows = scores.abs().sum(dim=1)
     assert all(rows[VOCABULARY.index(w)] > 0 for w in ("seven", "7", "a"))
     assert all(rows[k] == 0 for k, w in enumerate(VOCABULARY) if w not in used)
+
+
+def test_finetuning_text_components_moves_the_words_of_the_concept_only(small_model):
+    from cad_ray.method.editing import finetune
+
+    concept = Concept("seven", ("seven", "a 7"))
+    before = dict(small_model.named_parameters())[TOKENS].detach().clone()
+    after = finetune(small_model, concept, EraseObjective(steps=4), "tokens", [0, 1], seed=0, steps=2, lr=1e-2)
+    moved = (after[TOKENS] != before).any(dim=1)
+    assert moved[VOCABULARY.index("seven")] and moved[VOCABULARY.index("7")]
+    assert not moved[VOCABULARY.index("blue")] and not moved[VOCABULARY.index("nine")]
+    assert torch.equal(dict(small_model.named_parameters())[TOKENS], before)  # the model is left as it was

@@ -323,7 +323,9 @@ def finetune(model, concept, objective, scope: str, samples: list[int], seed: in
     prediction made by the original weights, or with `negative_guidance` eta beyond it, to
     base - eta * (concept - base) as ESD does. With `masks`, only the masked components move. Returns the new
     values of the scoped tensors; the model itself is left as it was."""
+    from cad_ray.method.attribution import reencoded
     from cad_ray.method.objectives import point_values
+    from cad_ray.method.scopes import reads_text_encoder
 
     if steps < 1:
         raise CadRayError(f"fine-tuning needs at least one step, got {steps}")
@@ -349,6 +351,9 @@ def finetune(model, concept, objective, scope: str, samples: list[int], seed: in
             pick = torch.from_numpy(order.choice(len(points), batch, replace=False))
             part = points.chunk(0, len(points))
             part.x, part.t, part.cond, part.target = part.x[pick], part.t[pick], part.cond[pick], part.target[pick]
+            part.sample = part.sample[pick]
+            if reads_text_encoder(n for n, _ in parameters):  # text-encoder weights move the conditioning too
+                part = reencoded(model, concept, part)
             loss = (point_values(model, part).double() * weights[pick].to(part.x.device)).sum() / weights[pick].sum()
             optimizer.zero_grad()
             loss.backward()
