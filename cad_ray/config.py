@@ -1,5 +1,5 @@
 """Run configuration (YAML), validated with pydantic. Every field that changes results is in the config
-hash; `workers` and `device` are not, since the tables do not depend on them."""
+hash; `workers`, `device` and `keep_shards` are not, since the tables do not depend on them."""
 
 from __future__ import annotations
 
@@ -211,6 +211,8 @@ class AttributionConfig(Strict):
     concepts: list[ConceptSpec] = Field(min_length=1)
     workers: int | None = Field(None, ge=1, description="Ray actors (default: one per GPU, else per CPU)")
     device: str | None = Field(None, description="torch device of the workers (default: cuda if any, else cpu)")
+    keep_shards: bool = Field(False, description="keep _shards/ (partial sums) after a (concept, objective)'s tables "
+                              "are written; by default they are removed then")
     validation: ValidationOptions = Field(default_factory=ValidationOptions)
     evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
 
@@ -230,7 +232,7 @@ class AttributionConfig(Strict):
         return self
 
     def result_fields(self) -> dict:
-        return self.model_dump(exclude={"workers", "device", *LATER_STAGES}, mode="json")
+        return self.model_dump(exclude={"workers", "device", "keep_shards", *LATER_STAGES}, mode="json")
 
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.result_fields(), sort_keys=True).encode()).hexdigest()[:16]

@@ -15,6 +15,7 @@ from cad_ray.store import RunRoot
 def root_status(root: str) -> pd.DataFrame:
     """One row per stage: stage, complete, done, total (None where the root does not say), where."""
     from cad_ray.stages.attribution import damaged_tables, plan_shards
+    from cad_ray.store import partition
     from cad_ray.stages.validation import MANIFEST as VALIDATION_MANIFEST
     from cad_ray.stages.validation import plan_validation
 
@@ -23,6 +24,12 @@ def root_status(root: str) -> pd.DataFrame:
     if manifest is None:
         raise CadRayError(f"{root} holds no cad-ray run (no _manifest.json); run 'cad-ray attribute' into it first")
     present = set(run.fs.find(run.path)) if run.fs.exists(run.path) else set()  # one listing, also on S3
+
+    def shard_done(shard) -> bool:
+        # a (concept, objective)'s shards are removed once its tables are written (scores last), so its scores
+        # file counts them as done; a damaged table is listed in "where" and repaired by a re-run
+        return run.join(*shard.path) in present or \
+            run.join("scores", partition(shard.concept, shard.objective), "part-0.parquet") in present
     try:
         config = AttributionConfig.model_validate(manifest["config"])
     except Exception as e:  # a manifest from another version of cad-ray, or edited by hand
@@ -31,7 +38,7 @@ def root_status(root: str) -> pd.DataFrame:
     shards = plan_shards(config)
     damaged = damaged_tables(run, config, manifest) if manifest.get("complete") else []
     rows = [{"stage": "attribution", "complete": bool(manifest.get("complete")) and not damaged,
-             "done": sum(run.join(*s.path) in present for s in shards), "total": len(shards),
+             "done": sum(shard_done(s) for s in shards), "total": len(shards),
              "where": f"_shards/; missing or damaged: {', '.join(damaged[:3])}" if damaged else "_shards/"}]
     if run.exists(VALIDATION_MANIFEST):
         validation = json.loads(run.read_bytes(VALIDATION_MANIFEST))

@@ -91,13 +91,22 @@ def test_resume_skips_finished_shards_and_recomputes_damaged_ones(small_run, tmp
 
     root = tmp_path / "resumed"
     shutil.copytree(small_run, root)
-    shards = sorted((root / "_shards" / "concept=seven" / "objective=erase").iterdir())
-    shards[0].unlink()
-    shards[1].write_bytes(shards[1].read_bytes()[:200])  # a truncated part
-    for name in ("scores", "neurons", "layers"):
-        shutil.rmtree(root / name / "concept=seven" / "objective=erase")
-    manifest = json.loads((root / "_manifest.json").read_text())
-    (root / "_manifest.json").write_text(json.dumps(dict(manifest, complete=False)))
+
+    def unfinish(pairs):
+        for pair in pairs:
+            for name in ("scores", "neurons", "layers"):
+                shutil.rmtree(root / name / "concept=seven" / f"objective={pair}")
+        manifest = json.loads((root / "_manifest.json").read_text())
+        (root / "_manifest.json").write_text(json.dumps(dict(manifest, complete=False)))
+
+    unfinish(["erase", "amplify"])  # the finished run kept no shards: these two pairs' are recomputed and kept
+    result = run_attribution(small_config(keep_shards=True), str(root), local=True, progress=False)
+    assert result["shards_computed"] == 4 and result["shard_folders_removed"] == 0
+    unfinish(["erase", "amplify"])
+    erase = sorted((root / "_shards" / "concept=seven" / "objective=erase").iterdir())
+    amplify = sorted((root / "_shards" / "concept=seven" / "objective=amplify").iterdir())
+    erase[0].unlink()
+    amplify[1].write_bytes(amplify[1].read_bytes()[:200])  # a truncated part
     with pytest.raises(CadRayError, match="did not complete"):
         ScoreStore(str(root))
     result = run_attribution(small_config(), str(root), local=True, progress=False)
@@ -105,6 +114,53 @@ def test_resume_skips_finished_shards_and_recomputes_damaged_ones(small_run, tmp
     resumed, original = table(str(root)), table(small_run)
     assert len(resumed) == len(original)
     assert_same_scores(resumed, original, rel=0)
+    assert not (root / "_shards").exists()  # reduced and whole: the shards have served their purpose
+
+
+def test_shards_are_removed_and_a_damaged_table_is_repaired_by_recomputing_them(small_run, tmp_path):
+    """A finished run keeps no partial sums; a final table damaged afterwards is repaired: its pair's shards are
+    recomputed (and removed again) and the table is the one the run first wrote. A re-run of a whole root
+    computes nothing."""
+    import shutil
+
+    assert not os.path.exists(os.path.join(small_run, "_shards"))
+    root = tmp_path / "repaired"
+    shutil.copytree(small_run, root)
+    part = root / "scores" / "concept=red" / "objective=erase" / "part-0.parquet"
+    data = part.read_bytes()
+    part.write_bytes(data[:len(data) // 2] + bytes(64) + data[len(data) // 2 + 64:])  # garbled middle
+    result = run_attribution(small_config(), str(root), local=True, progress=False)
+    assert result["shards_computed"] == 2 and result["shard_folders_removed"] == 1
+    assert_same_scores(table(str(root), concept="red"), table(small_run, concept="red"), rel=0)
+    assert not (root / "_shards").exists()
+    again = run_attribution(small_config(), str(root), local=True, progress=False)
+    assert again["shards_computed"] == 0 and again["shards_skipped"] == 6 and again["complete"] is True
+
+
+def test_a_run_stopped_between_reduces_keeps_only_the_unreduced_pairs_shards(small_run, tmp_path, monkeypatch):
+    """Stopped after the first (concept, objective) is reduced: its shards are gone, the others' are kept, and the
+    same command again reduces those without computing a shard and gives the uninterrupted run's tables."""
+    from cad_ray.stages.attribution import AttributionWorker
+
+    reduce = AttributionWorker.finalize
+
+    def reduce_only_seven_erase(self, concept, objective, shards, manifest):
+        if (concept, objective) != ("seven", "erase"):
+            raise KeyboardInterrupt("stopped")
+        return reduce(self, concept, objective, shards, manifest)
+
+    monkeypatch.setattr(AttributionWorker, "finalize", reduce_only_seven_erase)
+    root = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        run_attribution(small_config(), str(root), local=True, progress=False)
+    monkeypatch.undo()
+    assert not (root / "_shards" / "concept=seven" / "objective=erase").exists()
+    assert len(list((root / "_shards").rglob("shard-*.parquet"))) == 2 * 2
+    result = run_attribution(small_config(), str(root), local=True, progress=False)
+    assert result["shards_computed"] == 0 and result["shards_skipped"] == 6 and result["shard_folders_removed"] == 2
+    for concept in ("seven", "red"):
+        assert_same_scores(table(str(root), concept=concept), table(small_run, concept=concept), rel=0)
+    assert not (root / "_shards").exists()
 
 
 def test_a_root_with_another_config_is_refused_unless_overwrite(small_run, tmp_path):

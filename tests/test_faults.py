@@ -41,6 +41,7 @@ def test_killed_driver_resumes_skips_finished_shards_and_gives_the_same_table(tm
 
     resumed = run_attribution(parse_config(CONFIG), str(root), local=True, progress=False)
     assert resumed["shards_skipped"] >= 3 and resumed["shards_computed"] == 12 - resumed["shards_skipped"]
+    assert not shards.exists()  # every pair reduced and whole: its partial sums removed
     reference = tmp_path / "reference"
     run_attribution(parse_config(CONFIG), str(reference), local=True, progress=False)
     for concept in ("seven", "two", "red"):

@@ -143,45 +143,68 @@ def test_the_search_bisects_the_ratio_grid_and_picks_margin_steps_above_the_firs
 
 
 @pytest.fixture(scope="module")
-def attn2_digits(tmp_path_factory):
+def specific_digits(tmp_path_factory):
+    """Every digit attributed over the cross-attention and the token-embedding table."""
     from cad_ray.distributed import run_attribution
 
-    root = str(tmp_path_factory.mktemp("attn2") / "run")
-    config = parse_config({"scope": "attn2", "samples": 8, "concepts": [{"name": n} for n in (
+    root = str(tmp_path_factory.mktemp("specific") / "run")
+    config = parse_config({"scope": "attn2+tokens", "samples": 8, "concepts": [{"name": n} for n in (
         "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]})
     run_attribution(config, root, local=True, progress=False)
     return root
 
 
-def test_a_specific_erase_on_the_shipped_model_removes_one_and_keeps_the_others(attn2_digits, digits_model):
-    """A measured setting (docs/editing.md): "one", attn2, global, contrast against the other digits, 5%.
-    One image per wording (18 per digit: 8 own, 10 unseen), the digit judge; random zeroing of as many
-    components leaves "one"."""
+def erase_verdicts(root, model, target, selection, ratio):
+    """Per-digit accuracy of the shipped model after the selection's erase of `target`, and of `target` after
+    random zeroing of as many components (as many rows for `neuron`): one image per wording (18 per digit: 8
+    own, 10 unseen), a seed each, the digit judge."""
+    from cad_ray.digits import DIGIT_WORDS
     from cad_ray.digits.judges import builtin_judges
     from cad_ray.method.editing import edited
     from cad_ray.stages.evaluation import digits_prompt_set
     from cad_ray.store import ScoreStore
 
-    store = ScoreStore(attn2_digits)
-    digits = [c for c in store.concepts()["concept"]]
-    masks = selection_masks(lambda c: store.tensor_scores(c), "one", [d for d in digits if d != "one"],
-                            Selection.parse("attn2/global/kind-mean"), 0.05)
-    panel = digits_prompt_set(1, 2000, "wordings", "test")  # 18 images per digit, a seed each
+    store = ScoreStore(root)
+    digits = list(store.concepts()["concept"])
+    chosen = Selection.parse(selection)
+    masks = selection_masks(lambda c: store.tensor_scores(c), target, [d for d in digits if d != target], chosen,
+                            ratio)
     judges = builtin_judges()
 
-    def accuracy(model_masks):
-        with edited(digits_model, model_masks):
-            images = digits_model.sample(list(panel["prompt"]), seed=2000, ids=list(panel["seed"])).images
-        right = pd.Series(np.array(judges.digits(images)) == panel["label"].map(
-            ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"].index).to_numpy())
-        return right.groupby(panel["label"].to_numpy()).mean()
+    def accuracy(model_masks, panel):
+        with edited(model, model_masks):
+            images = model.sample(list(panel["prompt"]), seed=2000, ids=list(panel["seed"])).images
+        right = np.array(judges.digits(images)) == panel["label"].map(DIGIT_WORDS.index).to_numpy()
+        return pd.Series(right).groupby(panel["label"].to_numpy()).mean()
 
-    erased = accuracy(masks)
+    panel = digits_prompt_set(1, 2000, "wordings", "test")
+    erased = accuracy(masks, panel)
+    kept = accuracy(random_like(masks, chosen.granularity, seed=0), panel[panel["label"] == target])
+    return erased, kept[target], masks
+
+
+def test_a_specific_erase_on_the_shipped_model_removes_one_and_keeps_the_others(specific_digits, digits_model):
+    """A measured setting (docs/editing.md): "one", attn2, global, contrast against the other digits, 5%."""
+    erased, random_kept, _ = erase_verdicts(specific_digits, digits_model, "one", "attn2/global/kind-mean", 0.05)
     assert erased["one"] <= 0.2, erased
     assert erased.drop("one").min() >= 0.9, erased
-    panel = panel[panel["label"] == "one"]
-    kept = accuracy(random_like(masks, "global", seed=0))
-    assert kept["one"] >= 0.8, kept
+    assert random_kept >= 0.8
+
+
+def test_zeroing_the_words_most_specific_to_seven_erases_it_and_keeps_every_other_digit(specific_digits,
+                                                                                      digits_model):
+    """The recommended setting (docs/editing.md): tokens/neuron/kind-mean at 7% of the token table's rows (two
+    words): the erase takes exactly the words "seven" and "7", seven is gone, every other digit stays; as many
+    random words leave seven."""
+    from cad_ray.digits import VOCABULARY
+
+    erased, random_kept, masks = erase_verdicts(specific_digits, digits_model, "seven", "tokens/neuron/kind-mean",
+                                                0.07)
+    words = masks["text_encoder.embeddings.token_embedding.weight"].all(axis=1)
+    assert sorted(VOCABULARY[k] for k in np.nonzero(words)[0]) == ["7", "seven"]
+    assert erased["seven"] <= 0.2, erased
+    assert erased.drop("seven").min() >= 0.9, erased
+    assert random_kept >= 0.8
 
 
 def test_evaluate_with_a_search_picks_on_selection_and_reports_the_test_split(small_run, tmp_path):

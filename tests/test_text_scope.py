@@ -1,6 +1,7 @@
 """Text-encoder components (scopes `text` and `tokens`): attributed through the encoding of the prompts, selected
 and zeroed like the denoiser's, and kept apart from the denoiser scopes."""
 
+import numpy as np
 import pytest
 import torch
 from conftest import untrained_float64_model
@@ -73,3 +74,23 @@ def test_finetuning_text_components_moves_the_words_of_the_concept_only(small_mo
     assert moved[VOCABULARY.index("seven")] and moved[VOCABULARY.index("7")]
     assert not moved[VOCABULARY.index("blue")] and not moved[VOCABULARY.index("nine")]
     assert torch.equal(dict(small_model.named_parameters())[TOKENS], before)  # the model is left as it was
+
+
+def test_ablating_words_changes_the_objective_only_through_the_words_the_concept_uses(small_model):
+    """Validation re-encodes the prompts under an ablation: zeroing the rows of the concept's words moves J,
+    zeroing the rows of words it never uses does not move it at all; the sketch sees the same components."""
+    from cad_ray.method.estimators import AblationEvaluator, SecondOrderSketch
+
+    concept = Concept("seven", ("seven", "a 7"))
+    evaluator = AblationEvaluator(small_model, EraseObjective(steps=4), concept, "tokens", [0], seed=0)
+    width = evaluator.sizes[0] // len(VOCABULARY)
+
+    def rows(*words):
+        return np.concatenate([np.arange(width) + VOCABULARY.index(w) * width for w in words])
+
+    assert abs(evaluator.change(rows("seven", "7")).frozen_base) > 0
+    assert evaluator.change(rows("blue", "nine")).frozen_base == 0
+    sketch = SecondOrderSketch(small_model, EraseObjective(steps=4), "tokens", projections=2, seed=0)
+    uw = sketch.attribute(concept, [0])
+    per_row = np.abs(uw).reshape(2, len(VOCABULARY), width).sum(axis=(0, 2))
+    assert per_row[VOCABULARY.index("seven")] > 0 and per_row[VOCABULARY.index("blue")] == 0

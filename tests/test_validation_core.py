@@ -8,8 +8,8 @@ from conftest import untrained_float64_model
 from cad_ray.method.attribution import CAD
 from cad_ray.errors import CadRayError
 from cad_ray.method.objectives import Concept, EraseObjective
-from cad_ray.method.estimators import (AblationEvaluator, FirstOrder, bootstrap_interval, pearson,
-                                random_subset, spearman)
+from cad_ray.method.estimators import (AblationEvaluator, FirstOrder, SecondOrderSketch, bootstrap_interval,
+                                       pearson, quadratic, quadratic_terms, random_subset, spearman)
 
 
 def test_subsets_are_seeded_sized_and_distinct():
@@ -60,3 +60,40 @@ def test_actual_change_restores_weights_and_matches_first_order_for_tiny_ablatio
         assert torch.equal(p, b)
     with pytest.raises(CadRayError, match="out of range"):
         evaluator.change(np.array([evaluator.n_components]))
+
+
+class CountingObjective:
+    """An objective that counts how often its points (the sampled trajectories) are made."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def points(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner.points(*args, **kwargs)
+
+
+def test_streaming_sketch_equals_the_dense_one_without_holding_k_by_n(float64_model):
+    """The sketch reduced pass by pass to its per-subset sums (P projections at a time, never the (K, n) array)
+    gives the dense sketch's second-order term of every subset; the trajectories are sampled once, not per pass."""
+    concept, samples, projections = Concept("three", ("three",)), [0, 1, 2], 3  # batch 2: groups [0, 1] and [2]
+    dense = SecondOrderSketch(float64_model, EraseObjective(steps=2), "ff", projections, seed=0, batch=2)
+    uw = dense.attribute(concept, samples)
+    n = dense.n_components
+    assert uw.shape == (projections, n) and np.abs(uw).max() > 0
+    subsets = [random_subset(n, fraction, a, seed=0) for fraction in (0.001, 0.05, 0.3) for a in range(3)]
+    expected = np.array([quadratic(uw, s, 1.0) for s in subsets])
+    assert np.all(expected > 0)
+    for per_pass in (1, 2):  # one projection per pass, and passes of 2 and 1
+        objective = CountingObjective(EraseObjective(steps=2))
+        streaming = SecondOrderSketch(float64_model, objective, "ff", projections, seed=0, batch=2,
+                                      pass_bytes=8 * n * per_pass)
+        assert streaming.projections_per_pass() == per_pass
+        sums = streaming.subset_sums(concept, samples, [s.astype(np.int32) for s in subsets])
+        assert sums.shape == (projections, len(subsets))
+        np.testing.assert_allclose(quadratic_terms(sums, objective.sign), expected, rtol=1e-9)
+        assert objective.calls == 2  # once per batch group, whatever the number of passes
+    assert not any(p.requires_grad for _, p in streaming.parameters)  # gradients_for restored the flags

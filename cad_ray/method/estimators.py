@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 from cad_ray.errors import CadRayError
-from cad_ray.method.attribution import gradients_for
+from cad_ray.method.attribution import gradients_for, reencoded
 from cad_ray.method.objectives import Concept
-from cad_ray.method.scopes import select_parameters
+from cad_ray.method.scopes import reads_text_encoder, select_parameters
 from cad_ray.seeds import numpy_rng, torch_generator
 
 
@@ -55,8 +55,9 @@ class AblationEvaluator:
     def __init__(self, model, objective, concept: Concept, scope: str, samples: list[int], seed: int):
         if not samples:
             raise CadRayError("the evaluation batch needs at least one sample")
-        self.model = model
+        self.model, self.concept = model, concept
         self.parameters = select_parameters(model.named_parameters(), scope)
+        self.reads_text = reads_text_encoder(n for n, _ in self.parameters)
         self.sizes = [p.numel() for _, p in self.parameters]
         self.offsets = np.cumsum([0] + self.sizes)
         self.points = objective.points(model, concept, list(samples), seed)
@@ -70,7 +71,8 @@ class AblationEvaluator:
 
     @torch.no_grad()
     def _values(self) -> tuple[float, float]:
-        p = self.points
+        # zeroed text-encoder components change the conditioning (both prompts'); the frozen target stays
+        p = reencoded(self.model, self.concept, self.points) if self.reads_text else self.points
         eps = self.model.predict_noise(p.x, p.t, p.cond).double()
 
         def value(target):
@@ -104,48 +106,102 @@ class AblationEvaluator:
         return ObjectiveChange(frozen - self.base[0], recomputed - self.base[1])
 
 
-class SecondOrderSketch:
-    """K random projections of the residual Jacobian, times the weights: `attribute(concept, samples)` returns
-    a (K, n_components) float64 array `uw` with which `quadratic(uw, S)` is the Gauss-Newton term of zeroing S.
+SKETCH_PASS_BYTES = 1 << 31  # host memory of one pass's (P, n) float64 accumulator: at SD 1.4's ff scope
+# (148.7M components) one projection per pass; on the digits model all K = 64 in one pass
 
-    Cost: K vector-Jacobian products over the points, batched (`is_grads_batched`), i.e. about K backward
-    passes over the points of `samples` once per concept, and nothing per subset.
+
+class SecondOrderSketch:
+    """K random projections of the residual Jacobian, times the weights: u_k = J^T (sqrt(c) v_k), and
+    uw_k = u_k * w / sqrt(K), so that `quadratic` of a subset S is sign * sum_k (sum_{i in S} uw_k,i)^2.
+
+    Validation needs that term only for its M seeded subsets, so `subset_sums(concept, samples, subsets)`
+    reduces each projection to its M sums as soon as the projection is whole and drops it: the projections
+    are computed in passes of P at a time (P from `pass_bytes`, a budget for the pass's (P, n) float64
+    accumulator), and the host holds O(P n + K M) numbers, never (K, n) (76 GB at SD 1.4's ff scope and
+    K = 64). `attribute` is the dense (K, n) array in one pass: the reference, for small scopes.
+
+    Cost: K vector-Jacobian products over the points, batched P at a time (`is_grads_batched`); the points
+    are made once per concept and kept across passes, so a pass costs one forward and P backward passes over
+    them, and nothing per subset beyond its sums.
     """
 
     def __init__(self, model, objective, scope: str, projections: int = 64, seed: int = 0, chunk_size: int = 64,
-                 batch: int = 4):
+                 batch: int = 4, pass_bytes: int = SKETCH_PASS_BYTES):
         if projections < 1:
             raise CadRayError("the second-order sketch needs at least one projection")
         self.model, self.objective, self.projections = model, objective, projections
-        self.seed, self.chunk_size, self.batch = seed, chunk_size, batch
+        self.seed, self.chunk_size, self.batch, self.pass_bytes = seed, chunk_size, batch, pass_bytes
         self.parameters = select_parameters(model.named_parameters(), scope)
+        self.n_components = sum(p.numel() for _, p in self.parameters)
+
+    def projections_per_pass(self) -> int:
+        return max(1, min(self.projections, self.pass_bytes // (8 * self.n_components)))
 
     def attribute(self, concept: Concept, samples: list[int]) -> np.ndarray:
+        """The dense (K, n_components) float64 array uw, in one pass (memory K x n: small scopes only)."""
+        passes = self._passes(concept, samples, self.projections)
+        try:
+            return next(passes)[2]
+        finally:
+            passes.close()  # leaves gradients_for, which restores the parameters' flags
+
+    def subset_sums(self, concept: Concept, samples: list[int], subsets: list[np.ndarray]) -> np.ndarray:
+        """(K, M) float64: column s holds sum_{i in subsets[s]} uw_k,i for every projection k, computed pass by
+        pass (`projections_per_pass`) without ever holding uw whole; `quadratic_terms` turns it into the
+        Gauss-Newton term of each subset."""
+        sums = np.empty((self.projections, len(subsets)))
+        for first, last, uw in self._passes(concept, samples, self.projections_per_pass()):
+            for column, subset in enumerate(subsets):
+                sums[first:last, column] = uw[:, subset].sum(axis=1)
+        return sums
+
+    def _passes(self, concept: Concept, samples: list[int], per_pass: int):
+        """Yield (first, last, uw[first:last]) for consecutive blocks of at most `per_pass` projections. Every
+        projection is the one a single pass of all K would give: the directions of a sample are drawn for all K
+        from its own generator and sliced, and the gradients are added in the same order."""
         params = [p for _, p in self.parameters]
-        total = torch.zeros((self.projections, sum(p.numel() for p in params)), dtype=torch.float64)
         groups: dict[int, list[int]] = {}
         for sample in samples:  # the same batch grid as CAD, so the points are the scores' points
             groups.setdefault(sample // self.batch, []).append(sample)
+        blocks = [(k, min(k + per_pass, self.projections)) for k in range(0, self.projections, per_pass)]
+        kept = {}  # group -> (points, scale), kept across passes so that the trajectories are sampled once
         with gradients_for(params):
-            for group in groups.values():
-                points = self.objective.points(self.model, concept, group, self.seed, self.chunk_size)
-                size = points.target[0].numel()
-                scale = (points.weights() / (len(samples) * size)).sqrt()
-                # per-sample projections, so that they do not depend on how samples are grouped
-                directions = torch.cat([torch.randn((self.projections, int((points.sample == s).sum()),
-                                                     *points.target.shape[1:]),
-                                                    generator=torch_generator(self.seed, concept.name, s, "sketch"))
-                                        for s in group], dim=1)
-                for start in range(0, len(points), self.chunk_size):
-                    part = points.chunk(start, start + self.chunk_size)
-                    eps = self.model.predict_noise(part.x, part.t, part.cond)
-                    v = directions[:, start:start + self.chunk_size] * scale[start:start + self.chunk_size].view(
-                        1, -1, *([1] * (eps.dim() - 1)))
-                    grads = torch.autograd.grad(eps, params, grad_outputs=v.to(eps.device, eps.dtype),
-                                                is_grads_batched=True)
-                    total += torch.cat([g.reshape(self.projections, -1).double().cpu() for g in grads], dim=1)
-        weights = torch.cat([p.detach().reshape(-1).double().cpu() for p in params])
-        return (total * weights).numpy() / np.sqrt(self.projections)
+            for first, last in blocks:
+                total = torch.zeros((last - first, self.n_components), dtype=torch.float64)
+                for key, group in groups.items():
+                    if key in kept:
+                        points, scale = kept[key]
+                    else:
+                        points = self.objective.points(self.model, concept, group, self.seed, self.chunk_size)
+                        size = points.target[0].numel()
+                        scale = (points.weights() / (len(samples) * size)).sqrt()
+                        if len(blocks) > 1:
+                            kept[key] = points, scale
+                    # per-sample projections, so that they do not depend on how samples are grouped
+                    directions = torch.cat([torch.randn((self.projections, int((points.sample == s).sum()),
+                                                         *points.target.shape[1:]),
+                                                        generator=torch_generator(self.seed, concept.name, s,
+                                                                                  "sketch"))[first:last]
+                                            for s in group], dim=1)
+                    for start in range(0, len(points), self.chunk_size):
+                        part = points.chunk(start, start + self.chunk_size)
+                        if reads_text_encoder(n for n, _ in self.parameters):  # differentiate through the encoding
+                            part = reencoded(self.model, concept, part)
+                        eps = self.model.predict_noise(part.x, part.t, part.cond)
+                        v = directions[:, start:start + self.chunk_size] * scale[start:start + self.chunk_size].view(
+                            1, -1, *([1] * (eps.dim() - 1)))
+                        grads = torch.autograd.grad(eps, params, grad_outputs=v.to(eps.device, eps.dtype),
+                                                    is_grads_batched=True)
+                        offset = 0
+                        for g in grads:  # tensor by tensor: no second (P, n) array for the chunk
+                            size = g[0].numel()
+                            total[:, offset:offset + size] += g.reshape(last - first, -1).double().cpu()
+                            offset += size
+                weights = torch.cat([p.detach().reshape(-1).double().cpu() for p in params])
+                uw = total.mul_(weights).numpy()
+                uw /= np.sqrt(self.projections)
+                yield first, last, uw
+                del total, uw
 
 
 def quadratic(uw: np.ndarray, flat_indices: np.ndarray, sign: float) -> float:
@@ -153,6 +209,11 @@ def quadratic(uw: np.ndarray, flat_indices: np.ndarray, sign: float) -> float:
     (uw already carries the 1/sqrt(K) of the mean)."""
     z = uw[:, flat_indices].sum(axis=1)
     return sign * float(z @ z)
+
+
+def quadratic_terms(sums: np.ndarray, sign: float) -> np.ndarray:
+    """`quadratic` of every subset from `SecondOrderSketch.subset_sums`' (K, M) array: one value per column."""
+    return np.array([sign * float(z @ z) for z in np.ascontiguousarray(sums.T)])
 
 
 def neuron_index(shapes: list[tuple[int, ...]]) -> tuple[np.ndarray, int]:

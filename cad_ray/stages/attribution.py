@@ -4,7 +4,12 @@
   fingerprint (`plan_shards`, `shard_status`);
 - one unit: `AttributionWorker.run_shard` writes the shard's partial gradient sum to `_shards/`;
 - finish: `AttributionWorker.finalize` adds a (concept, objective)'s shards in shard order and writes
-  scores/, neurons/ and layers/; `mark_complete` marks the manifest.
+  scores/, neurons/ and layers/; once those are read back whole the driver removes the pair's shards
+  (`release_shards`; `keep_shards: true` keeps them), and `mark_complete` marks the manifest.
+
+A shard serves only its pair's reduce: a pair whose tables are whole needs none (a re-run skips them, present
+or not), and a pair whose tables are missing or damaged gets its shards recomputed where they are gone, so
+resume stays exact with or without them.
 
 `run` puts these in order on an executor (cad_ray.distributed: Ray actors or this process).
 """
@@ -252,6 +257,18 @@ def pairs_to_finalize(run: RunRoot, config: AttributionConfig, manifest: dict) -
             if not all(table_is_whole(run, t, spec.name, objective, manifest) for t in RESULT_TABLES)]
 
 
+def release_shards(run: RunRoot, concept: str, objective: str) -> bool:
+    """Remove the shards of a (concept, objective) whose tables are whole (the caller has checked): at SD size
+    each shard is a float64 partial sum of the whole scope, about 1 GB. Returns whether there were any."""
+    folder = partition(concept, objective)
+    if not run.exists("_shards", folder):
+        return False
+    run.remove("_shards", folder)
+    run.remove_if_empty("_shards", folder.split("/")[0])
+    run.remove_if_empty("_shards")
+    return True
+
+
 def mark_complete(run: RunRoot, manifest: dict, results: list[dict]) -> dict:
     manifest = dict(manifest, complete=True,
                     completed=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
@@ -273,18 +290,32 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
     layout = executor.first(AttributionWorker, "tensor_layout")  # checks the scope before the root is touched
     manifest = open_run(config, root, fingerprint, overwrite)
     shards = plan_shards(config)
-    done, pending = shard_status(run_root, shards, manifest, layout)
-    for _ in executor.map(AttributionWorker, "run_shard", pending, "attribution", total=len(shards)):
+    # only pairs whose tables are not all whole need shards: a finished pair's were removed, and a repaired
+    # pair's are recomputed where they are gone
+    to_finalize = pairs_to_finalize(run_root, config, manifest)
+    needed = [s for s in shards if (s.concept, s.objective) in to_finalize]
+    _, pending = shard_status(run_root, needed, manifest, layout)
+    for _ in executor.map(AttributionWorker, "run_shard", pending, "attribution", total=len(needed)):
         pass
     by_pair = defaultdict(list)
-    for shard in shards:
+    for shard in needed:
         by_pair[(shard.concept, shard.objective)].append(shard)
-    todo = [(*pair, by_pair[pair], manifest) for pair in pairs_to_finalize(run_root, config, manifest)]
-    results = [r for _, r in executor.map(AttributionWorker, "finalize_pair", todo, "reduce")]
+    todo = [(*pair, by_pair[pair], manifest) for pair in to_finalize]
+    results, released = [], 0
+    for _, result in executor.map(AttributionWorker, "finalize_pair", todo, "reduce"):
+        results.append(result)
+        pair = (result["concept"], result["objective"])
+        # removed only once its tables read back whole: until then they are what a repair would reduce
+        if not config.keep_shards and all(table_is_whole(run_root, t, *pair, manifest) for t in RESULT_TABLES):
+            released += release_shards(run_root, *pair)
+    if not config.keep_shards:  # pairs finished before (a run killed between its tables and this, or kept)
+        released += sum(release_shards(run_root, spec.name, objective) for spec, objective in config.pairs()
+                        if (spec.name, objective) not in to_finalize)
     if not weights_are_whole(run_root, manifest):
         executor.first(AttributionWorker, "write_weights", manifest)
     manifest = mark_complete(run_root, manifest, results)
     manifest.update(run_seconds=time.time() - started, setup_seconds=setup_seconds,  # Ray start-up, model loading
-                    shards_computed=len(pending), shards_skipped=len(done), workers=executor.workers,
+                    shards_computed=len(pending), shards_skipped=len(shards) - len(pending),
+                    shard_folders_removed=released, workers=executor.workers,
                     workers_lost=executor.workers_lost)
     return manifest

@@ -5,7 +5,8 @@ Two kinds of shard, both written under `_validation/` and resumed like attributi
 
 - `actual`: a block of random ablations of one (concept, fraction): the actual change of J on the fixed
   evaluation batch, in both conventions;
-- `sketch`: one per concept: the second-order term of every ablation (`SecondOrderSketch`).
+- `sketch`: one per concept: the second-order term of every ablation (`SecondOrderSketch.subset_sums`:
+  each projection reduced to its sums over the seeded subsets, so the host never holds a (K, n) array).
 
 `finish_validation` then needs no model: it reads the score table and the shards, computes every estimator's
 prediction, fits COAR, and writes
@@ -30,8 +31,8 @@ from cad_ray.config import AttributionConfig, ValidationOptions
 from cad_ray.errors import CadRayError
 from cad_ray.store import RunRoot, ScoreStore, partition
 from cad_ray.method.estimators import (AblationEvaluator, Coar, FirstOrder, SecondOrder, SecondOrderSketch,
-                                      bootstrap_interval, concentration, jaccard, pearson, quadratic, random_subset,
-                                      spearman, top_set)
+                                      bootstrap_interval, concentration, jaccard, pearson, quadratic_terms,
+                                      random_subset, spearman, top_set)
 
 MANIFEST = "_validation.json"
 TABLES = ("validation", "validation_summary", "localization", "overlap")
@@ -148,15 +149,23 @@ class ValidationWorker:
         objective = self.objective(shard.objective, self.options.sketch_points_per_sample)
         sketch = SecondOrderSketch(self.model, objective, self.config.scope, self.options.projections,
                                    self.config.seed, self.config.chunk_size, self.config.batch)
-        uw = sketch.attribute(self.concept(shard.concept), list(range(self.config.samples)))
-        rows = []
-        for fraction in self.options.fractions:
-            for a in range(self.options.ablations):
-                subset = random_subset(uw.shape[1], fraction, a, self.config.seed)
-                rows.append((fraction, a, quadratic(uw, subset, objective.sign)))
-        fractions, ablations, values = zip(*rows)
+        keys = [(fraction, a) for fraction in self.options.fractions for a in range(self.options.ablations)]
+        # the subsets, redrawn from their seeds, are all the sketch needs of the scope: each projection is
+        # reduced to one sum per subset and dropped (never a (K, n) array)
+        subsets = [compact_subset(sketch.n_components, fraction, a, self.config.seed) for fraction, a in keys]
+        sums = sketch.subset_sums(self.concept(shard.concept), list(range(self.config.samples)), subsets)
+        del subsets
+        fractions, ablations = zip(*keys)
         return pa.table({"fraction": np.asarray(fractions), "ablation": np.asarray(ablations, dtype=np.int64),
-                         "quadratic": np.asarray(values)})
+                         "quadratic": quadratic_terms(sums, objective.sign)})
+
+
+def compact_subset(n_components: int, fraction: float, ablation: int, seed: int) -> np.ndarray:
+    """`random_subset` in 4-byte indices where they fit: the subsets held at once (every ablation of a concept
+    in the sketch, of a fraction in `predictions`) are the largest host arrays at SD size (the sketch's: 3.6 GB
+    instead of 7.3)."""
+    subset = random_subset(n_components, fraction, ablation, seed)
+    return subset.astype(np.int32) if n_components < 2 ** 31 else subset
 
 
 def shard_is_done(run: RunRoot, shard: ValidationShard, manifest: dict) -> bool:
@@ -219,7 +228,7 @@ def predictions(config: AttributionConfig, options: ValidationOptions, scores: n
     frames = []
     for fraction, part in actual.groupby("fraction", sort=True):
         part = part.sort_values("ablation").reset_index(drop=True)
-        subsets = [random_subset(n, fraction, int(a), config.seed) for a in part["ablation"]]
+        subsets = [compact_subset(n, fraction, int(a), config.seed) for a in part["ablation"]]
         quad = sketch[sketch["fraction"] == fraction].set_index("ablation")["quadratic"].reindex(part["ablation"])
         split = np.where(part["ablation"] < train_count, "train", "test")
         train = [s for s, k in zip(subsets, split) if k == "train"]

@@ -1,7 +1,7 @@
 """Storage: the run root and its Parquet tables, the only interface between stages.
 
     <root>/_manifest.json                                  config, fingerprint, code version, completion
-    <root>/_shards/concept=<c>/objective=<o>/shard-NNNNN.parquet   partial gradient sums (float64), for resume
+    <root>/_shards/concept=<c>/objective=<o>/shard-NNNNN.parquet   partial gradient sums (float64), until the pair is reduced
     <root>/scores/concept=<c>/objective=<o>/part-0.parquet  one row per component
     <root>/neurons/concept=<c>/objective=<o>/part-0.parquet one row per output row of each tensor
     <root>/layers/concept=<c>/objective=<o>/part-0.parquet  one row per tensor

@@ -228,6 +228,16 @@ class RunRoot:
         if self.exists(*parts):
             self.fs.rm(self.join(*parts), recursive=True)
 
+    def remove_if_empty(self, *parts: str) -> None:
+        """Remove a local folder that holds nothing (left behind by `remove` of its last entry); on S3 a prefix
+        without objects is no folder, so there is nothing to remove."""
+        if self.is_s3:
+            return
+        try:
+            os.rmdir(self.join(*parts))
+        except OSError:
+            pass  # absent, or not empty: both mean there is nothing to do
+
     # --- manifest -------------------------------------------------------------------------------------
     def read_manifest(self, *parts: str) -> dict | None:
         """A JSON file of the root (default: the run's `_manifest.json`), None if absent."""
