@@ -8,7 +8,7 @@ from conftest import untrained_float64_model
 
 from cad_ray.digits import VOCABULARY
 from cad_ray.method.attribution import CAD
-from cad_ray.method.objectives import Concept, EraseObjective, point_values
+from cad_ray.method.objectives import Concept, EraseObjective
 from cad_ray.method.scopes import select_parameters
 
 TOKENS = "text_encoder.embeddings.token_embedding.weight"
