@@ -4,7 +4,8 @@
 
 Loads the built-in digits model (or --model) in float32, bfloat16 and float16, computes CAD erase scores for each
 concept with the same seeds, and reports the Jaccard index of the top-1% (and top-0.1%) sets and the Pearson
-correlation of the scores against float32. Gradients are summed in float64 whatever the model's dtype
+correlation of the scores against float32; and, for scale, float32 against itself with other trajectories (another
+seed): the ranking's own sampling noise at this number of samples. Gradients are summed in float64 whatever the model's dtype
 (`cad_ray.method.attribution.CAD`); the objective compares predictions in float32 (`point_values`).
 """
 
@@ -18,11 +19,11 @@ import numpy as np
 import torch
 
 
-def scores_of(model, concept, samples: int, scope: str, steps: int) -> np.ndarray:
+def scores_of(model, concept, samples: int, scope: str, steps: int, seed: int = 0) -> np.ndarray:
     from cad_ray.method.attribution import CAD
     from cad_ray.method.objectives import EraseObjective
 
-    attribution = CAD(model, EraseObjective(steps=steps), scope, chunk_size=64).attribute(concept, samples)
+    attribution = CAD(model, EraseObjective(steps=steps), scope, chunk_size=64, seed=seed).attribute(concept, samples)
     return torch.cat([s.flatten() for s in attribution.scores.values()]).numpy()
 
 
@@ -38,7 +39,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--scope", default="ff")
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16"])
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16", "float32-other-seed"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -50,9 +51,10 @@ def main() -> None:
         base = scores_of(reference, concept, args.samples, args.scope, args.steps)
         base_s = time.perf_counter() - start
         for dtype in args.dtypes:
-            model = load_model(args.model, dtype=getattr(torch, dtype))
+            other_seed = dtype == "float32-other-seed"
+            model = reference if other_seed else load_model(args.model, dtype=getattr(torch, dtype))
             start = time.perf_counter()
-            half = scores_of(model, concept, args.samples, args.scope, args.steps)
+            half = scores_of(model, concept, args.samples, args.scope, args.steps, seed=1 if other_seed else 0)
             row = {"concept": name, "dtype": dtype, "components": int(base.size),
                    "jaccard_top1": jaccard(top_set(base, 0.01), top_set(half, 0.01)),
                    "jaccard_top01": jaccard(top_set(base, 0.001), top_set(half, 0.001)),
