@@ -185,3 +185,16 @@ def test_rerun_skips_judged_blocks_and_other_options_are_refused(evaluated, tmp_
     with pytest.raises(CadRayError, match="other options"):
         run_evaluation(evaluation_config(images_per_prompt=3), copy, local=True, progress=False)
     pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(copy, "evaluation")), b)
+
+
+def test_a_concept_name_finds_its_prompt_set_class_whatever_the_case_and_spaces():
+    """Imagenette's class "English springer" is the concept english_springer (names cannot hold spaces)."""
+    import pandas as pd
+
+    from cad_ray.stages.evaluation import accuracies, target_rows
+
+    rows = pd.DataFrame({"label": ["English springer"] * 4 + ["chain saw"] * 4, "template": "free-0w", "colour": "",
+                         "correct": [True, False, False, False, True, True, True, False]})
+    assert target_rows(rows, "english_springer").tolist() == [True] * 4 + [False] * 4
+    verdict = accuracies(rows, "english_springer")
+    assert verdict["target"] == 0.25 and verdict["others"] == {"chain saw": 0.75}

@@ -120,7 +120,14 @@ def target_kind(target: str) -> str:
 
 def target_rows(prompts: pd.DataFrame, target: str) -> pd.Series:
     """The rows that ask for the target (a colour: asked in that colour; else: its label)."""
-    return prompts["colour"] == target if target_kind(target) == "colour" else prompts["label"] == target
+    return prompts["colour"] == target if target_kind(target) == "colour" else names_label(prompts["label"], target)
+
+
+def names_label(labels: pd.Series, concept: str) -> pd.Series:
+    """Which labels a concept name stands for: the same words, case and spaces aside (a concept is named
+    `english_springer`, a prompt set's class is "English springer")."""
+    key = lambda text: str(text).strip().lower().replace(" ", "_")  # noqa: E731
+    return labels.map(key) == key(concept)
 
 
 def own_wording(prompts: pd.DataFrame, target: str) -> pd.Series:
@@ -394,10 +401,10 @@ def accuracies(rows: pd.DataFrame, target: str) -> dict:
         others = {f"colour:{c}": v for c, v in right.groupby(coloured["colour"]).mean().items() if c != target}
         others.update({f"digit:{l}": v for l, v in labels.items()})
         return {"target": share(asked), "own": share(asked[own]), "unseen": share(asked[~own]), "others": others}
-    asked = rows[rows["label"] == target]
+    asked = rows[names_label(rows["label"], target)] if target else rows.iloc[:0]
     own = own_wording(asked, target)
     return {"target": share(asked["correct"]) if target else float("nan"), "own": share(asked["correct"][own]),
-            "unseen": share(asked["correct"][~own]), "others": {l: v for l, v in labels.items() if l != target}}
+            "unseen": share(asked["correct"][~own]), "others": {l: v for l, v in labels.items() if not target or not names_label(pd.Series([l]), target).iloc[0]}}
 
 
 def retained(edited: dict, unedited: dict) -> float:
