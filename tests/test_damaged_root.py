@@ -95,7 +95,7 @@ def test_code_named_in_a_config_is_refused(small_run, tmp_path, capsys):
                       "never code to import", capsys, small_run)
     config = config_file(tmp_path, "unknown", evaluation={"judge": {"name": "os.system"}})
     _one_line_refusal(["evaluate", "--config", config, "--root", small_run, "--local", "--quiet"],
-                      "unknown judge 'os.system'.*registered judges: classifier, digits", capsys, small_run)
+                      "unknown judge 'os.system'.*registered judges: classifier, .*digits, .*nudenet", capsys, small_run)
 
 
 def test_a_concept_whose_prompt_is_its_base_prompt_is_refused(tmp_path, capsys):
