@@ -179,7 +179,7 @@ def erase_verdicts(root, model, target, selection, ratio):
 
     panel = digits_prompt_set(1, 2000, "wordings", "test")
     erased = accuracy(masks, panel)
-    kept = accuracy(random_like(masks, chosen.granularity, seed=0), panel[panel["label"] == target])
+    kept = accuracy(random_like(masks, chosen.granularity, seed=0, scope=chosen.scope), panel[panel["label"] == target])
     return erased, kept[target], masks
 
 
@@ -256,3 +256,6 @@ def test_neuron_selection_zeroes_whole_rows_ranked_by_their_sum():
     rows = [m.reshape(m.shape[0], -1) for m in shuffled.values()]
     assert sum(r.all(axis=1).sum() for r in rows) == 3 and all((r.all(axis=1) | ~r.any(axis=1)).all() for r in rows)
     assert Selection.parse("tokens/neuron/kind-mean").granularity == "neuron"
+    # within a selection's scope: the other tensors of the run are never drawn
+    scoped = random_like({"a": three["a"], "b": np.zeros((2, 3), dtype=bool)}, "neuron", seed=0, scope="a")
+    assert not scoped["b"].any() and scoped["a"].all(axis=1).sum() == 2

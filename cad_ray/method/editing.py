@@ -224,8 +224,18 @@ def selection_masks(scores_of, target: str, others: list[str], selection: Select
     return {n: masks.get(n, np.zeros(s.shape, dtype=bool)) for n, s in scores_of(target).items()}
 
 
-def random_like(masks: dict[str, np.ndarray], granularity: str, seed: int) -> dict[str, np.ndarray]:
-    """Random masks with the same number of components in each unit as `masks`."""
+def random_like(masks: dict[str, np.ndarray], granularity: str, seed: int,
+                scope: str | None = None) -> dict[str, np.ndarray]:
+    """Random masks with the same number of components in each unit as `masks` (`neuron`: as many whole rows).
+    With `scope` (the selection's), drawn among that scope's tensors only, as the selection was: a run over
+    `ff+attn2+tokens` must not answer a choice of words with random feed-forward rows."""
+    if scope is not None:
+        from cad_ray.method.scopes import scope_matcher
+
+        inside = scope_matcher(scope)
+        pool = {n: m for n, m in masks.items() if inside(n, torch.empty(m.shape, device="meta"))}
+        drawn = random_like(pool, granularity, seed)
+        return {n: drawn[n] if n in drawn else np.zeros(m.shape, dtype=bool) for n, m in masks.items()}
     rng = numpy_rng(seed, "random-edit", granularity)
     if granularity == "neuron":  # as many whole rows, anywhere in the masks' tensors
         rows = [_rows(m) for m in masks.values()]

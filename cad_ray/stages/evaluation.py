@@ -309,7 +309,7 @@ class ImageJudge:
                                                   replace(chosen, contrast="none"), ratio, largest=False)
             elif edit == "random":
                 self.cache[key] = random_like(self._masks("cad-erase", target, selection, ratio),
-                                              chosen.granularity, self.config.seed)
+                                              chosen.granularity, self.config.seed, scope=chosen.scope)
             else:
                 objective, largest = ZEROING_EDITS["cad-erase" if edit == "cad-erase-published" else edit]
                 self.cache[key] = self.store.masks(target, chosen, ratio, objective, largest,
