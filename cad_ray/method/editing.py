@@ -108,8 +108,13 @@ def _select_neurons(key: dict[str, np.ndarray], how_many) -> dict[str, np.ndarra
     order = np.argsort(-sums, kind="stable")[:how_many(sums.size)]
     chosen = np.zeros(sums.size, dtype=bool)
     chosen[order[sums[order] > 0]] = True
+    return _row_masks(chosen, key)
+
+
+def _row_masks(chosen: np.ndarray, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Tensor-shaped masks from one flag per row of `like`'s tensors, in order (`_rows`)."""
     masks, offset = {}, 0
-    for name, k in key.items():
+    for name, k in like.items():
         rows = _rows(k)
         masks[name] = np.repeat(chosen[offset:offset + rows.shape[0], None], rows.shape[1], axis=1).reshape(k.shape)
         offset += rows.shape[0]
@@ -241,11 +246,7 @@ def random_like(masks: dict[str, np.ndarray], granularity: str, seed: int,
         rows = [_rows(m) for m in masks.values()]
         chosen = np.zeros(sum(r.shape[0] for r in rows), dtype=bool)
         chosen[rng.choice(chosen.size, int(sum(r.all(axis=1).sum() for r in rows)), replace=False)] = True
-        out, offset = {}, 0
-        for (name, m), r in zip(masks.items(), rows):
-            out[name] = np.repeat(chosen[offset:offset + r.shape[0], None], r.shape[1], axis=1).reshape(m.shape)
-            offset += r.shape[0]
-        return out
+        return _row_masks(chosen, masks)
     if granularity == "global":
         sizes = [m.size for m in masks.values()]
         chosen = np.zeros(sum(sizes), dtype=bool)
@@ -348,6 +349,7 @@ def finetune(model, concept, objective, scope: str, samples: list[int], seed: in
                                                  points.cond[i:i + chunk_size]) for i in range(0, len(points), chunk_size)])
         points.target = points.target - negative_guidance * (own - points.target)
     weights = points.weights()
+    reads_text = reads_text_encoder(n for n, _ in parameters)  # text-encoder weights move the conditioning too
     grad_masks = {n: torch.from_numpy(masks[n]).to(p.device, p.dtype) for n, p in parameters
                   if masks is not None and n in masks}
     params = [p for _, p in parameters]
@@ -362,7 +364,7 @@ def finetune(model, concept, objective, scope: str, samples: list[int], seed: in
             part = points.chunk(0, len(points))
             part.x, part.t, part.cond, part.target = part.x[pick], part.t[pick], part.cond[pick], part.target[pick]
             part.sample = part.sample[pick]
-            if reads_text_encoder(n for n, _ in parameters):  # text-encoder weights move the conditioning too
+            if reads_text:
                 part = reencoded(model, concept, part)
             loss = (point_values(model, part).double() * weights[pick].to(part.x.device)).sum() / weights[pick].sum()
             optimizer.zero_grad()

@@ -133,6 +133,7 @@ class SecondOrderSketch:
         self.seed, self.chunk_size, self.batch, self.pass_bytes = seed, chunk_size, batch, pass_bytes
         self.parameters = select_parameters(model.named_parameters(), scope)
         self.n_components = sum(p.numel() for _, p in self.parameters)
+        self.reads_text = reads_text_encoder(n for n, _ in self.parameters)
 
     def projections_per_pass(self) -> int:
         return max(1, min(self.projections, self.pass_bytes // (8 * self.n_components)))
@@ -185,7 +186,7 @@ class SecondOrderSketch:
                                             for s in group], dim=1)
                     for start in range(0, len(points), self.chunk_size):
                         part = points.chunk(start, start + self.chunk_size)
-                        if reads_text_encoder(n for n, _ in self.parameters):  # differentiate through the encoding
+                        if self.reads_text:  # differentiate through the encoding
                             part = reencoded(self.model, concept, part)
                         eps = self.model.predict_noise(part.x, part.t, part.cond)
                         v = directions[:, start:start + self.chunk_size] * scale[start:start + self.chunk_size].view(

@@ -123,11 +123,15 @@ def target_rows(prompts: pd.DataFrame, target: str) -> pd.Series:
     return prompts["colour"] == target if target_kind(target) == "colour" else names_label(prompts["label"], target)
 
 
+def label_key(text) -> str:
+    """A label or concept name with case and spaces aside: a concept is named `english_springer`, a prompt set's
+    class is "English springer"."""
+    return str(text).strip().lower().replace(" ", "_")
+
+
 def names_label(labels: pd.Series, concept: str) -> pd.Series:
-    """Which labels a concept name stands for: the same words, case and spaces aside (a concept is named
-    `english_springer`, a prompt set's class is "English springer")."""
-    key = lambda text: str(text).strip().lower().replace(" ", "_")  # noqa: E731
-    return labels.map(key) == key(concept)
+    """Which labels a concept name stands for (`label_key`)."""
+    return labels.map(label_key) == label_key(concept)
 
 
 def own_wording(prompts: pd.DataFrame, target: str) -> pd.Series:
@@ -404,7 +408,7 @@ def accuracies(rows: pd.DataFrame, target: str) -> dict:
     asked = rows[names_label(rows["label"], target)] if target else rows.iloc[:0]
     own = own_wording(asked, target)
     return {"target": share(asked["correct"]) if target else float("nan"), "own": share(asked["correct"][own]),
-            "unseen": share(asked["correct"][~own]), "others": {l: v for l, v in labels.items() if not target or not names_label(pd.Series([l]), target).iloc[0]}}
+            "unseen": share(asked["correct"][~own]), "others": {l: v for l, v in labels.items() if not target or label_key(l) != label_key(target)}}
 
 
 def retained(edited: dict, unedited: dict) -> float:
@@ -529,10 +533,12 @@ def search_rounds(options: EvaluationOptions, prompts: pd.DataFrame, judge) -> t
     asked = {t: selection_rows[target_rows(selection_rows, t)] for t in options.targets}
     frames = [judge(edit_rows("none", "", "", 0.0, guidance, selection_rows))]
     bounds = {c: [0, len(ratios)] for c in candidates}  # the first clean index is in [lo, hi]; hi = len: none
+    tried = set()  # (candidate, ratio index) whose target rows were judged
     while asks := [(c, (lo + hi) // 2) for c, (lo, hi) in bounds.items() if lo < hi]:
         judged = judge(pd.concat([edit_rows(*c, ratios[k], guidance, asked[c[1]]) for c, k in asks],
                                  ignore_index=True))
         frames.append(judged)
+        tried.update(asks)
         verdicts = {key: accuracies(rows, key[1]) for key, rows in
                     judged.groupby(["edit", "target", "selection", "ratio"])}
         for c, k in asks:
@@ -546,10 +552,8 @@ def search_rounds(options: EvaluationOptions, prompts: pd.DataFrame, judge) -> t
             # `margin` steps further: near the threshold a verdict depends on the seeds
             checked = min(first_clean + search.margin, len(ratios) - 1)
             rest = selection_rows[~target_rows(selection_rows, c[1])]
-            judged_there = any(((f["edit"] == c[0]) & (f["target"] == c[1]) & (f["selection"] == c[2])
-                                & (f["ratio"] == ratios[checked])).any() for f in frames)
             second.append(edit_rows(*c, ratios[checked], guidance,
-                                    rest if judged_there else pd.concat([asked[c[1]], rest])))
+                                    rest if (c, checked) in tried else pd.concat([asked[c[1]], rest])))
     if second:
         frames.append(judge(pd.concat(second, ignore_index=True)))
     judged = pd.concat(frames, ignore_index=True)
