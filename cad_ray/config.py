@@ -205,7 +205,11 @@ class AttributionConfig(Strict):
     samples: int = Field(8, ge=1, description="samples (trajectories or images) per concept and objective")
     block: int = Field(4, ge=1, description="samples per shard (a multiple of batch)")
     batch: int = Field(4, ge=1, description="samples whose trajectories are sampled and differentiated together")
-    chunk_size: int = Field(64, ge=1, description="points per forward/backward pass")
+    chunk_size: int | Literal["auto"] = Field(
+        "auto", description="points per forward/backward pass (memory use; scores change only by float rounding): "
+        "a whole number >= 1, or 'auto': on a CUDA device the attribution starts at 256 points and halves on "
+        "out-of-memory until a chunk fits; on CPU, and in passes without that fallback (second-order sketch, "
+        "fine-tuning, whose minibatch it sets), 'auto' is 64")
     erase: EraseOptions = Field(default_factory=EraseOptions)
     amplify: AmplifyOptions = Field(default_factory=AmplifyOptions)
     concepts: list[ConceptSpec] = Field(min_length=1)
@@ -215,6 +219,13 @@ class AttributionConfig(Strict):
                               "are written; by default they are removed then")
     validation: ValidationOptions = Field(default_factory=ValidationOptions)
     evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
+
+    @field_validator("chunk_size", mode="before")
+    @classmethod
+    def _chunk_size(cls, v):
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"chunk_size must be a whole number >= 1 or 'auto', got {v!r}")
 
     @field_validator("concepts")
     @classmethod

@@ -4,18 +4,44 @@ One trajectory per sample: the objective makes each sample's points once (every 
 trajectory), then batched forward/backward passes over those points, in chunks that fit memory, accumulate
 dJ/dw in float64. Partial sums over blocks of samples (`GradientSum`) add up in a fixed order, so a
 sharded run gives the same scores as an in-process one.
+
+The chunk size that fits: `chunk_size="auto"` starts at `AUTO_CHUNK_START` points on a CUDA device
+(`DEFAULT_CHUNK` elsewhere), and a CUDA out-of-memory in a chunk halves the chunk and carries on from that
+chunk, instead of failing the shard; the estimator keeps the size that fitted for its later groups and shards.
 """
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 
 from cad_ray.errors import CadRayError
 from cad_ray.method.objectives import Concept, Points, point_values
 from cad_ray.method.scopes import reads_text_encoder, select_parameters
+
+log = logging.getLogger("cad_ray")
+
+DEFAULT_CHUNK = 64  # points per pass for chunk_size "auto" on CPU, and in passes without the out-of-memory fallback
+AUTO_CHUNK_START = 256  # where chunk_size "auto" starts on a CUDA device, halved on out-of-memory until a chunk fits
+# torch.OutOfMemoryError (torch >= 2.5) is torch.cuda.OutOfMemoryError under another name
+OUT_OF_MEMORY = tuple({getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), torch.cuda.OutOfMemoryError})
+
+
+def resolve_chunk_size(value: int | str, device=None) -> int:
+    """The chunk size to start from, for a config value (a whole number >= 1, or "auto").
+
+    "auto" is `AUTO_CHUNK_START` on a CUDA `device`, where the CAD estimator halves it on out-of-memory until a
+    chunk fits, and `DEFAULT_CHUNK` otherwise: on CPU (no device memory to probe), and for the passes that have
+    no such fallback (they call this without a device), where the size must not depend on the machine."""
+    if value == "auto":
+        return AUTO_CHUNK_START if device is not None and torch.device(device).type == "cuda" else DEFAULT_CHUNK
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CadRayError(f"chunk_size must be a whole number >= 1 or 'auto', got {value!r}")
+    return value
 
 
 @dataclass
@@ -100,13 +126,17 @@ def gradients_for(parameters):
 class CAD:
     """The CAD estimator (first order): `attribute(concept, samples)` -> Attribution.
 
-    `chunk_size` is the number of points per forward/backward pass; it changes memory use, and results only
-    by float rounding.
+    `chunk_size` is the number of points per forward/backward pass (or "auto", see `resolve_chunk_size`); it
+    changes memory use, and results only by float rounding. A CUDA out-of-memory in a pass halves
+    `self.chunk_size` (one warning per halving) and redoes that chunk's points in smaller chunks: a failed pass
+    adds nothing to the sums, so nothing is counted twice, and the halved size stays for later groups and shards.
     """
 
-    def __init__(self, model, objective, scope: str = "ff", chunk_size: int = 256, seed: int = 0, batch: int = 4):
+    def __init__(self, model, objective, scope: str = "ff", chunk_size: int | str = 256, seed: int = 0,
+                 batch: int = 4):
         self.model, self.objective, self.scope = model, objective, scope
-        self.chunk_size, self.seed, self.batch = chunk_size, seed, batch
+        self.chunk_size = resolve_chunk_size(chunk_size, getattr(model, "device", None))
+        self.seed, self.batch = seed, batch
         self.parameters = select_parameters(model.named_parameters(), scope)
         self.reads_text = reads_text_encoder(n for n, _ in self.parameters)
 
@@ -120,7 +150,8 @@ class CAD:
         Samples are processed in batches aligned on the global grid of `batch` sample indices (sample s is
         in batch s // batch): trajectories of a batch are sampled together and its points go through the
         forward/backward passes together. So a sample's numbers are the same in whatever block or shard
-        it is computed; only the float64 additions of whole batches depend on the grouping.
+        it is computed; only the float64 additions of whole batches depend on the grouping (and, by float
+        rounding, the chunk size, should an out-of-memory have halved it).
         """
         params = [p for _, p in self.parameters]
         # the sums stay on the model's device until the end: at SD scale (149M components) moving every chunk's
@@ -132,15 +163,14 @@ class CAD:
             groups.setdefault(sample // self.batch, []).append(sample)
         with gradients_for(params):
             for group in groups.values():
-                points = self.objective.points(self.model, concept, group, self.seed, self.chunk_size)
+                points = self._fitting(partial(self.objective.points, self.model, concept, group, self.seed))
                 weight = points.weights()
-                for start in range(0, len(points), self.chunk_size):
-                    chunk = points.chunk(start, start + self.chunk_size)
-                    values = point_values(self.model, reencoded(self.model, concept, chunk) if self.reads_text
-                                          else chunk)
-                    total = (values.double() * weight[start:start + self.chunk_size].to(values.device)).sum()
-                    total.backward()
-                    objective_sum += float(total.detach())
+                start = 0
+                while start < len(points):
+                    # a pass that ran out of memory added nothing to the sums: its points are redone in smaller chunks
+                    done, value = self._fitting(partial(self._backward, concept, points, weight, start))
+                    start += done
+                    objective_sum += value
                     for name, p in self.parameters:
                         if p.grad is not None:  # None: the tensor does not influence J
                             sums[name].add_(p.grad)  # float64 += float32, exact promotion, no temporary
@@ -151,6 +181,36 @@ class CAD:
                 raise CadRayError(f"non-finite gradient (NaN or inf) in tensor {name} for concept "
                                   f"{concept.name!r}; check the model weights and the objective")
         return GradientSum({n: v.cpu() for n, v in sums.items()}, len(samples), objective_sum)
+
+    def _backward(self, concept: Concept, points: Points, weight: torch.Tensor, start: int,
+                  size: int) -> tuple[int, float]:
+        """Forward and backward pass over points[start:start + size], the gradients left in p.grad: returns the
+        number of points it covered and their weighted sum of J."""
+        chunk = points.chunk(start, start + size)
+        values = point_values(self.model, reencoded(self.model, concept, chunk) if self.reads_text else chunk)
+        total = (values.double() * weight[start:start + size].to(values.device)).sum()
+        total.backward()
+        return len(chunk), float(total.detach())
+
+    def _fitting(self, step):
+        """step(self.chunk_size); on a CUDA out-of-memory, free what the failed pass held, halve the chunk
+        size and call step again, until it fits or a single point does not."""
+        while True:
+            try:
+                return step(self.chunk_size)
+            except OUT_OF_MEMORY:
+                pass  # outside the except clause, the failed pass's frames (and tensors) are released
+            for _, p in self.parameters:
+                p.grad = None  # a partial backward may have left gradients: they must not reach the sums
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if self.chunk_size <= 1:
+                raise CadRayError("out of device memory even with one point per pass (chunk_size 1); choose a "
+                                  "smaller scope or batch, free the device of other work, or use a device with "
+                                  "more memory")
+            log.warning("out of device memory with %d points per pass; halving the chunk to %d points and retrying",
+                        self.chunk_size, self.chunk_size // 2)
+            self.chunk_size //= 2
 
     def finish(self, concept: Concept, total: GradientSum) -> Attribution:
         weights = {n: p.detach().float().cpu().clone() for n, p in self.parameters}

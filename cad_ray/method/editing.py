@@ -328,18 +328,19 @@ def weights_replaced(model, weights: dict[str, torch.Tensor]):
 
 
 def finetune(model, concept, objective, scope: str, samples: list[int], seed: int, steps: int, lr: float,
-             masks: dict[str, np.ndarray] | None = None, chunk_size: int = 256,
+             masks: dict[str, np.ndarray] | None = None, chunk_size: int | str = 256,
              negative_guidance: float = 0.0) -> dict[str, torch.Tensor]:
     """Gradient descent (Adam) on the erase objective: the concept's prediction is pulled to the base prompt's
     prediction made by the original weights, or with `negative_guidance` eta beyond it, to
     base - eta * (concept - base) as ESD does. With `masks`, only the masked components move. Returns the new
     values of the scoped tensors; the model itself is left as it was."""
-    from cad_ray.method.attribution import reencoded
+    from cad_ray.method.attribution import reencoded, resolve_chunk_size
     from cad_ray.method.objectives import point_values
     from cad_ray.method.scopes import reads_text_encoder
 
     if steps < 1:
         raise CadRayError(f"fine-tuning needs at least one step, got {steps}")
+    chunk_size = resolve_chunk_size(chunk_size)  # "auto": 64 on any device, since it sets the minibatch below
     parameters = select_parameters(model.named_parameters(), scope)
     original = {n: p.detach().clone() for n, p in parameters}
     points = objective.points(model, concept, samples, seed, chunk_size)  # targets: the original weights

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from cad_ray.errors import CadRayError
-from cad_ray.method.attribution import gradients_for, reencoded
+from cad_ray.method.attribution import gradients_for, reencoded, resolve_chunk_size
 from cad_ray.method.objectives import Concept
 from cad_ray.method.scopes import reads_text_encoder, select_parameters
 from cad_ray.seeds import numpy_rng, torch_generator
@@ -125,12 +125,13 @@ class SecondOrderSketch:
     them, and nothing per subset beyond its sums.
     """
 
-    def __init__(self, model, objective, scope: str, projections: int = 64, seed: int = 0, chunk_size: int = 64,
-                 batch: int = 4, pass_bytes: int = SKETCH_PASS_BYTES):
+    def __init__(self, model, objective, scope: str, projections: int = 64, seed: int = 0,
+                 chunk_size: int | str = 64, batch: int = 4, pass_bytes: int = SKETCH_PASS_BYTES):
         if projections < 1:
             raise CadRayError("the second-order sketch needs at least one projection")
         self.model, self.objective, self.projections = model, objective, projections
-        self.seed, self.chunk_size, self.batch, self.pass_bytes = seed, chunk_size, batch, pass_bytes
+        self.seed, self.batch, self.pass_bytes = seed, batch, pass_bytes
+        self.chunk_size = resolve_chunk_size(chunk_size)  # "auto" is 64 here on any device: no out-of-memory fallback
         self.parameters = select_parameters(model.named_parameters(), scope)
         self.n_components = sum(p.numel() for _, p in self.parameters)
         self.reads_text = reads_text_encoder(n for n, _ in self.parameters)
