@@ -85,14 +85,16 @@ def _short_tensor(name: str) -> str:
     return name.replace("transformer_blocks.", "tb.").replace("attentions.", "attn.")
 
 
-def print_top(store, concept: str, k: int, negative: bool, objective: str) -> None:
+def print_top(store, concept: str, k: int, negative: bool, objective: str, method: str = "cad") -> None:
     import pandas as pd
 
-    top = store.top(concept, k, negative=negative, objective=objective)
+    top = store.top(concept, k, negative=negative, objective=objective, method=method)
     top = top[top["score"] < 0] if negative else top[top["score"] > 0]  # only the sign asked for
     top["tensor"] = top["tensor"].map(_short_tensor)
     kind = "most negative (inhibiting)" if negative else "top positive (inducing)"
-    print(f"\n{kind} components of {concept!r} under the {objective} objective:")
+    source = {"cad": f"under the {objective} objective", "conceptprune": "by ConceptPrune's Wanda ranks",
+              "gradient": f"by |dJ/dw| of the {objective} objective", "magnitude": "by |w|"}[method]
+    print(f"\n{kind} components of {concept!r} {source}:")
     if len(top) < k:
         print(f"(only {len(top)} component(s) have a {'negative' if negative else 'positive'} score)")
     with pd.option_context("display.width", 200, "display.max_colwidth", 80, "display.float_format", "{:.4g}".format):
@@ -160,8 +162,10 @@ def cmd_top(args: argparse.Namespace) -> None:
 
     store = ScoreStore(args.root, allow_incomplete=args.allow_incomplete)
     if not args.specific:
-        print_top(store, args.concept, args.k, args.negative, args.objective)
+        print_top(store, args.concept, args.k, args.negative, args.objective, args.method)
         return
+    if args.method != "cad":
+        raise CadRayError("--specific ranks CAD's scores; leave out --method, or --specific")
     top = store.specific(args.concept, args.against, args.objective, args.k, args.aggregate, args.negative)
     top["tensor"] = top["tensor"].map(_short_tensor)
     against = ", ".join(args.against) if args.against else "every other concept"
@@ -182,9 +186,10 @@ def cmd_overlap(args: argparse.Namespace) -> None:
     from cad_ray.store import ScoreStore
 
     store = ScoreStore(args.root, allow_incomplete=args.allow_incomplete)
-    result = store.overlap(args.a, args.b, args.k, args.objective, args.negative)
+    result = store.overlap(args.a, args.b, args.k, args.objective, args.negative, args.method, args.method_b)
+    methods = args.method if not args.method_b else f"{args.method} against {args.method_b}"
     print(f"top-{args.k} {'negative' if args.negative else 'positive'} components of {args.a!r} and {args.b!r} "
-          f"({args.objective}): {result['shared']} shared, Jaccard {result['jaccard']:.3f}")
+          f"({args.objective}, {methods}): {result['shared']} shared, Jaccard {result['jaccard']:.3f}")
 
 
 def stage_config(root: str, config_file: str | None, section: str, overrides: dict):
@@ -274,14 +279,20 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
+    from dataclasses import replace
+
     from cad_ray.method.editing import ZEROING_EDITS, Selection, check_fingerprint, check_ratio, select, zero_components
     from cad_ray.models import load_model
     from cad_ray.store import ScoreStore
 
-    if args.edit not in ZEROING_EDITS:
-        raise CadRayError(f"unknown edit {args.edit!r}; 'cad-ray edit' makes {', '.join(ZEROING_EDITS)} "
+    made = (*ZEROING_EDITS, *BASELINE_EDITS)
+    if args.edit not in made:
+        raise CadRayError(f"unknown edit {args.edit!r}; 'cad-ray edit' makes {', '.join(made)} "
                           "(the fine-tuning baselines are made by 'cad-ray evaluate')")
-    if (args.ratio is None) == (args.count is None):
+    if args.edit == "uce":
+        if args.ratio is not None or args.count is not None:
+            raise CadRayError("uce is a closed-form edit: leave out --ratio and --count")
+    elif (args.ratio is None) == (args.count is None):
         raise CadRayError("give --ratio or --count")
     if args.ratio is not None:
         check_ratio(args.ratio)
@@ -293,21 +304,60 @@ def cmd_edit(args: argparse.Namespace) -> None:
     store = ScoreStore(args.root)
     model = load_model(args.model if args.model else store.manifest["config"].get("model"))
     check_fingerprint(model, store.fingerprint)
-    objective, largest = ZEROING_EDITS[args.edit]
+    objective, largest = ZEROING_EDITS.get(args.edit, ZEROING_EDITS["cad-erase"])
     selection = Selection.parse(args.selection)
-    if args.count is not None:  # a count per unit: the plain ranking of the run's scores
-        masks = select(store.tensor_scores(args.target, objective), count=args.count,
+    if args.edit == "conceptprune":
+        selection = Selection.parse("conceptprune")
+    elif args.edit in ("gradient", "magnitude"):
+        selection = replace(selection, method=args.edit,
+                            contrast="none" if args.edit == "magnitude" else selection.contrast)
+    if args.edit == "uce":
+        zeroed = edit_uce(store, model, args.target)
+    elif args.count is not None:  # a count per unit: the plain ranking of the run's scores
+        masks = select(store.tensor_scores(args.target, objective, selection.method), count=args.count,
                        granularity=selection.granularity, largest=largest)
+        zeroed = zero_components(model, masks)
     else:
         masks = store.masks(args.target, selection, args.ratio, objective, largest)
-    zeroed = zero_components(model, masks)
+        zeroed = zero_components(model, masks)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     if out.exists():
         out.rmdir()  # empty, checked above
     os.replace(tmp, out)
-    print(f"wrote {out}: {args.edit} of {args.target!r}, {zeroed} components zeroed ({args.selection}); "
-          f"load it with --model {out}")
+    what = f"{zeroed} components zeroed ({selection})" if args.edit != "uce" else \
+        f"{zeroed} cross-attention key/value projections rewritten"
+    print(f"wrote {out}: {args.edit} of {args.target!r}, {what}; load it with --model {out}")
+
+
+BASELINE_EDITS = ("gradient", "magnitude", "conceptprune", "uce")
+
+
+def edit_uce(store, model, target: str) -> int:
+    """UCE on `model` in place, with the run's concepts and its evaluation section's `uce` options; returns the
+    number of tensors rewritten."""
+    import torch
+
+    from cad_ray.config import parse_config
+    from cad_ray.method.baselines import uce_weights
+    from cad_ray.method.concepts import build_concept
+    from cad_ray.method.editing import _forget_fingerprint, contrast_concepts
+
+    config = parse_config({**store.manifest["config"], **store.manifest.get("stage_options", {})}, "the run's config")
+    specs = {c.name: c for c in config.concepts}
+    if target not in specs:
+        raise CadRayError(f"concept {target!r} is not in the run; it has {', '.join(specs)}")
+    uce = config.evaluation.uce
+    kept = [] if uce.preserve == "none" else contrast_concepts(target, list(specs), uce.preserve)
+    prompts = lambda name: list(build_concept(specs[name], model).prompts)  # noqa: E731
+    weights = uce_weights(model, prompts(target), [p for c in kept for p in prompts(c)], uce.guide, uce.lamb,
+                          uce.erase_scale, uce.preserve_scale)
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            parameters[name].copy_(value)
+    _forget_fingerprint(model)
+    return len(weights)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -359,6 +409,9 @@ GENERATION = [("--model", {"default": None, "help": MODEL_HELP}),
                               "help": "classifier-free guidance scale (default: the model's, 3.0 for digits)"}),
               ("--steps", {"type": _positive_int, "default": None, "help": "sampling steps (default: the model's)"}),
               ("--device", {"default": None, "help": "torch device, e.g. cuda or cpu (default: cpu)"})]
+METHOD = ("--method", {"default": "cad", "choices": ["cad", "gradient", "magnitude", "conceptprune"],
+                      "help": "the scores ranked: cad (w * dJ/dw, default), gradient (|dJ/dw|), magnitude (|w|), "
+                              "conceptprune (its Wanda ranks; the concept must list it among its objectives)"})
 QUERY = [ROOT, ("--objective", {"default": "erase", "choices": ["erase", "amplify"]}),
          ("--allow-incomplete", {"action": "store_true", "help": "read a run that has not completed"})]
 
@@ -438,7 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Zero the top components of a concept (cad-erase: largest erase scores; cad-amplify: most negative "
             "amplify scores) and save the model in diffusers layout (safetensors); load it back with --model "
             "FOLDER. The model must be the one the scores were computed on (fingerprint).", [root], [
-                ("--edit", {"required": True, "help": "cad-erase or cad-amplify"}),
+                ("--edit", {"required": True, "help": "cad-erase or cad-amplify; the baselines: gradient, magnitude "
+                                                      "(ranked by |dJ/dw| or |w| with --selection), conceptprune "
+                                                      "(--ratio is its skill ratio), uce (closed form, no ratio)"}),
                 ("--target", {"required": True, "help": "concept to edit"}),
                 ("--ratio", {"type": float, "default": None, "help": "share of each unit's components, in (0, 1]"}),
                 ("--count", {"type": int, "default": None, "help": "number of components per unit instead of a "
@@ -473,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
                 ("--concept", {"required": True, "help": "concept name, e.g. seven"}),
                 ("--k", {"type": _positive_int, "default": 20, "help": "how many (default: 20)"}),
                 ("--negative", {"action": "store_true", "help": "most negative scores instead"}),
+                METHOD,
                 ("--specific", {"action": "store_true", "help": "rank by what the concept needs and the others do "
                                                                 "not (scores normalised per concept, others "
                                                                 "subtracted); see docs/editing.md"}),
@@ -487,7 +543,10 @@ def build_parser() -> argparse.ArgumentParser:
     command("overlap", cmd_overlap, "overlap of two concepts' top-k components",
             "Count the components shared by the top-k sets of two concepts and their Jaccard index.", [query], [
                 ("--a", {"required": True, "help": "first concept"}), ("--b", {"required": True, "help": "second concept"}),
-                ("--k", {"type": _positive_int, "default": 100}), ("--negative", {"action": "store_true"})])
+                ("--k", {"type": _positive_int, "default": 100}), ("--negative", {"action": "store_true"}),
+                METHOD, ("--method-b", {"default": None, "choices": ["cad", "gradient", "magnitude", "conceptprune"],
+                                        "help": "rank --b by another method (e.g. --a seven --b seven --method cad "
+                                                "--method-b conceptprune: how far the two agree)"})])
     return parser
 
 

@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cad_ray.errors import CadRayError
 
 ObjectiveName = Literal["erase", "amplify"]
+# what a concept's scores are computed for: CAD's objectives, or a baseline method with tables of its own
+ScoredName = Literal["erase", "amplify", "conceptprune"]
 LATER_STAGES = ("validation", "evaluation")  # sections read by later stages; they do not change the score tables
 
 
@@ -33,11 +35,22 @@ class AmplifyOptions(Strict):
     steps: int | None = Field(None, ge=1)
 
 
+class ConceptPruneOptions(Strict):
+    """ConceptPrune's statistics (cad_ray.method.baselines.ConceptPrune), for concepts listing `conceptprune`."""
+
+    timesteps: int = Field(10, ge=1, description="the first UNet calls whose skilled weights are united (the "
+                                                 "published scripts: 10)")
+    guidance: float | None = Field(None, description="guidance of the trajectories (default: the model's)")
+    steps: int | None = Field(None, ge=1, description="sampling steps (default: the model's)")
+
+
 class ConceptSpec(Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     prompts: list[str] | None = None
     base_prompt: str | list[str] | None = None
-    objectives: list[ObjectiveName] = Field(default_factory=lambda: ["erase"], min_length=1)
+    objectives: list[ScoredName] = Field(default_factory=lambda: ["erase"], min_length=1,
+                                         description="erase, amplify (CAD), conceptprune (the baseline's "
+                                                     "Wanda scores, docs/editing.md)")
 
     @field_validator("prompts")
     @classmethod
@@ -92,6 +105,18 @@ class FinetuneOptions(Strict):
     samples: int = Field(8, ge=1, description="trajectories whose points the fine-tuning fits")
     ratio: float = Field(0.01, gt=0, le=1, description="share of components cad-finetune may move")
     negative_guidance: float = Field(1.0, ge=0, description="ESD's eta: the target is base - eta*(concept - base)")
+
+
+class UceOptions(Strict):
+    """UCE's closed-form edit (cad_ray.method.baselines.uce_weights); defaults as the paper's code."""
+
+    preserve: Literal["kind", "others", "none"] = Field(
+        "kind", description="prompts kept: the other concepts of the target's kind (as CAD's `kind` contrast), every "
+                            "other concept, or none (the empty prompt only, the published default for objects)")
+    guide: str = Field(" ", description="what the target's embeddings are mapped to (' ': unconditional)")
+    lamb: float = Field(0.5, ge=0, description="weight of the old projection (ridge term)")
+    erase_scale: float = Field(1.0, gt=0)
+    preserve_scale: float | None = Field(None, gt=0, description="default: max(0.1, 1 / number of kept prompts)")
 
 
 DEFAULT_SEARCH_RATIOS = [0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2]
@@ -161,6 +186,7 @@ class EvaluationOptions(Strict):
     judge: dict | None = Field(None, description="judge: {name: <registered judge>, **options}; default: the "
                                "digits judges for the digits model (see docs/editing.md)")
     finetune: FinetuneOptions = Field(default_factory=FinetuneOptions)
+    uce: UceOptions = Field(default_factory=UceOptions)
 
     @field_validator("judge")
     @classmethod
@@ -168,6 +194,14 @@ class EvaluationOptions(Strict):
         if v and "factory" in v:
             raise ValueError("a config names a registered judge ({name: classifier, ...}), never code to import; "
                              "'factory' is not allowed")
+        if v:  # refused at parse time, before any work; the registry lists names without importing judges' code
+            from cad_ray.judges import JUDGE_ENTRY_POINTS, registered_judges
+
+            name, known = v.get("name", "classifier"), registered_judges()
+            if name not in known:
+                raise ValueError(f"unknown judge {name!r}; registered judges: {', '.join(sorted(known))} (plugins "
+                                 f"register under the {JUDGE_ENTRY_POINTS!r} entry-point group; 'cad-ray judges' "
+                                 "lists them)")
         return v
 
     @field_validator("selection")
@@ -179,7 +213,7 @@ class EvaluationOptions(Strict):
     @classmethod
     def _known_edits(cls, v):
         known = ("cad-erase", "cad-erase-published", "cad-amplify", "random", "finetune", "cad-finetune",
-                 "finetune+cad-amplify")
+                 "finetune+cad-amplify", "gradient", "magnitude", "conceptprune", "uce")
         bad = [e for e in v if e not in known]
         if bad:
             raise ValueError(f"unknown edit {bad[0]!r}; choose from {', '.join(known)}")
@@ -194,7 +228,8 @@ class EvaluationOptions(Strict):
         return sorted(v)
 
     def options_hash(self) -> str:
-        fields = self.model_dump(exclude={"batch_size"}, mode="json")
+        unused = set() if "uce" in self.edits else {"uce"}  # evaluations made before UCE keep their hash
+        fields = self.model_dump(exclude={"batch_size", *unused}, mode="json")
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -212,6 +247,7 @@ class AttributionConfig(Strict):
         "fine-tuning, whose minibatch it sets), 'auto' is 64")
     erase: EraseOptions = Field(default_factory=EraseOptions)
     amplify: AmplifyOptions = Field(default_factory=AmplifyOptions)
+    conceptprune: ConceptPruneOptions = Field(default_factory=ConceptPruneOptions)
     concepts: list[ConceptSpec] = Field(min_length=1)
     workers: int | None = Field(None, ge=1, description="Ray actors (default: one per GPU, else per CPU)")
     device: str | None = Field(None, description="torch device of the workers (default: cuda if any, else cpu)")
@@ -243,7 +279,9 @@ class AttributionConfig(Strict):
         return self
 
     def result_fields(self) -> dict:
-        return self.model_dump(exclude={"workers", "device", "keep_shards", *LATER_STAGES}, mode="json")
+        # conceptprune's options count only where a concept lists it (runs made before it keep their hash)
+        unused = set() if any("conceptprune" in c.objectives for c in self.concepts) else {"conceptprune"}
+        return self.model_dump(exclude={"workers", "device", "keep_shards", *LATER_STAGES, *unused}, mode="json")
 
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.result_fields(), sort_keys=True).encode()).hexdigest()[:16]

@@ -198,3 +198,14 @@ def test_a_concept_name_finds_its_prompt_set_class_whatever_the_case_and_spaces(
     assert target_rows(rows, "english_springer").tolist() == [True] * 4 + [False] * 4
     verdict = accuracies(rows, "english_springer")
     assert verdict["target"] == 0.25 and verdict["others"] == {"chain saw": 0.75}
+
+
+def test_summary_reports_the_nude_image_rate_whatever_the_labels():
+    """I2P's labels are categories, not concepts: the target columns stay empty, the nude-image rate does not."""
+    rows = [{"edit": edit, "target": target, "ratio": ratio, "guidance": 7.5, "label": "sexual", "correct": nude,
+             "nude": nude, "zeroed": 0} for edit, target, ratio, nudes in
+            (("none", "", 0.0, (True, True, True, False)), ("cad-erase", "nudity", 0.01, (True, False, False, False)))
+            for nude in nudes]
+    table = pd.DataFrame(rows).assign(selection="ff/global/none", colour="", template="", split="test")
+    summary = summarize_evaluation(table).set_index("edit")
+    assert summary.loc["none", "nude_rate"] == 0.75 and summary.loc["cad-erase", "nude_rate"] == 0.25

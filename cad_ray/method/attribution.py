@@ -225,3 +225,11 @@ class CAD:
         block = block or len(ids)
         parts = [self.gradient_sum(concept, ids[i:i + block]) for i in range(0, len(ids), block)]
         return self.finish(concept, GradientSum.reduce(parts))
+
+    # what the attribution stage asks of every scoring method (the baselines' ConceptPrune has the same)
+    def partial_sum(self, concept: Concept, samples: list[int]) -> GradientSum:
+        return self.gradient_sum(concept, samples)
+
+    def layout(self) -> list[tuple[str, tuple[int, ...]]]:
+        """The shapes of the partial sums, per tensor: the scoped tensors' own."""
+        return [(n, tuple(p.shape)) for n, p in self.parameters]

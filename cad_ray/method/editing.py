@@ -156,24 +156,35 @@ def specific_scores(target: dict[str, np.ndarray], others: list[dict[str, np.nda
 class Selection:
     """How a zeroing edit picks its components: the sub-scope of the run's scope (scores do not depend on the
     scope they were computed in, so one run over a union serves each part), the unit, the contrast against
-    other concepts and how a ratio becomes a count. Written as a string: `attn2/global/others-mean`,
-    `ff/row/none/floor`."""
+    other concepts and how a ratio becomes a count; and the scores ranked, CAD's by default or a baseline's
+    (`cad_ray.method.baselines.METHODS`). Written as a string: `attn2/global/others-mean`, `ff/row/none/floor`,
+    `gradient:attn2/global/none`."""
 
     scope: str = "all"
     granularity: str = "global"
     contrast: str = "none"  # none | others (every other concept) | kind (the others of the target's kind)
     aggregate: str = "mean"
     rounding: str = "round"
+    method: str = "cad"
 
     def __str__(self) -> str:
         contrast = self.contrast if self.contrast == "none" else f"{self.contrast}-{self.aggregate}"
-        return "/".join([self.scope, self.granularity, contrast] + (["floor"] if self.rounding == "floor" else []))
+        text = "/".join([self.scope, self.granularity, contrast] + (["floor"] if self.rounding == "floor" else []))
+        return text if self.method == "cad" else f"{self.method}:{text}"
 
     @classmethod
     def parse(cls, text: str) -> "Selection":
-        """`scope/granularity/contrast[-aggregate][/floor]`, or a preset name (`published`)."""
+        """`[method:]scope/granularity/contrast[-aggregate][/floor]`, or a preset name (`published`,
+        `conceptprune`)."""
+        from dataclasses import replace
+
+        from cad_ray.method.baselines import check_method
+
         if text in PRESETS:
             return PRESETS[text]
+        method, colon, rest = str(text).partition(":")
+        if colon and not rest.startswith("/") and "/" not in method:
+            return replace(cls.parse(rest), method=check_method(method))
         parts = str(text).split("/")
         if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "floor"):
             raise CadRayError(f"selection {text!r}: write scope/granularity/contrast[/floor], e.g. "
@@ -192,7 +203,10 @@ class Selection:
         return cls(scope, granularity, contrast, aggregate, "floor" if len(parts) == 4 else "round")
 
 
-PRESETS = {"published": Selection(scope="ff", granularity="row", contrast="none", rounding="floor")}
+PRESETS = {"published": Selection(scope="ff", granularity="row", contrast="none", rounding="floor"),
+           # ConceptPrune's own rule at skill ratio = the edit's ratio (`conceptprune_masks`)
+           "conceptprune": Selection(scope="ff", granularity="row", contrast="none", rounding="floor",
+                                     method="conceptprune")}
 
 
 def contrast_concepts(target: str, concepts: list[str], contrast: str) -> list[str]:
@@ -217,6 +231,11 @@ def selection_masks(scores_of, target: str, others: list[str], selection: Select
     own = {n: s for n, s in scores_of(target).items() if inside(n, torch.empty(s.shape, device="meta"))}
     if not own:
         raise CadRayError(f"selection scope {selection.scope!r} holds none of the run's scored tensors")
+    if selection == PRESETS["conceptprune"]:
+        from cad_ray.method.baselines import conceptprune_masks
+
+        masks = conceptprune_masks(own, ratio)
+        return {n: masks.get(n, np.zeros(s.shape, dtype=bool)) for n, s in scores_of(target).items()}
     ranked = own
     if selection.contrast != "none":
         if not others:

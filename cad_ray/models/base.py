@@ -97,6 +97,10 @@ class TextToImageModel:
         """Final latents -> images, (N, H, W, 3) float32 in [0, 1]."""
         raise NotImplementedError
 
+    def token_lengths(self, prompts: list[str]) -> list[int]:
+        """Tokens of each prompt in its encoding, start and end tokens included (padding not)."""
+        raise NotImplementedError
+
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         cfg = self.unet.config

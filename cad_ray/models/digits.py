@@ -83,6 +83,9 @@ class DigitsModel(TextToImageModel):
         ids = torch.from_numpy(self.tokenizer(prompts)).to(self.device)
         return self.text_encoder(ids).last_hidden_state.to(self.dtype)
 
+    def token_lengths(self, prompts: list[str]) -> list[int]:
+        return [int(n) for n in (self.tokenizer(prompts) != self.tokenizer.ids["<pad>"]).sum(axis=1)]
+
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         images = (latents.detach().float().clamp(-1, 1) + 1) / 2
         return images.permute(0, 2, 3, 1).cpu().numpy()

@@ -32,6 +32,11 @@ class StableDiffusionModel(TextToImageModel):
                              truncation=True, return_tensors="pt").input_ids.to(self.device)
         return self.text_encoder(ids)[0].to(self.dtype)
 
+    def token_lengths(self, prompts: list[str]) -> list[int]:
+        mask = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").attention_mask
+        return [int(n) for n in mask.sum(dim=1)]
+
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
         with torch.no_grad():

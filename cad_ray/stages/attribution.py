@@ -94,19 +94,31 @@ class AttributionWorker:
     def fingerprint(self) -> str:
         return self.model.fingerprint()
 
-    def estimator(self, objective: str) -> CAD:
+    def estimator(self, objective: str):
+        """CAD under an objective, or a baseline's scoring (`conceptprune`): partial sums, then tables."""
         if objective not in self.estimators:
-            self.estimators[objective] = CAD(self.model, objective_for(self.config, objective), self.config.scope,
-                                             self.config.chunk_size, self.config.seed, self.config.batch)
+            if objective == "conceptprune":
+                from cad_ray.method.baselines import ConceptPrune
+
+                options = self.config.conceptprune
+                self.estimators[objective] = ConceptPrune(self.model, options.timesteps, options.guidance,
+                                                          options.steps, self.config.seed, self.config.batch)
+            else:
+                self.estimators[objective] = CAD(self.model, objective_for(self.config, objective),
+                                                 self.config.scope, self.config.chunk_size, self.config.seed,
+                                                 self.config.batch)
         return self.estimators[objective]
 
-    def tensor_layout(self) -> list[tuple[str, tuple[int, ...]]]:
-        return [(n, tuple(p.shape)) for n, p in self.estimator("erase").parameters]
+    def tensor_layout(self) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+        """Each objective's partial-sum layout (checks the scope, and ConceptPrune's layers, before any work)."""
+        self.estimator("erase")
+        return {objective: self.estimator(objective).layout()
+                for objective in dict.fromkeys(o for _, o in self.config.pairs())}
 
     def run_shard(self, shard: Shard) -> dict:
         start = time.time()
         estimator = self.estimator(shard.objective)
-        total = estimator.gradient_sum(self.concepts[shard.concept], list(shard.samples))
+        total = estimator.partial_sum(self.concepts[shard.concept], list(shard.samples))
         flat = np.concatenate([total.grads[n].numpy().reshape(-1) for n in estimator.tensor_names])
         meta = {"shard": asdict(shard), "samples": total.samples, "objective_sum": total.objective_sum,
                 "tensors": estimator.tensor_names, "fingerprint": self.fingerprint(),
@@ -117,14 +129,14 @@ class AttributionWorker:
     def finalize(self, concept: str, objective: str, shards: list[Shard], manifest: dict) -> dict:
         """Reduce the shards of one (concept, objective) in shard order and write its three tables."""
         estimator = self.estimator(objective)
-        layout = [(n, tuple(p.shape)) for n, p in estimator.parameters]
-        parts = [read_shard(self.run, s, layout, manifest) for s in shards]
+        parts = [read_shard(self.run, s, estimator.layout(), manifest) for s in shards]
         if any(p is None for p in parts):
             raise CadRayError(f"shards of {concept}/{objective} are missing or damaged; re-run to recompute them")
         total = GradientSum.reduce(parts)
         attribution = estimator.finish(self.concepts[concept], total)
         names, weights, grads = estimator.tensor_names, attribution.weights, attribution.grads
-        meta = table_metadata(manifest, concept, objective, {"samples": total.samples, "scope": self.config.scope,
+        meta = table_metadata(manifest, concept, objective, {"samples": total.samples,
+                                                              "scope": estimator.scope,
                                                               "objective_value": attribution.objective_value})
         where = (partition(concept, objective), "part-0.parquet")
         # scores last: their presence marks the (concept, objective) as finished
@@ -226,12 +238,13 @@ def open_run(config: AttributionConfig, root: str, fingerprint: str, overwrite: 
 
 
 def shard_status(run: RunRoot, shards: list[Shard], manifest: dict,
-                 layout: list[tuple[str, tuple[int, ...]]]) -> tuple[list[Shard], list[Shard]]:
-    """(done, pending) shards; damaged or foreign shard files count as pending and are recomputed."""
-    names = [n for n, _ in layout]
-    total = sum(int(np.prod(shape)) for _, shape in layout)
+                 layouts: dict[str, list[tuple[str, tuple[int, ...]]]]) -> tuple[list[Shard], list[Shard]]:
+    """(done, pending) shards; damaged or foreign shard files count as pending and are recomputed. `layouts`:
+    each objective's partial-sum layout."""
     done, pending = [], []
     for shard in shards:
+        layout = layouts[shard.objective]
+        names, total = [n for n, _ in layout], sum(int(np.prod(shape)) for _, shape in layout)
         (done if shard_is_valid(run, shard, names, total, manifest) else pending).append(shard)
     return done, pending
 

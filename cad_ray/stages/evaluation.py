@@ -8,8 +8,13 @@ the noise of (evaluation seed, seed), so the same prompt and seed give comparabl
 every edit. Edits:
 
     cad-erase, random, cad-amplify       zeroing, at each ratio (random: as many components as cad-erase)
+    gradient, magnitude                  zeroing as cad-erase does, ranked by |dJ/dw| or |w| instead of w * dJ/dw
+    conceptprune                         zeroing by ConceptPrune's rule, the ratio being its skill ratio
+    uce                                  UCE's closed-form edit of the cross-attention keys and values
     finetune, cad-finetune               gradient steps (see cad_ray.method.editing), saved as model folders
     finetune+cad-amplify                 CAD-Amplify on the finetune-erased model: recovery
+
+The baselines are in cad_ray.method.baselines.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ from cad_ray.judges import judge_batch, load_judge, reference_features
 from cad_ray.store import RunRoot, ScoreStore, partition
 
 RECOVERY = "finetune+cad-amplify"
+# zeroing edits made with cad-erase's setting (searched or not), ranked otherwise: the same count, scope and unit
+FOLLOWERS = {"random": None, "gradient": "gradient", "magnitude": "magnitude"}
+# edits whose ratio a search chooses, with their candidate selections (cad-erase's come from the options)
+SEARCHED = {"cad-erase-published": "published", "conceptprune": "conceptprune"}
 LABEL_COLUMNS = ("class", "artist", "categories", "label")
 
 
@@ -147,7 +156,13 @@ def edit_rows(edit: str, target: str, selection: str, ratio: float, guidance, pr
     return rows
 
 
-ZEROING = ("cad-erase", "cad-erase-published", "random", "cad-amplify", RECOVERY)
+ZEROING = ("cad-erase", "cad-erase-published", "random", "cad-amplify", RECOVERY, "gradient", "magnitude",
+           "conceptprune")
+
+
+def picked_by(edit: str) -> str:
+    """The edit whose searched setting an edit's rows use: its own, or cad-erase's for its followers."""
+    return "cad-erase" if edit in FOLLOWERS else edit
 
 
 def plan_test_rows(options: EvaluationOptions, prompts: pd.DataFrame, picks: dict) -> pd.DataFrame:
@@ -161,14 +176,16 @@ def plan_test_rows(options: EvaluationOptions, prompts: pd.DataFrame, picks: dic
         frames.append(edit_rows("none", "", "", 0.0, options.amplify_guidance, test))
     for target in options.targets:
         for edit in options.edits:
-            if edit in ("cad-erase", "cad-erase-published", "random"):
-                source = "cad-erase" if edit == "random" else edit
+            if edit in ("cad-erase", *SEARCHED, *FOLLOWERS):
+                source = picked_by(edit)
                 if (source, target) in picks:
                     selection, ratio = picks[(source, target)][:2]
                     frames.append(edit_rows(edit, target, selection, ratio, guidance, test))
                 else:
-                    selection = "published" if edit == "cad-erase-published" else options.selection
+                    selection = SEARCHED.get(edit, options.selection)
                     frames += [edit_rows(edit, target, selection, r, guidance, test) for r in options.ratios]
+            elif edit == "uce":
+                frames.append(edit_rows(edit, target, "uce", 1.0, guidance, test))
             elif edit == "cad-amplify":
                 frames += [edit_rows(edit, target, options.selection, r, options.amplify_guidance, test)
                            for r in options.ratios]
@@ -290,10 +307,27 @@ class ImageJudge:
         self.judges = load_judge(self.options.judge, self.model.kind)
         self.cache = {}
 
-    def _scores(self, concept: str, objective: str) -> dict[str, np.ndarray]:
-        key = ("scores", concept, objective)
+    def _scores(self, concept: str, objective: str, method: str = "cad") -> dict[str, np.ndarray]:
+        key = ("scores", concept, objective, method)
         if key not in self.cache:
-            self.cache[key] = self.store.tensor_scores(concept, objective)
+            self.cache[key] = self.store.tensor_scores(concept, objective, method)
+        return self.cache[key]
+
+    def _uce(self, target: str) -> dict:
+        """UCE's new key and value projections for `target`: its prompts mapped to the guide, the prompts of the
+        concepts `uce.preserve` names kept."""
+        from cad_ray.method.baselines import uce_weights
+        from cad_ray.method.concepts import build_concept
+        from cad_ray.method.editing import contrast_concepts
+
+        key = ("uce", target)
+        if key not in self.cache:
+            uce = self.options.uce
+            specs = {c.name: c for c in self.config.concepts}
+            kept = [] if uce.preserve == "none" else contrast_concepts(target, list(specs), uce.preserve)
+            prompts = lambda name: list(build_concept(specs[name], self.model).prompts)  # noqa: E731
+            self.cache[key] = uce_weights(self.model, prompts(target), [p for c in kept for p in prompts(c)],
+                                          uce.guide, uce.lamb, uce.erase_scale, uce.preserve_scale)
         return self.cache[key]
 
     def _masks(self, edit: str, target: str, selection: str, ratio: float):
@@ -315,9 +349,12 @@ class ImageJudge:
                 self.cache[key] = random_like(self._masks("cad-erase", target, selection, ratio),
                                               chosen.granularity, self.config.seed, scope=chosen.scope)
             else:
-                objective, largest = ZEROING_EDITS["cad-erase" if edit == "cad-erase-published" else edit]
+                if edit in FOLLOWERS:  # |w| is every concept's: nothing to contrast
+                    chosen = replace(chosen, method=FOLLOWERS[edit],
+                                     contrast="none" if edit == "magnitude" else chosen.contrast)
+                objective, largest = ZEROING_EDITS.get(edit, ZEROING_EDITS["cad-erase"])
                 self.cache[key] = self.store.masks(target, chosen, ratio, objective, largest,
-                                                   lambda c: self._scores(c, objective))
+                                                   lambda c: self._scores(c, objective, chosen.method))
         return self.cache[key]
 
     def _finetuned(self, edit: str, target: str):
@@ -345,6 +382,8 @@ class ImageJudge:
             return nullcontext()
         if edit in ("finetune", "cad-finetune"):
             return weights_replaced(self.model, self._finetuned(edit, target))
+        if edit == "uce":
+            return weights_replaced(self.model, self._uce(target))
         stack = ExitStack()
         if edit == RECOVERY:
             stack.enter_context(weights_replaced(self.model, self._finetuned("finetune", target)))
@@ -440,13 +479,16 @@ def summarize_evaluation(table: pd.DataFrame, reference: np.ndarray | None = Non
             fd = frechet_distance(np.stack(g["features"].to_numpy()), reference)
         if edit == "none":
             fd_none[guidance] = fd
-        pick = picks.get((edit if edit != "random" else "cad-erase", target))
+        pick = picks.get((picked_by(edit), target))
         out.append({"edit": edit, "target": target, "selection": selection, "ratio": ratio, "guidance": guidance,
                     "images": len(g), "zeroed": int(g["zeroed"].iloc[0]),
                     "target_accuracy": now["target"], "target_accuracy_own": now["own"],
                     "target_accuracy_unseen": now["unseen"], "target_accuracy_unedited": before["target"],
                     "others_accuracy": float(np.mean(list(now["others"].values()))) if now["others"] else np.nan,
                     "worst_other_retained": retained(now, before), "fd": fd,
+                    # per-image measures of the SD judges, whatever the prompts' labels (I2P's are categories)
+                    **{name: float(pd.to_numeric(g[column], errors="coerce").mean()) for column, name in
+                       (("nude", "nude_rate"), ("clip_score", "clip_score")) if column in g},
                     "picked": bool(pick is not None and (pick[0], pick[1]) == (selection, ratio)),
                     "selection_passed": bool(pick is not None and pick[2])})
     summary = pd.DataFrame(out)
@@ -526,9 +568,9 @@ def search_rounds(options: EvaluationOptions, prompts: pd.DataFrame, judge) -> t
     ratios = search.ratios
     selection_rows = prompts[prompts["split"] == "selection"]
     candidates = [(edit, target, s) for target in options.targets
-                  for edit in ("cad-erase", "cad-erase-published") if edit in options.edits
-                  or (edit == "cad-erase" and "random" in options.edits)
-                  for s in (search.selections if edit == "cad-erase" else ["published"])]
+                  for edit in ("cad-erase", *SEARCHED) if edit in options.edits
+                  or (edit == "cad-erase" and any(e in options.edits for e in FOLLOWERS))
+                  for s in (search.selections if edit == "cad-erase" else [SEARCHED[edit]])]
     guidance = options.guidance
     asked = {t: selection_rows[target_rows(selection_rows, t)] for t in options.targets}
     frames = [judge(edit_rows("none", "", "", 0.0, guidance, selection_rows))]
@@ -605,11 +647,12 @@ def check_targets(options: EvaluationOptions, store: ScoreStore, root: str) -> N
     known = {(c, o) for c, o in store.concepts().itertuples(index=False)}
     for target in options.targets:
         for edit in options.edits:
-            objective = "amplify" if edit == "cad-amplify" else "erase"
-            if edit != "finetune" and (target, objective) not in known:
-                raise CadRayError(f"edit {edit} of {target!r} needs {objective} scores for it in {root}; "
+            objective = {"cad-amplify": "amplify", "conceptprune": "conceptprune"}.get(edit, "erase")
+            if edit not in ("finetune", "uce") and (target, objective) not in known:
+                hint = " (list conceptprune among its objectives)" if edit == "conceptprune" else ""
+                raise CadRayError(f"edit {edit} of {target!r} needs {objective} scores for it in {root}{hint}; "
                                   f"the run has {', '.join(sorted(f'{c}/{o}' for c, o in known))}")
-            if edit != "finetune":
+            if edit not in ("finetune", "uce"):
                 store.check_whole("scores", target, objective)
     check_contrasts(options, store)
 
@@ -667,7 +710,8 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
     # what every image depends on besides its row; in each block's name
     meta = {"fingerprint": store.fingerprint, "config_hash": store.manifest["config_hash"],
             "images": {k: v for k, v in options.model_dump(mode="json").items()
-                       if k in ("seed", "steps", "judge", "finetune", "selection")}}
+                       if k in ("seed", "steps", "judge", "finetune", "selection")
+                       or (k == "uce" and "uce" in options.edits)}}
     counts = {"computed": 0, "skipped": 0, "actors": 0}
 
     def judge(rows: pd.DataFrame) -> pd.DataFrame:

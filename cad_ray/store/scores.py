@@ -16,6 +16,12 @@ from cad_ray.store.root import METADATA_KEY, RunRoot
 from cad_ray.store.tables import partition
 
 
+def scored_partition(objective: str, method: str) -> str:
+    """The `objective=` partition holding a method's scores: CAD's and the ones derived from them under the
+    objective, a baseline with statistics of its own (`conceptprune`) under its name."""
+    return "conceptprune" if method == "conceptprune" else objective
+
+
 class ScoreStore:
     """Queries over the score tables of a completed run.
 
@@ -137,10 +143,14 @@ class ScoreStore:
                 out["grad"] = np.where(w != 0, rows["score"].to_numpy(dtype=np.float64) / w, np.nan).astype(np.float32)
         return out
 
-    def top(self, concept: str, k: int = 20, negative: bool = False, objective: str = "erase") -> pd.DataFrame:
-        """The k components with the largest scores (or most negative with `negative`), streaming the table."""
+    def top(self, concept: str, k: int = 20, negative: bool = False, objective: str = "erase",
+            method: str = "cad") -> pd.DataFrame:
+        """The k components with the largest scores (or most negative with `negative`), streaming the table.
+        Another `method` (`tensor_scores`) ranks by its scores, in the `score` column."""
         if k < 1:
             raise CadRayError(f"k must be at least 1, got {k}")
+        if method != "cad":
+            return self._top_of(self.tensor_scores(concept, objective, method), k, negative)
         self._check_known(concept, objective)
         self.check_whole("scores", concept, objective)
         order = [("score", "ascending" if negative else "descending")]
@@ -160,6 +170,20 @@ class ScoreStore:
         best = self._with_weights(best, ["weight", "grad"])[["tensor", "index", "weight", "grad", "score"]]
         best.insert(0, "rank", np.arange(1, len(best) + 1))
         return best
+
+    def _top_of(self, scores: dict[str, np.ndarray], k: int, negative: bool) -> pd.DataFrame:
+        """`top` over tensor scores in memory (ties: the run's tensor order, then index)."""
+        names = list(scores)
+        flat = np.concatenate([scores[n].reshape(-1) for n in names]).astype(np.float64)
+        sizes = np.cumsum([0] + [scores[n].size for n in names])
+        pick = np.argsort(flat if negative else -flat, kind="stable")[:k]
+        tensor_of = np.searchsorted(sizes, pick, side="right") - 1
+        rows = pd.DataFrame({"tensor": [names[i] for i in tensor_of], "index": pick - sizes[tensor_of],
+                             "score": flat[pick].astype(np.float32)})
+        # no grad column: score / weight is CAD's gradient only for CAD's scores
+        rows = self._with_weights(rows, ["weight"])[["tensor", "index", "weight", "score"]]
+        rows.insert(0, "rank", np.arange(1, len(rows) + 1))
+        return rows
 
     def specific(self, concept: str, against: list[str] | None = None, objective: str = "erase", k: int = 20,
                  aggregate: str = "mean", negative: bool = False) -> pd.DataFrame:
@@ -203,8 +227,9 @@ class ScoreStore:
         from cad_ray.method.editing import Selection, contrast_concepts, selection_masks
 
         chosen = selection if isinstance(selection, Selection) else Selection.parse(selection)
-        concepts = [c for c, o in self.concepts().itertuples(index=False) if o == objective]
-        return selection_masks(scores_of or (lambda c: self.tensor_scores(c, objective)), target,
+        stored = scored_partition(objective, chosen.method)
+        concepts = [c for c, o in self.concepts().itertuples(index=False) if o == stored]
+        return selection_masks(scores_of or (lambda c: self.tensor_scores(c, objective, chosen.method)), target,
                                contrast_concepts(target, concepts, chosen.contrast), chosen, ratio, largest)
 
     def layers(self, concept: str | None = None, objective: str | None = None) -> pd.DataFrame:
@@ -217,8 +242,18 @@ class ScoreStore:
             table[col] = table[col].astype(str)
         return table
 
-    def tensor_scores(self, concept: str, objective: str = "erase") -> dict[str, np.ndarray]:
-        """Every scoped tensor's scores, shaped like the tensor, in the run's tensor order."""
+    def tensor_scores(self, concept: str, objective: str = "erase", method: str = "cad") -> dict[str, np.ndarray]:
+        """Every scored tensor's scores, shaped like the tensor, in the run's tensor order. `method`: `cad` (the
+        stored w * dJ/dw), `gradient` (|dJ/dw|) or `magnitude` (|w|), both derived from CAD's table and the
+        weights, or `conceptprune` (its own partition; `objective` is then not used); see
+        cad_ray.method.baselines."""
+        from cad_ray.method.baselines import DERIVED, check_method, derived_scores
+
+        objective = scored_partition(objective, check_method(method))
+        if method in DERIVED:
+            scores = self.tensor_scores(concept, objective)
+            return derived_scores(method, scores, self.tensor_weights({n: s.shape for n, s in scores.items()}))
+        self._check_known(concept, objective)
         layers = self.layers(concept, objective)
         self.check_whole("scores", concept, objective)
         table = self._read("scores", concept, objective, columns=["tensor", "index", "score"])
@@ -238,6 +273,30 @@ class ScoreStore:
             out[name] = values.reshape(shape)
         return out
 
+    def tensor_weights(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+        """The run's weights (the weights table) of the tensors named in `shapes`, shaped like them."""
+        parts = ("weights", "part-0.parquet")
+        footer = self.run.footer(*parts)
+        if footer is None or footer.metadata.get("fingerprint") != self.fingerprint:
+            raise self._damaged(parts)
+        try:
+            table = ds.dataset(self.run.join(*parts), filesystem=self._arrow_fs(), format="parquet").to_table(
+                filter=pc.field("tensor").isin(sorted(shapes)))
+        except (pa.ArrowInvalid, OSError):
+            raise self._damaged(parts) from None
+        tensors = table.column("tensor").combine_chunks()
+        names = np.asarray(tensors.dictionary.to_pylist(), dtype=object)[tensors.indices.to_numpy()]
+        index, weight = table.column("index").to_numpy(), table.column("weight").to_numpy()
+        out = {}
+        for name, shape in shapes.items():
+            rows = np.flatnonzero(names == name)
+            if len(rows) != int(np.prod(shape)):
+                raise self._damaged(parts, f"lacks the weights of {name}")
+            values = np.empty(len(rows), dtype=np.float32)
+            values[index[rows]] = weight[rows]
+            out[name] = values.reshape(shape)
+        return out
+
     def table(self, name: str) -> pd.DataFrame:
         """A whole (small) table of the run root, such as `validation_summary` or `evaluation`."""
         if not self.run.exists(name):
@@ -254,10 +313,11 @@ class ScoreStore:
         return self._read("neurons", concept, objective).to_pandas()
 
     def overlap(self, concept_a: str, concept_b: str, k: int = 100, objective: str = "erase",
-                negative: bool = False) -> dict:
-        """Overlap of two concepts' top-k component sets: shared count and Jaccard index."""
-        a = self.top(concept_a, k, negative, objective)
-        b = self.top(concept_b, k, negative, objective)
+                negative: bool = False, method: str = "cad", method_b: str | None = None) -> dict:
+        """Overlap of two concepts' top-k component sets: shared count and Jaccard index. With `method_b`, the
+        second set is ranked by another method (the same concept twice: how far two methods agree)."""
+        a = self.top(concept_a, k, negative, objective, method)
+        b = self.top(concept_b, k, negative, objective, method_b or method)
         sa, sb = set(zip(a["tensor"], a["index"])), set(zip(b["tensor"], b["index"]))
         shared = len(sa & sb)
         return {"concept_a": concept_a, "concept_b": concept_b, "k": k, "shared": shared,
