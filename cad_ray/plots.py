@@ -95,17 +95,22 @@ def ratio_sweep(summary: pd.DataFrame, target: str) -> bytes:
     return _png(fig)
 
 
+VERDICT_EDITS = ("cad-erase", "cad-erase-published", "gradient", "magnitude", "conceptprune", "uce", "finetune",
+                 "random")
+
+
 def erase_verdicts(summary: pd.DataFrame) -> bytes:
-    """Per target, for each searched edit (picked setting) and random: the target's accuracy on its own and on
-    unseen wordings, and the worst share of its accuracy anything else keeps; the 20% and 90% lines of "clean"."""
+    """Per target, for each searched edit (picked setting), the edits that follow cad-erase's setting, the
+    single-setting baselines (uce, finetune) and random: the target's accuracy on its own and on unseen wordings,
+    and the worst share of its accuracy anything else keeps; the 20% and 90% lines of "clean"."""
     plt = _pyplot()
-    rows = summary[summary["edit"].isin(["cad-erase", "cad-erase-published", "random"])
-                   & (summary["picked"] | (summary["edit"] == "random"))]
+    single = ("random", "uce", "finetune")
+    rows = summary[summary["edit"].isin(VERDICT_EDITS) & (summary["picked"] | summary["edit"].isin(single))]
     from cad_ray.digits import COLOUR_NAMES, DIGIT_WORDS
 
     known = list(DIGIT_WORDS + COLOUR_NAMES)  # the digits world in its own order, anything else after it
     targets = sorted(set(rows["target"]), key=lambda name: (known.index(name) if name in known else len(known), name))
-    edits = [e for e in ("cad-erase", "cad-erase-published", "random") if e in set(rows["edit"])]
+    edits = [e for e in VERDICT_EDITS if e in set(rows["edit"])]
     fig, axes = plt.subplots(3, 1, figsize=(max(6, 0.7 * len(targets)), 7), sharex=True)
     width = 0.8 / max(len(edits), 1)
     for k, edit in enumerate(edits):

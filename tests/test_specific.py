@@ -113,6 +113,25 @@ def test_the_search_rule_never_reads_the_test_split():
     assert choose_settings(pd.DataFrame(selection + test), candidates, options) == picks
 
 
+def test_at_equal_target_accuracy_the_search_picks_the_setting_that_keeps_the_most():
+    from cad_ray.stages.evaluation import choose_settings
+
+    options = parse_config({"concepts": [{"name": "seven"}],
+                            "evaluation": {"search": {"selections": ["attn2/global/none", "ff/global/none"],
+                                                      "ratios": [0.01, 0.1]}}}).evaluation
+
+    def rows(edit, selection, ratio, seven_ok, one_ok):
+        return [{"edit": edit, "target": "seven" if edit != "none" else "", "selection": selection, "ratio": ratio,
+                 "split": "selection", "label": label, "colour": "", "template": "free-0w", "correct": k < ok}
+                for label, ok in (("seven", seven_ok), ("one", one_ok)) for k in range(20)]
+
+    judged = (rows("none", "", 0.0, 20, 20) + rows("cad-erase", "attn2/global/none", 0.01, 1, 19)
+              + rows("cad-erase", "ff/global/none", 0.1, 1, 20))
+    candidates = [("cad-erase", "seven", "attn2/global/none"), ("cad-erase", "seven", "ff/global/none")]
+    assert choose_settings(pd.DataFrame(judged), candidates, options)[("cad-erase", "seven")] == \
+        ("ff/global/none", 0.1, True)
+
+
 def test_the_search_bisects_the_ratio_grid_and_picks_margin_steps_above_the_first_clean_ratio():
     """A judge whose target vanishes from a known ratio on: the search finds that ratio in log2 rounds (never
     judging the whole grid), checks the others `margin` steps above it, and picks that ratio."""

@@ -511,7 +511,7 @@ def choose_settings(judged: pd.DataFrame, candidates: list[tuple], options) -> d
     """The search's rule, on selection-split rows only: for each (edit, target, selection) the ratio `margin`
     grid steps above the smallest at which the target is clean (own and unseen wordings <= target_max), kept
     there if it is still clean and everything else keeps >= others_min of its unedited accuracy. Per (edit, target): among the kept settings the lowest target
-    accuracy (ties: the smaller ratio, then the earlier selection); if none is kept, the clean setting that
+    accuracy (ties: the most kept, then the smaller ratio, then the earlier selection); if none is kept, the clean setting that
     keeps the most; if none is clean, the lowest target accuracy. Returns {(edit, target): (selection, ratio,
     passed)}."""
     search = options.search
@@ -543,7 +543,9 @@ def choose_settings(judged: pd.DataFrame, candidates: list[tuple], options) -> d
             continue
         passed = frame[frame["clean"] & (frame["kept"] >= search.others_min)]
         if len(passed):
-            best = passed.sort_values(["target", "ratio", "order"]).iloc[0]
+            # at equal target accuracy the setting that keeps the most wins over the smaller ratio: a "kept"
+            # near the 90% line on the selection split is the one that fails on the test split
+            best = passed.sort_values(["target", "kept", "ratio", "order"], ascending=[True, False, True, True]).iloc[0]
         elif frame["clean"].any():
             best = frame[frame["clean"]].sort_values(["kept", "ratio", "order"], ascending=[False, True, True]).iloc[0]
         else:
