@@ -124,7 +124,8 @@ def erase_verdicts(summary: pd.DataFrame) -> bytes:
         ax.set_ylim(0, 1.05)
         ax.set_title(title, fontsize=9)
     axes[-1].set_xticks(range(len(targets)), targets, rotation=45, fontsize=8)
-    axes[0].legend(fontsize=7, ncol=len(edits))
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", ncol=min(len(edits), 4), fontsize=7)
+    fig.tight_layout(rect=(0, 0, 1, 0.93 if len(edits) > 4 else 0.96))
     return _png(fig)
 
 
