@@ -172,3 +172,24 @@ def test_baseline_edits_follow_cad_erase_or_their_own_search(baseline_run):
     no_prune = options.model_copy(update={"targets": ["red"], "edits": ["conceptprune"]})
     with pytest.raises(CadRayError, match="list conceptprune among its objectives"):
         check_targets(no_prune, ScoreStore(root), root)
+
+
+def test_the_baselines_run_on_a_stable_diffusion_pipeline(tiny_sd_folder):
+    """ConceptPrune's hooks and UCE's token slices on a diffusers SD pipeline (CLIP tokenizer, padded to 77)."""
+    from cad_ray.method.baselines import erase_pair
+    from cad_ray.method.objectives import Concept
+    from cad_ray.models import load_model
+
+    model = load_model(str(tiny_sd_folder))
+    concept = Concept("church", ("a photo of a church",), ("a photo",))
+    method = ConceptPrune(model, timesteps=2, steps=3, batch=2)
+    attribution = method.finish(concept, method.partial_sum(concept, [0, 1]))
+    assert set(attribution.scores) == set(method.tensor_names) and method.tensor_names
+    assert all(n.endswith("ff.net.2.weight") for n in method.tensor_names)
+    lengths = model.token_lengths(["a photo of a church", " "])
+    assert lengths[0] > lengths[1] == 2  # start and end tokens; the guide ' ' has no word
+    old, new = erase_pair(model, "a photo of a church", " ")
+    length = model.encode([""]).shape[1]  # the tokenizer's padded length (77 for SD; the tiny one's is shorter)
+    assert old.shape == new.shape and old.shape[0] == length - (lengths[0] - 2)
+    weights = uce_weights(model, ["a photo of a church"], ["a photo of a house"])
+    assert weights and all(".attn2.to_" in n for n in weights)
