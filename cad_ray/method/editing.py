@@ -71,19 +71,27 @@ def select(scores: dict[str, np.ndarray], ratio: float | None = None, count: int
             return min(count, n)
         return min(int(ratio * n) if rounding == "floor" else max(1, int(round(ratio * n))), n)
 
-    key = {name: (s if largest else -s).astype(np.float64) for name, s in scores.items()}
-    if granularity == "neuron":
-        return _select_neurons(key, how_many)
     if granularity == "global":
-        flat = np.concatenate([k.reshape(-1) for k in key.values()])
+        from cad_ray.store.tables import first_k
+
+        # one copy of the scores in their own dtype (float32 stays float32: negation and order are exact in it);
+        # the how_many first of a stable ascending sort of -score (largest) or score, found by partition
+        flat = np.concatenate([s.reshape(-1) for s in scores.values()])
+        if not np.issubdtype(flat.dtype, np.floating):
+            flat = flat.astype(np.float64)
+        if largest:
+            np.negative(flat, out=flat)
+        pick = first_k(flat, how_many(flat.size))
         chosen = np.zeros(flat.size, dtype=bool)
-        order = np.argsort(-flat, kind="stable")[:how_many(flat.size)]
-        chosen[order[flat[order] > 0]] = True
+        chosen[pick[flat[pick] < 0]] = True
         masks, offset = {}, 0
         for name, s in scores.items():
             masks[name] = chosen[offset:offset + s.size].reshape(s.shape)
             offset += s.size
         return masks
+    key = {name: (s if largest else -s).astype(np.float64) for name, s in scores.items()}
+    if granularity == "neuron":
+        return _select_neurons(key, how_many)
     masks = {}
     for name, s in key.items():
         units = _units(s, granularity)

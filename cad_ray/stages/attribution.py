@@ -6,6 +6,10 @@
 - finish: `AttributionWorker.finalize` adds a (concept, objective)'s shards in shard order and writes
   scores/, neurons/ and layers/; once those are read back whole the driver removes the pair's shards
   (`release_shards`; `keep_shards: true` keeps them), and `mark_complete` marks the manifest.
+- a pair of one shard (block >= samples) whose shard is not on disk skips the shard file: the worker that
+  finalizes it computes the shard and reduces it from memory (`direct_pairs`), which writes half the bytes at SD
+  size (a float64 shard is larger than the pair's float32 tables). A run killed before its tables are whole
+  recomputes that one shard; the tables are the same (a reduce of one part is that part, in either path).
 
 A shard serves only its pair's reduce: a pair whose tables are whole needs none (a re-run skips them, present
 or not), and a pair whose tables are missing or damaged gets its shards recomputed where they are gone, so
@@ -32,6 +36,7 @@ from cad_ray.store import (METADATA_KEY, SCORE_SCHEMA, WEIGHT_SCHEMA, RunRoot, a
                            score_parts, table_metadata, weight_parts)
 
 RESULT_TABLES = ("scores", "neurons", "layers")
+WEIGHT_ROW_GROUP_SIZE = 1 << 16  # 256 KB of float32 weights: a look-up of 100 rows reads at most 100 of them
 # what later stages derive from the scores; removed with them by --overwrite
 DOWNSTREAM = ("_validation", "_validation.json", "validation", "validation_summary", "localization", "overlap",
               "_evaluation", "evaluation", "evaluation_summary", "edits", "plots", "report.html")
@@ -115,21 +120,28 @@ class AttributionWorker:
         return {objective: self.estimator(objective).layout()
                 for objective in dict.fromkeys(o for _, o in self.config.pairs())}
 
+    def partial_sum(self, shard: Shard) -> GradientSum:
+        """A shard's partial gradient sum (float64), in memory."""
+        return self.estimator(shard.objective).partial_sum(self.concepts[shard.concept], list(shard.samples))
+
     def run_shard(self, shard: Shard) -> dict:
         start = time.time()
         estimator = self.estimator(shard.objective)
-        total = estimator.partial_sum(self.concepts[shard.concept], list(shard.samples))
+        total = self.partial_sum(shard)
         flat = np.concatenate([total.grads[n].numpy().reshape(-1) for n in estimator.tensor_names])
         meta = {"shard": asdict(shard), "samples": total.samples, "objective_sum": total.objective_sum,
                 "tensors": estimator.tensor_names, "fingerprint": self.fingerprint(),
                 "config_hash": self.config.config_hash()}
-        self.run.write_table(pa.table({"grad_sum": flat}), *shard.path, metadata=meta)
+        self.run.write_table(pa.table({"grad_sum": flat}), *shard.path, metadata=meta, byte_stream_split=("grad_sum",))
         return {"shard": shard, "seconds": time.time() - start, "samples": total.samples}
 
-    def finalize(self, concept: str, objective: str, shards: list[Shard], manifest: dict) -> dict:
-        """Reduce the shards of one (concept, objective) in shard order and write its three tables."""
+    def finalize(self, concept: str, objective: str, shards: list[Shard], manifest: dict,
+                 direct: bool = False) -> dict:
+        """Reduce the shards of one (concept, objective) in shard order and write its three tables. `direct`: the
+        shards are computed here and reduced from memory, never written (`direct_pairs`)."""
         estimator = self.estimator(objective)
-        parts = [read_shard(self.run, s, estimator.layout(), manifest) for s in shards]
+        parts = [self.partial_sum(s) if direct else read_shard(self.run, s, estimator.layout(), manifest)
+                 for s in shards]
         if any(p is None for p in parts):
             raise CadRayError(f"shards of {concept}/{objective} are missing or damaged; re-run to recompute them")
         total = GradientSum.reduce(parts)
@@ -148,7 +160,9 @@ class AttributionWorker:
                 "components": sum(w.numel() for w in weights.values())}
 
     def finalize_pair(self, work: tuple) -> dict:
-        return self.finalize(*work)
+        """`finalize` of (concept, objective, shards, manifest, direct)."""
+        *pair, direct = work
+        return self.finalize(*pair, direct=True) if direct else self.finalize(*pair)
 
     def write_weights(self, manifest: dict) -> None:
         """The run's weights table: the scoped weights once, for every concept's grad = score / weight."""
@@ -159,7 +173,9 @@ def write_weights(run: RunRoot, parameters, manifest: dict) -> None:
     names = [n for n, _ in parameters]
     weights = {n: p.detach().double().cpu() for n, p in parameters}
     meta = {"fingerprint": manifest["fingerprint"], "config_hash": manifest["config_hash"]}
-    run.write_parts(WEIGHT_SCHEMA, weight_parts(names, weights), "weights", "part-0.parquet", metadata=meta)
+    # small row groups: `ScoreStore.top` reads the weights of its k rows by row number, a row group each
+    run.write_parts(WEIGHT_SCHEMA, weight_parts(names, weights), "weights", "part-0.parquet", metadata=meta,
+                    row_group_size=WEIGHT_ROW_GROUP_SIZE)
 
 
 def weights_are_whole(run: RunRoot, manifest: dict) -> bool:
@@ -270,6 +286,16 @@ def pairs_to_finalize(run: RunRoot, config: AttributionConfig, manifest: dict) -
             if not all(table_is_whole(run, t, spec.name, objective, manifest) for t in RESULT_TABLES)]
 
 
+def direct_pairs(config: AttributionConfig, by_pair: dict[tuple[str, str], list[Shard]],
+                 pending: list[Shard]) -> set[tuple[str, str]]:
+    """The pairs to compute and reduce in one call, without a shard file: those of a single shard that is still
+    to compute (a valid shard on disk is reduced as it is), unless `keep_shards` asks for the shard files."""
+    if config.keep_shards:
+        return set()
+    pending = set(pending)
+    return {pair for pair, shards in by_pair.items() if len(shards) == 1 and shards[0] in pending}
+
+
 def release_shards(run: RunRoot, concept: str, objective: str) -> bool:
     """Remove the shards of a (concept, objective) whose tables are whole (the caller has checked): at SD size
     each shard is a float64 partial sum of the whole scope, about 1 GB. Returns whether there were any."""
@@ -308,12 +334,14 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
     to_finalize = pairs_to_finalize(run_root, config, manifest)
     needed = [s for s in shards if (s.concept, s.objective) in to_finalize]
     _, pending = shard_status(run_root, needed, manifest, layout)
-    for _ in executor.map(AttributionWorker, "run_shard", pending, "attribution", total=len(needed)):
-        pass
     by_pair = defaultdict(list)
     for shard in needed:
         by_pair[(shard.concept, shard.objective)].append(shard)
-    todo = [(*pair, by_pair[pair], manifest) for pair in to_finalize]
+    direct = direct_pairs(config, by_pair, pending)  # computed by their reduce, without a shard file
+    written = [s for s in pending if (s.concept, s.objective) not in direct]
+    for _ in executor.map(AttributionWorker, "run_shard", written, "attribution", total=len(needed) - len(direct)):
+        pass
+    todo = [(*pair, by_pair[pair], manifest, pair in direct) for pair in to_finalize]
     results, released = [], 0
     for _, result in executor.map(AttributionWorker, "finalize_pair", todo, "reduce"):
         results.append(result)

@@ -149,12 +149,17 @@ class RunRoot:
     def read_bytes(self, *parts: str) -> bytes:
         return self.fs.cat_file(self.join(*parts))
 
-    def write_table(self, table: pa.Table, *parts: str, metadata: dict | None = None) -> None:
-        self.write_parts(table.schema, [table], *parts, metadata=metadata)
+    def write_table(self, table: pa.Table, *parts: str, metadata: dict | None = None,
+                    byte_stream_split: tuple[str, ...] = ()) -> None:
+        self.write_parts(table.schema, [table], *parts, metadata=metadata, byte_stream_split=byte_stream_split)
 
     def write_parts(self, schema: pa.Schema, tables: Iterable[pa.Table], *parts: str,
-                    metadata: dict | None = None) -> None:
-        """Stream tables into one Parquet file (zstd, large row groups) that appears only when complete."""
+                    metadata: dict | None = None, row_group_size: int = ROW_GROUP_SIZE,
+                    byte_stream_split: tuple[str, ...] = ()) -> None:
+        """Stream tables into one Parquet file (zstd, large row groups unless `row_group_size` says otherwise) that
+        appears only when complete. `byte_stream_split`: float columns stored byte plane by byte plane (Parquet's
+        BYTE_STREAM_SPLIT), which zstd compresses better where the low bytes of the values carry little (a
+        float64 partial sum of float32 gradients: about 35% smaller on the digits model, and faster)."""
         if metadata is not None:
             schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
         options = {"compression": "zstd"}
@@ -162,10 +167,15 @@ class RunRoot:
             options["use_dictionary"] = ["tensor"]
         if "index" in schema.names:
             options["column_encoding"] = {"index": "DELTA_BINARY_PACKED"}
+        if byte_stream_split:
+            options["use_dictionary"] = [c for c in options.get("use_dictionary", schema.names)
+                                         if c not in byte_stream_split]
+            options["column_encoding"] = {**options.get("column_encoding", {}),
+                                          **{c: "BYTE_STREAM_SPLIT" for c in byte_stream_split}}
         with self._written(*parts) as tmp:
             with pq.ParquetWriter(tmp, schema, **options) as writer:
                 for table in tables:
-                    writer.write_table(table.cast(schema), row_group_size=ROW_GROUP_SIZE)
+                    writer.write_table(table.cast(schema), row_group_size=row_group_size)
 
     def read_table(self, *parts: str) -> pa.Table:
         with self.fs.open(self.join(*parts), "rb") as f:

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from cad_ray.errors import CadRayError
 from cad_ray.store.root import METADATA_KEY, RunRoot
-from cad_ray.store.tables import partition
+from cad_ray.store.tables import first_k, partition
 
 
 def scored_partition(objective: str, method: str) -> str:
@@ -134,14 +134,7 @@ class ScoreStore:
             raise self._damaged(parts) from None
         weights["tensor"] = weights["tensor"].astype(str)
         merged = keys.merge(weights, on=["tensor", "index"], how="left")
-        out = rows.copy()
-        w = merged["weight"].to_numpy(dtype=np.float64)
-        if "weight" in derived:
-            out["weight"] = w.astype(np.float32)
-        if "grad" in derived:
-            with np.errstate(divide="ignore", invalid="ignore"):
-                out["grad"] = np.where(w != 0, rows["score"].to_numpy(dtype=np.float64) / w, np.nan).astype(np.float32)
-        return out
+        return _derived(rows, merged["weight"].to_numpy(), derived)
 
     def top(self, concept: str, k: int = 20, negative: bool = False, objective: str = "erase",
             method: str = "cad") -> pd.DataFrame:
@@ -153,23 +146,54 @@ class ScoreStore:
             return self._top_of(self.tensor_scores(concept, objective, method), k, negative)
         self._check_known(concept, objective)
         self.check_whole("scores", concept, objective)
-        order = [("score", "ascending" if negative else "descending")]
-        scanner = self._dataset("scores").scanner(columns=["tensor", "index", "score"],
-                                                  filter=self._filter(concept, objective), batch_size=1 << 20)
-        best = None
+        parts = ("scores", partition(concept, objective), "part-0.parquet")
         try:
-            for batch in scanner.to_batches():  # streaming: at most k + one batch of rows in memory
-                rows = pa.Table.from_batches([batch])
-                rows = rows if best is None else pa.concat_tables([best, rows.cast(best.schema)])
-                best = pc.take(rows, pc.select_k_unstable(rows, k=min(k, len(rows)), sort_keys=order))
+            with self.run.fs.open(self.run.join(*parts), "rb") as f:
+                table = pq.ParquetFile(f)
+                starts = _row_group_starts(table)
+                # the score column alone, a row group at a time, keeping the k best with their row numbers: the
+                # k smallest of -score (or score), ties to the earlier row, that is the run's tensor order, then
+                # index (as the final sort below orders them)
+                key, position = np.empty(0, np.float32), np.empty(0, np.int64)
+                for group in range(table.num_row_groups):
+                    scores = table.read_row_group(group, columns=["score"]).column(0).to_numpy()
+                    scores = scores if negative else -scores
+                    pick = np.sort(first_k(scores, k))
+                    key = np.concatenate([key, scores[pick]])
+                    position = np.concatenate([position, starts[group] + pick])
+                    keep = np.sort(first_k(key, k))
+                    key, position = key[keep], position[keep]
+                order = np.lexsort((position, key))
+                key, position = key[order], position[order]
+                rows = _rows_at(table, starts, position)
         except (pa.ArrowInvalid, OSError):
-            raise self._damaged(("scores", partition(concept, objective), "part-0.parquet")) from None
-        best = best.to_pandas().sort_values(["score", "tensor", "index"], ascending=[negative, True, True],
-                                            kind="stable").reset_index(drop=True)
-        best["tensor"] = best["tensor"].astype(str)
-        best = self._with_weights(best, ["weight", "grad"])[["tensor", "index", "weight", "grad", "score"]]
+            raise self._damaged(parts) from None
+        best = pd.DataFrame({"tensor": rows["tensor"], "index": rows["index"],
+                             "score": (key if negative else -key).astype(np.float32)})
+        weights = self._weights_at(position, best, starts[-1])
+        best = (self._with_weights(best, ["weight", "grad"]) if weights is None
+                else _derived(best, weights, ["weight", "grad"]))[["tensor", "index", "weight", "grad", "score"]]
         best.insert(0, "rank", np.arange(1, len(best) + 1))
         return best
+
+    def _weights_at(self, position: np.ndarray, rows: pd.DataFrame, total: int) -> np.ndarray | None:
+        """The weights of score-table rows looked up by row number in the weights table, which `weight_parts`
+        writes in the same order as `score_parts` (the run's tensors in order, index 0..n-1 in each) and in small
+        row groups; None (the caller joins on (tensor, index)) unless the weights table has as many rows as the
+        score table (`total`) and the rows read hold the same (tensor, index)."""
+        parts = ("weights", "part-0.parquet")
+        footer = self.run.footer(*parts)
+        if footer is None or footer.metadata.get("fingerprint") != self.fingerprint or footer.rows != total:
+            return None
+        try:
+            with self.run.fs.open(self.run.join(*parts), "rb") as f:
+                table = pq.ParquetFile(f)
+                found = _rows_at(table, _row_group_starts(table), position, "weight")
+        except (pa.ArrowInvalid, OSError):
+            raise self._damaged(parts) from None
+        if found["tensor"] != list(rows["tensor"]) or not np.array_equal(found["index"], rows["index"].to_numpy()):
+            return None
+        return found["weight"]
 
     def _top_of(self, scores: dict[str, np.ndarray], k: int, negative: bool) -> pd.DataFrame:
         """`top` over tensor scores in memory (ties: the run's tensor order, then index)."""
@@ -256,22 +280,15 @@ class ScoreStore:
         self._check_known(concept, objective)
         layers = self.layers(concept, objective)
         self.check_whole("scores", concept, objective)
-        table = self._read("scores", concept, objective, columns=["tensor", "index", "score"])
-        tensors = table.column("tensor").combine_chunks()
-        names = np.asarray(tensors.dictionary.to_pylist(), dtype=object)[tensors.indices.to_numpy()]
-        index, score = table.column("index").to_numpy(), table.column("score").to_numpy()
-        out = {}
-        for name, shape in zip(layers["tensor"], layers["shape"]):
-            shape = tuple(int(x) for x in shape.split("x"))
-            rows = np.flatnonzero(names == name)
-            size = int(np.prod(shape))
-            if len(rows) != size or len(np.unique(index[rows])) != size:
-                raise CadRayError(f"the score table of {concept}/{objective} has {len(rows)} rows for {name}, which "
-                                  f"has {size} components; repair it with 'cad-ray attribute --root {self.run.uri}'")
-            values = np.empty(size, dtype=np.float32)
-            values[index[rows]] = score[rows]
-            out[name] = values.reshape(shape)
-        return out
+        shapes = {name: tuple(int(x) for x in shape.split("x"))
+                  for name, shape in zip(layers["tensor"], layers["shape"])}
+
+        def incomplete(name, rows, size):
+            return CadRayError(f"the score table of {concept}/{objective} has {rows} rows for {name}, which has {size} "
+                               f"components; repair it with 'cad-ray attribute --root {self.run.uri}'")
+
+        return self._shaped(self._dataset("scores"), "score", shapes, ("scores", partition(concept, objective),
+                            "part-0.parquet"), incomplete, self._filter(concept, objective))
 
     def tensor_weights(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
         """The run's weights (the weights table) of the tensors named in `shapes`, shaped like them."""
@@ -279,22 +296,46 @@ class ScoreStore:
         footer = self.run.footer(*parts)
         if footer is None or footer.metadata.get("fingerprint") != self.fingerprint:
             raise self._damaged(parts)
+        data = ds.dataset(self.run.join(*parts), filesystem=self._arrow_fs(), format="parquet")
+        return self._shaped(data, "weight", shapes, parts,
+                            lambda name, rows, size: self._damaged(parts, f"lacks the weights of {name}"),
+                            pc.field("tensor").isin(sorted(shapes)))
+
+    def _shaped(self, data: ds.Dataset, column: str, shapes: dict[str, tuple[int, ...]], parts, incomplete,
+                filter=None) -> dict[str, np.ndarray]:
+        """A (tensor, index, `column`) table as one float32 array per tensor of `shapes`, shaped like it (rows of
+        other tensors are passed over), read a batch at a time. Tensors are told apart by their dictionary codes
+        (one look-up of each batch's dictionary), never by comparing names row by row; a tensor is complete when
+        it has as many rows as components and every component was seen. `incomplete(name, rows, size)` is the
+        error for one that is not; `parts` names the file in the error for one that does not decode."""
+        names = list(shapes)
+        sizes = [int(np.prod(shapes[n])) for n in names]
+        slot_of = {n: i for i, n in enumerate(names)}
+        values = [np.empty(size, dtype=np.float32) for size in sizes]
+        seen = [np.zeros(size, dtype=bool) for size in sizes]
+        rows = np.zeros(len(names), dtype=np.int64)
         try:
-            table = ds.dataset(self.run.join(*parts), filesystem=self._arrow_fs(), format="parquet").to_table(
-                filter=pc.field("tensor").isin(sorted(shapes)))
+            for batch in data.to_batches(columns=["tensor", "index", column], filter=filter, batch_size=1 << 22):
+                tensors = batch.column("tensor")
+                slots = np.asarray([slot_of.get(n, -1) for n in tensors.dictionary.to_pylist()],
+                                   dtype=np.int64)[tensors.indices.to_numpy()]
+                index, value = batch.column("index").to_numpy(), batch.column(column).to_numpy()
+                for slot in np.flatnonzero(np.bincount(slots + 1, minlength=len(names) + 1)[1:]):
+                    here = slots == slot
+                    at = index[here]
+                    if at.min() < 0 or at.max() >= sizes[slot]:
+                        raise incomplete(names[slot], rows[slot] + at.size, sizes[slot])
+                    values[slot][at] = value[here]
+                    seen[slot][at] = True
+                    rows[slot] += at.size
         except (pa.ArrowInvalid, OSError):
             raise self._damaged(parts) from None
-        tensors = table.column("tensor").combine_chunks()
-        names = np.asarray(tensors.dictionary.to_pylist(), dtype=object)[tensors.indices.to_numpy()]
-        index, weight = table.column("index").to_numpy(), table.column("weight").to_numpy()
         out = {}
-        for name, shape in shapes.items():
-            rows = np.flatnonzero(names == name)
-            if len(rows) != int(np.prod(shape)):
-                raise self._damaged(parts, f"lacks the weights of {name}")
-            values = np.empty(len(rows), dtype=np.float32)
-            values[index[rows]] = weight[rows]
-            out[name] = values.reshape(shape)
+        for slot, name in enumerate(names):
+            if rows[slot] != sizes[slot] or not seen[slot].all():
+                raise incomplete(name, int(rows[slot]), sizes[slot])
+            seen[slot] = None
+            out[name] = values[slot].reshape(shapes[name])
         return out
 
     def table(self, name: str) -> pd.DataFrame:
@@ -329,3 +370,48 @@ class ScoreStore:
         schema = pq.read_schema(self.run.join("scores", partition(concept, objective), "part-0.parquet"),
                                 filesystem=self._arrow_fs())
         return json.loads(schema.metadata[METADATA_KEY])
+
+
+def _derived(rows: pd.DataFrame, weight: np.ndarray, derived: list[str]) -> pd.DataFrame:
+    """`rows` with `weight` (one per row, NaN where unknown) and grad = score / weight as asked for (NaN where the
+    weight is zero: the score is then zero whatever the gradient)."""
+    out = rows.copy()
+    w = np.asarray(weight, dtype=np.float64)
+    if "weight" in derived:
+        out["weight"] = w.astype(np.float32)
+    if "grad" in derived:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["grad"] = np.where(w != 0, rows["score"].to_numpy(dtype=np.float64) / w, np.nan).astype(np.float32)
+    return out
+
+
+def _row_group_starts(table: pq.ParquetFile) -> np.ndarray:
+    """The first row number of each row group of a Parquet file, and its row count last."""
+    return np.cumsum([0] + [table.metadata.row_group(g).num_rows for g in range(table.num_row_groups)])
+
+
+def _rows_at(table: pq.ParquetFile, starts: np.ndarray, position: np.ndarray, column: str | None = None) -> dict:
+    """{"tensor": names, "index": numpy, column: numpy} of the rows at `position` (row numbers) of a (tensor, index,
+    value) Parquet file, reading only the row groups that hold them. A row group whose statistics say it holds
+    one tensor and as many consecutive indices as rows (what `score_parts` and `weight_parts` write: a tensor's
+    indices in order, a row group a slice of them) gives tensor and index without a read; others are read."""
+    names = table.schema_arrow.names
+    group = np.searchsorted(starts, position, side="right") - 1
+    found = {"tensor": [None] * len(position), "index": np.empty(len(position), dtype=np.int64)}
+    if column is not None:
+        found[column] = np.empty(len(position), dtype=np.float64)
+    for g in map(int, np.unique(group)):
+        at = np.flatnonzero(group == g)
+        offset = position[at] - starts[g]
+        meta = table.metadata.row_group(g)
+        tensor, index = (meta.column(names.index(c)).statistics for c in ("tensor", "index"))
+        known = (tensor is not None and index is not None and tensor.has_min_max and index.has_min_max
+                 and tensor.min == tensor.max and index.max - index.min + 1 == meta.num_rows)
+        read = ([] if column is None else [column]) + ([] if known else ["tensor", "index"])
+        rows = table.read_row_group(g, columns=read).take(pa.array(offset)) if read else None
+        for i, name in zip(at, [tensor.min] * len(at) if known else rows.column("tensor").to_pylist()):
+            found["tensor"][i] = name
+        found["index"][at] = index.min + offset if known else rows.column("index").to_numpy()
+        if column is not None:
+            found[column][at] = rows.column(column).to_numpy()
+    return found
