@@ -35,6 +35,15 @@ def _one_line_refusal(argv, message, capsys, root=None):
     return err
 
 
+def score_page(path) -> int:
+    """A byte offset inside the first data page of the score column (past its page header)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_metadata(path)
+    column = meta.row_group(0).column(meta.schema.names.index("score"))
+    return column.data_page_offset + 40
+
+
 def test_damaged_or_deleted_score_table_is_named_by_readers_shown_by_status_and_repaired(small_run, tmp_path, capsys):
     root = tmp_path / "run"
     shutil.copytree(small_run, root)
@@ -44,8 +53,9 @@ def test_damaged_or_deleted_score_table_is_named_by_readers_shown_by_status_and_
         path = root / SCORES
         if damage == "truncate":
             path.write_bytes(original[: len(original) // 2])
-        elif damage == "garble":
-            path.write_bytes(original[:100] + b"\0" * 200 + original[300:])
+        elif damage == "garble":  # zeroed bytes in the score column, which every reader decodes
+            start = score_page(root / SCORES)
+            path.write_bytes(original[:start] + b"\0" * 200 + original[start + 200:])
         else:
             path.unlink()
         for argv in (["top", "--root", str(root), "--concept", "seven"],

@@ -16,6 +16,11 @@ from cad_ray.store.root import METADATA_KEY, RunRoot
 from cad_ray.store.tables import first_k, partition
 
 
+# Parquet that verifies page checksums where the writer stored them (`RunRoot.write_parts` does)
+CHECKED_PARQUET = ds.ParquetFileFormat(
+    default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
+
+
 def scored_partition(objective: str, method: str) -> str:
     """The `objective=` partition holding a method's scores: CAD's and the ones derived from them under the
     objective, a baseline with statistics of its own (`conceptprune`) under its name."""
@@ -51,7 +56,7 @@ class ScoreStore:
         return pd.DataFrame(pairs, columns=["concept", "objective"])
 
     def _dataset(self, table: str) -> ds.Dataset:
-        return ds.dataset(self.run.join(table), filesystem=self._arrow_fs(), format="parquet",
+        return ds.dataset(self.run.join(table), filesystem=self._arrow_fs(), format=CHECKED_PARQUET,
                           partitioning="hive")
 
     def _arrow_fs(self):
@@ -128,7 +133,7 @@ class ScoreStore:
         if expr is not None:
             expr = expr & pc.field("index").isin(sorted(set(keys["index"].tolist())))
         try:
-            weights = ds.dataset(self.run.join(*parts), filesystem=self._arrow_fs(), format="parquet").to_table(
+            weights = ds.dataset(self.run.join(*parts), filesystem=self._arrow_fs(), format=CHECKED_PARQUET).to_table(
                 filter=expr).to_pandas()
         except (pa.ArrowInvalid, OSError):
             raise self._damaged(parts) from None
@@ -149,7 +154,7 @@ class ScoreStore:
         parts = ("scores", partition(concept, objective), "part-0.parquet")
         try:
             with self.run.fs.open(self.run.join(*parts), "rb") as f:
-                table = pq.ParquetFile(f)
+                table = pq.ParquetFile(f, page_checksum_verification=True)
                 starts = _row_group_starts(table)
                 # the score column alone, a row group at a time, keeping the k best with their row numbers: the
                 # k smallest of -score (or score), ties to the earlier row, that is the run's tensor order, then
@@ -187,7 +192,7 @@ class ScoreStore:
             return None
         try:
             with self.run.fs.open(self.run.join(*parts), "rb") as f:
-                table = pq.ParquetFile(f)
+                table = pq.ParquetFile(f, page_checksum_verification=True)
                 found = _rows_at(table, _row_group_starts(table), position, "weight")
         except (pa.ArrowInvalid, OSError):
             raise self._damaged(parts) from None
@@ -296,7 +301,7 @@ class ScoreStore:
         footer = self.run.footer(*parts)
         if footer is None or footer.metadata.get("fingerprint") != self.fingerprint:
             raise self._damaged(parts)
-        data = ds.dataset(self.run.join(*parts), filesystem=self._arrow_fs(), format="parquet")
+        data = ds.dataset(self.run.join(*parts), filesystem=self._arrow_fs(), format=CHECKED_PARQUET)
         return self._shaped(data, "weight", shapes, parts,
                             lambda name, rows, size: self._damaged(parts, f"lacks the weights of {name}"),
                             pc.field("tensor").isin(sorted(shapes)))
