@@ -339,19 +339,14 @@ def edit_uce(store, model, target: str) -> int:
     import torch
 
     from cad_ray.config import parse_config
-    from cad_ray.method.baselines import uce_weights
-    from cad_ray.method.concepts import build_concept
-    from cad_ray.method.editing import _forget_fingerprint, contrast_concepts
+    from cad_ray.method.baselines import uce_for_concept
+    from cad_ray.method.editing import _forget_fingerprint
 
     config = parse_config({**store.manifest["config"], **store.manifest.get("stage_options", {})}, "the run's config")
     specs = {c.name: c for c in config.concepts}
     if target not in specs:
         raise CadRayError(f"concept {target!r} is not in the run; it has {', '.join(specs)}")
-    uce = config.evaluation.uce
-    kept = [] if uce.preserve == "none" else contrast_concepts(target, list(specs), uce.preserve)
-    prompts = lambda name: list(build_concept(specs[name], model).prompts)  # noqa: E731
-    weights = uce_weights(model, prompts(target), [p for c in kept for p in prompts(c)], uce.guide, uce.lamb,
-                          uce.erase_scale, uce.preserve_scale)
+    weights = uce_for_concept(model, specs, target, config.evaluation.uce)
     parameters = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in weights.items():

@@ -316,18 +316,12 @@ class ImageJudge:
     def _uce(self, target: str) -> dict:
         """UCE's new key and value projections for `target`: its prompts mapped to the guide, the prompts of the
         concepts `uce.preserve` names kept."""
-        from cad_ray.method.baselines import uce_weights
-        from cad_ray.method.concepts import build_concept
-        from cad_ray.method.editing import contrast_concepts
+        from cad_ray.method.baselines import uce_for_concept
 
         key = ("uce", target)
         if key not in self.cache:
-            uce = self.options.uce
-            specs = {c.name: c for c in self.config.concepts}
-            kept = [] if uce.preserve == "none" else contrast_concepts(target, list(specs), uce.preserve)
-            prompts = lambda name: list(build_concept(specs[name], self.model).prompts)  # noqa: E731
-            self.cache[key] = uce_weights(self.model, prompts(target), [p for c in kept for p in prompts(c)],
-                                          uce.guide, uce.lamb, uce.erase_scale, uce.preserve_scale)
+            self.cache[key] = uce_for_concept(self.model, {c.name: c for c in self.config.concepts}, target,
+                                              self.options.uce)
         return self.cache[key]
 
     def _masks(self, edit: str, target: str, selection: str, ratio: float):
