@@ -31,11 +31,12 @@ cad-erase and random, judged by a TorchScript stand-in classifier) and runs
 After the run: `bytes_per_score` (the concept's `scores/` partition / its components), `top100_s`
 (`ScoreStore(root).top(concept, k=100)` in a fresh process, after the score and weights files were dropped
 from the OS page cache with posix_fadvise, so the query reads the disk), and the wall time of each stage
-(from the moment its `=== cad-ray <stage> ===` line appears; attribute includes Ray's start-up). With
-`--probe` (default on a GPU) it also loads the model in this process and times the attribution of the first
-concept's samples (`CAD.gradient_sum`, best of two) against the one-trajectory limit (the same trajectories,
-then forward/backward over all their points in the same chunks, without the float64 sums), with peak device
-memory (`torch.cuda.max_memory_allocated`).
+(from the moment its `=== cad-ray <stage> ===` line appears; attribute includes Ray's start-up). Before the
+run, with `--probe` (default on a GPU), it loads the model in this process and times the attribution of the
+first concept's samples (`CAD.gradient_sum`, best of two) against the one-trajectory limit (the same
+trajectories, then forward/backward over all their points in the same chunks, without the float64 sums), with
+peak device memory (`torch.cuda.max_memory_allocated`). The JSON is rewritten after each step, so a run cut
+short (a device's lease) keeps what was measured.
 """
 
 from __future__ import annotations
@@ -381,6 +382,24 @@ def attribution_probe(folder: Path, args, config_path: Path) -> dict:
             "over_limit": round(ours / lim, 3), "peak_gpu_memory_gb": None if peak is None else round(peak, 2)}
 
 
+def release_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def write_figures(figures: dict, path: str | None) -> str:
+    """Written after each step, so a run cut short still leaves what it measured."""
+    text = json.dumps(figures, indent=1)
+    if path:
+        Path(path).write_text(text + "\n")
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=["sd14", "tiny"], default="sd14",
@@ -432,6 +451,11 @@ def main() -> None:
               flush=True)
 
         config = write_inputs(work, folder, args)
+        # the probe runs before the run so that its figures exist even if the run is cut short (a device's lease)
+        if args.probe or (args.probe is None and (args.device or "").startswith("cuda")):
+            figures["probe"] = attribution_probe(folder, args, config)
+            release_device_memory()
+        write_figures(figures, args.json)
         command = [sys.executable, "-m", "cad_ray.cli", "run", "--config", str(config), "--root", str(root), "--quiet"]
         result = run_monitored(command, str(root), log, env)
         if result["rc"]:
@@ -457,8 +481,6 @@ def main() -> None:
             stage_s=stage_seconds(result["lines"], result["seconds"]), run_s=round(result["seconds"], 1),
             per_concept=per_concept, memory_samples=result["samples"],
             cad_ray_lines=[line for _, line in result["lines"] if " complete in " in line or line.startswith("report:")])
-        if args.probe or (args.probe is None and (args.device or "").startswith("cuda")):
-            figures["probe"] = attribution_probe(folder, args, config)
         figures["total_s"] = round(build["seconds"] + result["seconds"], 1)
         figures["goals"] = {
             "total_s <= 2400": figures["total_s"] <= 2400, "peak_rss_gb <= 12": figures["peak_rss_gb"] <= 12,
@@ -467,10 +489,7 @@ def main() -> None:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(figures, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    print(write_figures(figures, args.json))
 
 
 if __name__ == "__main__":
