@@ -15,7 +15,7 @@ python3 -c "import torch, ray, diffusers; print('torch', torch.__version__, 'cud
 # one-trajectory limit; the JSON is rewritten after each step, so a cut-short run keeps what it measured
 work=$(mktemp -d)
 s=$(date +%s)
-timeout 450 python3 bench/sd_scale.py --latent 64 --device cuda --steps 10 --samples 2 --ablations 4 \
+timeout 450 python3 bench/sd_scale.py --latent 64 --device cuda --steps 10 --samples 2 \
     --workdir "$work/sd" --keep --json "$OUT/sd-scale.json" > "$OUT/sd-scale.log" 2>&1
 echo "SD-sized run (64 x 64 latents): rc=$? $(( $(date +%s) - s )) s"
 pkill -f "cad_ray.cli run"; pkill -f "ray::"; pkill -f gcs_server; pkill -f raylet

@@ -96,6 +96,16 @@ class ValidationOptions(Strict):
             raise ValueError(f"the number of ablations M must be at least 1, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _enough_to_fit_coar(self):
+        # checked here, not when COAR is fit: a run would otherwise attribute first and fail minutes later
+        train = max(1, int(round(self.coar_train_fraction * self.ablations)))
+        if train < 3:
+            need = next(m for m in range(self.ablations, 10_000) if int(round(self.coar_train_fraction * m)) >= 3)
+            raise ValueError(f"COAR is fit on {train} of the {self.ablations} ablations per fraction and needs at "
+                             f"least 3: raise 'ablations' to at least {need}")
+        return self
+
     def options_hash(self) -> str:
         fields = self.model_dump(exclude={"block"}, mode="json")
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

@@ -201,6 +201,7 @@ def test_bad_input_is_one_line_and_keeps_results(validated, tmp_path, capsys):
         (["validate", "--root", root, "--fractions", "0.01", "1.5"], r"fractions must be in \(0, 1\)"),
         (["validate", "--root", root, "--fractions", "0"], r"fractions must be in \(0, 1\)"),
         (["validate", "--root", root, "--ablations", "0"], "M must be at least 1"),
+        (["validate", "--root", root, "--ablations", "4"], "COAR is fit on 2 of the 4 .* at least 6"),
         (["validate", "--root", root, "--concepts", "eight"], "no erase scores for eight"),
     ]
     for argv, message in cases:
