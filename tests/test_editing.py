@@ -69,6 +69,28 @@ def test_an_edit_is_undone_exactly():
     assert model.fingerprint() == fingerprint
 
 
+def test_an_edit_of_several_tensors_is_undone_exactly_when_the_block_fails():
+    """`edited` saves only the zeroed entries; they go back where they were, in every tensor, even on an error."""
+    model = untrained_float64_model(seed=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    names = [n for n in params if "ff.net" in n][:3]
+    rng = np.random.default_rng(0)
+    masks = {n: rng.random(tuple(params[n].shape)) < 0.3 for n in names}
+    with pytest.raises(RuntimeError, match="inside"):
+        with edited(model, masks):
+            for n in names:
+                p = params[n].detach()
+                assert (p[torch.from_numpy(masks[n])] == 0).all()
+                assert torch.equal(p[torch.from_numpy(~masks[n])], before[n][torch.from_numpy(~masks[n])])
+            raise RuntimeError("inside the edit")
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n])
+    with pytest.raises(CadRayError, match="shape"):
+        with edited(model, {names[0]: np.zeros((1, 1), dtype=bool)}):
+            pass
+
+
 def test_scores_of_another_model_are_refused(small_run):
     store = ScoreStore(small_run)
     with pytest.raises(CadRayError, match="computed on another model"):

@@ -1,7 +1,8 @@
 """The paths that matter at Stable Diffusion size (issue 11): top-k by partition, `select` at `global`
 granularity, tensor scores and weights read by dictionary code, `ScoreStore.top` reading the score column alone
-and weights by row number, and a pair of one shard reduced without a shard file. Each against what the code did
-before, on the same data."""
+and weights by row number, a pair of one shard reduced without a shard file, and validation's estimators and
+localization on float32 scores with neurons found per subset. Each against what the code did before, on the same
+data."""
 
 import os
 import shutil
@@ -16,6 +17,8 @@ import pytest
 from cad_ray.distributed import run_attribution
 from cad_ray.errors import CadRayError
 from cad_ray.method.editing import select
+from cad_ray.method.estimators import Coar, FirstOrder, NeuronMap, concentration, neuron_shares, top_set
+from cad_ray.stages.validation import _flat_scores, localization
 from cad_ray.store import RunRoot, ScoreStore
 from cad_ray.store.tables import first_k, partition
 
@@ -66,6 +69,42 @@ def old_tensor_table(root, table, column, concept=None, objective=None):
         values[rows["index"].to_numpy()] = rows[column].to_numpy()
         out[name] = values
     return out
+
+
+def old_neuron_index(shapes):
+    """flat component -> neuron id, one int64 per component."""
+    ids, offset = [], 0
+    for shape in shapes:
+        rows = shape[0] if len(shape) > 1 else 1
+        per_row = int(np.prod(shape)) // rows
+        ids.append(offset + np.repeat(np.arange(rows), per_row))
+        offset += rows
+    return np.concatenate(ids), offset
+
+
+def old_neuron_shares(subsets, neuron_of, n_neurons):
+    sizes = np.bincount(neuron_of, minlength=n_neurons)
+    x = np.zeros((len(subsets), n_neurons))
+    for row, subset in enumerate(subsets):
+        x[row] = np.bincount(neuron_of[subset], minlength=n_neurons) / sizes
+    return x
+
+
+def old_first_order(scores, subsets):
+    scores = np.asarray(scores, dtype=np.float64)
+    return np.array([-scores[s].sum() for s in subsets])
+
+
+def old_concentration(scores, shares=(0.001, 0.01)):
+    magnitude = np.sort(np.abs(np.asarray(scores, dtype=np.float64)))[::-1]
+    total = magnitude.sum()
+    return {s: float(magnitude[:max(1, int(round(s * len(magnitude))))].sum() / total) if total else float("nan")
+            for s in shares}
+
+
+def old_top_set(scores, share):
+    k = max(1, int(round(share * len(scores))))
+    return np.argpartition(-np.asarray(scores), k - 1)[:k]
 
 
 # --- first_k and select ------------------------------------------------------------------------------------
@@ -259,3 +298,59 @@ def test_shards_are_byte_stream_split(tmp_path):
                     local=True, progress=False)
     shard = os.path.join(root, "_shards", partition("red", "erase"), "shard-00000.parquet")
     assert "BYTE_STREAM_SPLIT" in pq.ParquetFile(shard).metadata.row_group(0).column(0).encodings
+
+
+# --- validation: estimators and localization ----------------------------------------------------------------
+
+SHAPES = [(7, 3), (5,), (4, 2, 3, 3), (1, 9), (6,), (3, 1)]  # linear, bias, conv, one row, one-element rows
+
+
+def test_neuron_map_gives_the_dense_index_and_coar_features():
+    neuron_of, n_neurons = old_neuron_index(SHAPES)
+    neurons = NeuronMap(SHAPES)
+    assert neurons.n_neurons == n_neurons
+    every = np.arange(neuron_of.size)
+    np.testing.assert_array_equal(neurons(every), neuron_of)
+    np.testing.assert_array_equal(neurons(every.astype(np.int32)), neuron_of)  # compact_subset's indices
+    np.testing.assert_array_equal(neurons.sizes, np.bincount(neuron_of, minlength=n_neurons))
+    rng = np.random.default_rng(0)
+    subsets = [np.sort(rng.choice(neuron_of.size, size, replace=False)).astype(np.int32) for size in (1, 5, 40, neuron_of.size)]
+    np.testing.assert_array_equal(neuron_shares(subsets, neurons), old_neuron_shares(subsets, neuron_of, n_neurons))
+
+
+def scores_with_ties(n, seed=0):
+    """float32 scores rounded to few values (many ties, zeros among them), as a score table holds them."""
+    rng = np.random.default_rng(seed)
+    return np.round(rng.normal(size=n) * 20).astype(np.float32) / np.float32(7)
+
+
+@pytest.mark.parametrize("n", [1_000, 300_001])  # above numpy's pairwise-summation blocks
+def test_estimators_and_localization_on_float32_give_the_float64_results(n):
+    scores = scores_with_ties(n)
+    wide = scores.astype(np.float64)  # what validation used to hold
+    rng = np.random.default_rng(1)
+    subsets = [np.sort(rng.choice(n, size, replace=False)).astype(np.int32) for size in (1, n // 100, n // 10)]
+    np.testing.assert_array_equal(FirstOrder(scores).predict(subsets), old_first_order(wide, subsets))
+    assert concentration(scores) == old_concentration(wide)
+    np.testing.assert_array_equal(np.sort(top_set(scores, 0.01)), np.sort(old_top_set(wide, 0.01)))
+    assert top_set(scores, 0.01).base is None  # not a view that keeps argpartition's n indices alive
+
+
+@pytest.mark.parametrize("concept", ["seven", "red"])
+def test_validation_reads_float32_scores_and_gives_the_same_tables(small_run, concept):
+    store = ScoreStore(small_run)
+    scores, shapes = _flat_scores(store, concept, "erase")
+    assert scores.dtype == np.float32
+    want = np.concatenate([s.reshape(-1) for s in old_tensor_table(small_run, "scores", "score", concept,
+                                                                    "erase").values()]).astype(np.float64)
+    np.testing.assert_array_equal(scores, want)
+    row, top = localization(concept, "erase", scores)
+    shares = old_concentration(want)
+    assert (row["top_0.1%_share"], row["top_1%_share"]) == (shares[0.001], shares[0.01])
+    assert row["positive_share"] == float((want > 0).mean())
+    np.testing.assert_array_equal(np.sort(top), np.sort(old_top_set(want, 0.01)))
+    rng = np.random.default_rng(2)
+    subsets = [np.sort(rng.choice(scores.size, scores.size // 50, replace=False)).astype(np.int32) for _ in range(5)]
+    np.testing.assert_array_equal(FirstOrder(scores).predict(subsets), old_first_order(want, subsets))
+    neuron_of, n_neurons = old_neuron_index(shapes)
+    np.testing.assert_array_equal(Coar(shapes).features(subsets), old_neuron_shares(subsets, neuron_of, n_neurons))

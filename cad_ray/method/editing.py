@@ -303,19 +303,28 @@ def _forget_fingerprint(model) -> None:
     model._fingerprint = None  # the weights changed: the next fingerprint() hashes them again
 
 
-@torch.no_grad()
-def zero_components(model, masks: dict[str, np.ndarray]) -> int:
-    """Zero the masked components in place; returns how many were zeroed."""
+def _mask_tensors(model, masks: dict[str, np.ndarray]) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
+    """(parameter, its mask as a boolean tensor on the parameter's device) for each mask; a mask naming a tensor
+    the model lacks, or of another shape than its tensor, is refused."""
     params = dict(model.named_parameters())
     unknown = [n for n in masks if n not in params]
     if unknown:
         raise CadRayError(f"the edit names tensors this model does not have: {', '.join(unknown[:3])}")
-    zeroed = 0
+    pairs = []
     for name, mask in masks.items():
         p = params[name]
         if tuple(mask.shape) != tuple(p.shape):
             raise CadRayError(f"mask of {name} has shape {mask.shape}, the tensor {tuple(p.shape)}")
-        p[torch.from_numpy(mask).to(p.device)] = 0
+        pairs.append((p, torch.from_numpy(mask).to(p.device)))
+    return pairs
+
+
+@torch.no_grad()
+def zero_components(model, masks: dict[str, np.ndarray]) -> int:
+    """Zero the masked components in place; returns how many were zeroed."""
+    zeroed = 0
+    for p, mask in _mask_tensors(model, masks):
+        p[mask] = 0
         zeroed += int(mask.sum())
     _forget_fingerprint(model)
     return zeroed
@@ -338,9 +347,18 @@ def _restored(model, names):
 @contextmanager
 def edited(model, masks: dict[str, np.ndarray]):
     """Zero the masked components for the duration of the block, then restore the weights exactly."""
-    with _restored(model, masks):
+    # only the entries the edit zeroes are saved, not their tensors: a zeroing edit takes a few percent of a
+    # scope, and a copy of the whole tensors of SD 1.4's `ff` scope is 0.6 GB in every image actor
+    with torch.no_grad():
+        saved = [(p, mask, p[mask].clone()) for p, mask in _mask_tensors(model, masks)]
+    try:
         zero_components(model, masks)
         yield model
+    finally:
+        with torch.no_grad():
+            for p, mask, values in saved:
+                p[mask] = values
+        _forget_fingerprint(model)
 
 
 @contextmanager

@@ -199,8 +199,12 @@ class SecondOrderSketch:
                             size = g[0].numel()
                             total[:, offset:offset + size] += g.reshape(last - first, -1).double().cpu()
                             offset += size
-                weights = torch.cat([p.detach().reshape(-1).double().cpu() for p in params])
-                uw = total.mul_(weights).numpy()
+                        del grads  # (P, n) float32: gone before the next chunk's, or the next pass's, are made
+                offset = 0
+                for p in params:  # times the weights tensor by tensor: no float64 copy of them all (1.2 GB at SD size)
+                    total[:, offset:offset + p.numel()] *= p.detach().reshape(-1).double().cpu()
+                    offset += p.numel()
+                uw = total.numpy()
                 uw /= np.sqrt(self.projections)
                 yield first, last, uw
                 del total, uw
@@ -218,23 +222,33 @@ def quadratic_terms(sums: np.ndarray, sign: float) -> np.ndarray:
     return np.array([sign * float(z @ z) for z in np.ascontiguousarray(sums.T)])
 
 
-def neuron_index(shapes: list[tuple[int, ...]]) -> tuple[np.ndarray, int]:
-    """(flat component -> neuron id, neuron count): a neuron is one output row of a tensor."""
-    ids, offset = [], 0
-    for shape in shapes:
-        rows = shape[0] if len(shape) > 1 else 1
-        per_row = int(np.prod(shape)) // rows
-        ids.append(offset + np.repeat(np.arange(rows), per_row))
-        offset += rows
-    return np.concatenate(ids), offset
+class NeuronMap:
+    """Flat component index -> neuron id, where a neuron is one output row of a tensor (a 1-D tensor is one
+    neuron), in the scope's tensor order. Held as one entry per tensor, not per component: COAR needs the neuron
+    of a subset's components only, and a dense id per component is 1.2 GB of int64 at SD 1.4's `ff` scope."""
+
+    def __init__(self, shapes: list[tuple[int, ...]]):
+        rows = [shape[0] if len(shape) > 1 else 1 for shape in shapes]
+        sizes = [int(np.prod(shape)) for shape in shapes]
+        self.starts = np.cumsum([0] + sizes)[:-1]  # first flat index of each tensor
+        self.per_row = np.asarray([size // r for size, r in zip(sizes, rows)], dtype=np.int64)
+        self.first_neuron = np.cumsum([0] + rows)[:-1]
+        self.n_neurons = int(sum(rows))
+        self.sizes = np.repeat(self.per_row, rows)  # components per neuron
+
+    def __call__(self, flat_indices: np.ndarray) -> np.ndarray:
+        """The neuron id of each flat index."""
+        flat_indices = np.asarray(flat_indices, dtype=np.int64)
+        # the tensor of an index: the last one that starts at or before it
+        tensor = np.searchsorted(self.starts, flat_indices, side="right") - 1
+        return self.first_neuron[tensor] + (flat_indices - self.starts[tensor]) // self.per_row[tensor]
 
 
-def neuron_shares(subsets: list[np.ndarray], neuron_of: np.ndarray, n_neurons: int) -> np.ndarray:
+def neuron_shares(subsets: list[np.ndarray], neurons: NeuronMap) -> np.ndarray:
     """COAR's design matrix: for each subset, the share of every neuron's components that it zeroes."""
-    sizes = np.bincount(neuron_of, minlength=n_neurons)
-    x = np.zeros((len(subsets), n_neurons))
+    x = np.zeros((len(subsets), neurons.n_neurons))
     for row, subset in enumerate(subsets):
-        x[row] = np.bincount(neuron_of[subset], minlength=n_neurons) / sizes
+        x[row] = np.bincount(neurons(subset), minlength=neurons.n_neurons) / neurons.sizes
     return x
 
 
@@ -253,10 +267,12 @@ class FirstOrder:
     name = "cad"
 
     def __init__(self, scores: np.ndarray):
-        self.scores = np.asarray(scores, dtype=np.float64)
+        # kept in their own dtype (the score table's float32: half the memory of a float64 copy); a subset's
+        # scores are widened once gathered, which sums exactly what a float64 copy of the whole table would
+        self.scores = np.asarray(scores)
 
     def predict(self, subsets: list[np.ndarray]) -> np.ndarray:
-        return np.array([-self.scores[s].sum() for s in subsets])
+        return np.array([-self.scores[s].astype(np.float64, copy=False).sum() for s in subsets])
 
 
 class SecondOrder(FirstOrder):
@@ -279,11 +295,11 @@ class Coar:
     name = "coar"
 
     def __init__(self, shapes: list[tuple[int, ...]]):
-        self.neuron_of, self.n_neurons = neuron_index(shapes)
+        self.neurons = NeuronMap(shapes)
         self.model = None
 
     def features(self, subsets: list[np.ndarray]) -> np.ndarray:
-        return neuron_shares(subsets, self.neuron_of, self.n_neurons)
+        return neuron_shares(subsets, self.neurons)
 
     def fit(self, subsets: list[np.ndarray], actual: np.ndarray) -> "Coar":
         self.model = fit_coar(self.features(subsets), np.asarray(actual))
@@ -295,7 +311,11 @@ class Coar:
 
 def concentration(scores: np.ndarray, shares=(0.001, 0.01)) -> dict[float, float]:
     """Share of the total |score| held by the top `share` of components by |score|."""
-    magnitude = np.sort(np.abs(np.asarray(scores, dtype=np.float64)))[::-1]
+    # sorted in the scores' own dtype, in place, then widened: |x| and the widening are exact and keep the order,
+    # so this is the float64 sort of |scores|, made with one float64 array where there were two (|x|, its sort)
+    magnitude = np.abs(scores)
+    magnitude.sort()
+    magnitude = magnitude.astype(np.float64, copy=False)[::-1]
     total = magnitude.sum()
     return {s: float(magnitude[:max(1, int(round(s * len(magnitude))))].sum() / total) if total else float("nan")
             for s in shares}
@@ -304,7 +324,10 @@ def concentration(scores: np.ndarray, shares=(0.001, 0.01)) -> dict[float, float
 def top_set(scores: np.ndarray, share: float) -> np.ndarray:
     """Flat indices of the top `share` of components by (positive) score: what CAD-Erase would zero."""
     k = max(1, int(round(share * len(scores))))
-    return np.argpartition(-np.asarray(scores), k - 1)[:k]
+    # ranked in float64 whatever the scores' dtype, as validation always ranked them, so that ties at the k-th
+    # score fall as they did; the k indices are copied out of argpartition's n of them (a view would keep all n)
+    key = np.negative(scores, dtype=np.float64)
+    return np.argpartition(key, k - 1)[:k].copy()
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:

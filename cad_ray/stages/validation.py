@@ -214,10 +214,11 @@ def open_validation(config: AttributionConfig, root: str, fingerprint: str, over
 
 
 def _flat_scores(store: ScoreStore, concept: str, objective: str) -> tuple[np.ndarray, list[tuple[int, ...]]]:
-    """Scores in the flat order of the scope (tensor order of the run, index within tensor), and the shapes."""
+    """Scores in the flat order of the scope (tensor order of the run, index within tensor), in the table's
+    float32, and the shapes. The estimators and `localization` widen what they sum or rank to float64 (exactly:
+    the same numbers as a float64 copy), so the 148.7M scores of SD 1.4's `ff` scope hold 0.6 GB, not 1.2."""
     scores = store.tensor_scores(concept, objective)
-    return (np.concatenate([s.reshape(-1) for s in scores.values()]).astype(np.float64),
-            [s.shape for s in scores.values()])
+    return np.concatenate([s.reshape(-1) for s in scores.values()]), [s.shape for s in scores.values()]
 
 
 def predictions(config: AttributionConfig, options: ValidationOptions, scores: np.ndarray,
