@@ -88,7 +88,7 @@ def test_a_second_driver_on_a_locked_root_refuses_and_names_the_holder(small_run
     # a live process of this host that is not us holds the lock: pid 1
     (root / "_lock.json").write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "stage": "validation",
                                                  "started": "2026-11-30T00:00:00Z", "token": "x"}))
-    err = _one_line_refusal(["validate", "--root", str(root), "--local", "--quiet", "--ablations", "2"],
+    err = _one_line_refusal(["validate", "--root", str(root), "--local", "--quiet", "--ablations", "6"],
                             "another cad-ray validation", capsys, str(root))
     assert "pid 1" in err
     # a lock whose process is gone is taken over
