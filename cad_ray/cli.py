@@ -279,8 +279,6 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
-    from dataclasses import replace
-
     from cad_ray.method.editing import ZEROING_EDITS, Selection, check_fingerprint, check_ratio, select, zero_components
     from cad_ray.models import load_model
     from cad_ray.store import ScoreStore
@@ -309,11 +307,12 @@ def cmd_edit(args: argparse.Namespace) -> None:
     if args.edit == "conceptprune":
         selection = Selection.parse("conceptprune")
     elif args.edit in ("gradient", "magnitude"):
-        selection = replace(selection, method=args.edit,
-                            contrast="none" if args.edit == "magnitude" else selection.contrast)
+        selection = selection.with_method(args.edit, "none" if args.edit == "magnitude" else None)
     if args.edit == "uce":
         zeroed = edit_uce(store, model, args.target)
     elif args.count is not None:  # a count per unit: the plain ranking of the run's scores
+        if selection.also is not None:
+            raise CadRayError(f"--count ranks one table; selection {selection} is a union: give --ratio")
         masks = select(store.tensor_scores(args.target, objective, selection.method), count=args.count,
                        granularity=selection.granularity, largest=largest)
         zeroed = zero_components(model, masks)
@@ -498,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "ranked in (global, tensor, row), the contrast (none; kind: against the "
                                          "other concepts of its kind; others: against every other; -mean or -max), "
                                          "floor for the published rounding; or 'published' (ff/row/none/floor). "
-                                         "Default: all/global/none"}),
+                                         "An objective prefix ranks another objective's scores (prior:ff/global/"
+                                         "kind-max); parts joined by | are a union. Default: all/global/none"}),
                 ("--model", {"default": None, "help": "model to edit (default: the run's)"}),
                 ("--out", {"required": True, "help": "new folder for the edited model"})])
     command("run", cmd_run, "the whole pipeline: attribute, validate, evaluate, report",

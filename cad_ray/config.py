@@ -13,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cad_ray.errors import CadRayError
 
-ObjectiveName = Literal["erase", "amplify"]
+ObjectiveName = Literal["erase", "amplify", "prior"]
 # what a concept's scores are computed for: CAD's objectives, or a baseline method with tables of its own
-ScoredName = Literal["erase", "amplify", "conceptprune"]
+ScoredName = Literal["erase", "amplify", "prior", "conceptprune"]
 LATER_STAGES = ("validation", "evaluation")  # sections read by later stages; they do not change the score tables
 
 
@@ -51,8 +51,8 @@ class ConceptSpec(Strict):
     prompts: list[str] | None = None
     base_prompt: str | list[str] | None = None
     objectives: list[ScoredName] = Field(default_factory=lambda: ["erase"], min_length=1,
-                                         description="erase, amplify (CAD), conceptprune (the baseline's "
-                                                     "Wanda scores, docs/editing.md)")
+                                         description="erase, amplify, prior (CAD), conceptprune (the "
+                                                     "baseline's Wanda scores, docs/editing.md)")
 
     @field_validator("prompts")
     @classmethod
@@ -149,7 +149,8 @@ class SearchOptions(Strict):
     only; the verdicts are then reported on the test split (see docs/editing.md)."""
 
     selections: list[str] = Field(default_factory=lambda: ["attn2/global/kind-mean"], min_length=1,
-                                  description="candidate selections, scope/granularity/contrast[/floor]")
+                                  description="candidate selections, [objective:]scope/granularity/contrast[/floor], "
+                                              "parts joined by | (docs/editing.md)")
     ratios: list[float] = Field(default_factory=lambda: list(DEFAULT_SEARCH_RATIOS), min_length=1)
     images_per_prompt: int = Field(2, ge=1, description="seeds per prompt of the selection split")
     margin: int = Field(1, ge=0, description="grid steps above the smallest clean ratio at which a setting is "
@@ -259,6 +260,8 @@ class AttributionConfig(Strict):
         "fine-tuning, whose minibatch it sets), 'auto' is 64")
     erase: EraseOptions = Field(default_factory=EraseOptions)
     amplify: AmplifyOptions = Field(default_factory=AmplifyOptions)
+    prior: AmplifyOptions = Field(default_factory=AmplifyOptions, description="the prior objective's: the "
+                                  "concept's images denoised under its base prompt (concepts listing `prior`)")
     conceptprune: ConceptPruneOptions = Field(default_factory=ConceptPruneOptions)
     concepts: list[ConceptSpec] = Field(min_length=1)
     workers: int | None = Field(None, ge=1, description="Ray actors (default: one per GPU, else per CPU)")
@@ -291,8 +294,8 @@ class AttributionConfig(Strict):
         return self
 
     def result_fields(self) -> dict:
-        # conceptprune's options count only where a concept lists it (runs made before it keep their hash)
-        unused = set() if any("conceptprune" in c.objectives for c in self.concepts) else {"conceptprune"}
+        # conceptprune's and prior's options count only where a concept lists them (runs made before keep their hash)
+        unused = {o for o in ("conceptprune", "prior") if not any(o in c.objectives for c in self.concepts)}
         return self.model_dump(exclude={"workers", "device", "keep_shards", *LATER_STAGES, *unused}, mode="json")
 
     def config_hash(self) -> str:

@@ -7,7 +7,7 @@ import pytest
 
 from cad_ray.config import parse_config
 from cad_ray.errors import CadRayError
-from cad_ray.method.editing import Selection, random_like, select, selection_masks, specific_scores
+from cad_ray.method.editing import Selection, random_like, select, selection_masks, specific_scores, union_masks
 
 
 def test_contrast_on_a_hand_made_table_has_the_known_answer():
@@ -163,12 +163,14 @@ def test_the_search_bisects_the_ratio_grid_and_picks_margin_steps_above_the_firs
 
 @pytest.fixture(scope="module")
 def specific_digits(tmp_path_factory):
-    """Every digit attributed over the cross-attention and the token-embedding table."""
+    """Every digit attributed over the feed-forward layers, the cross-attention and the token-embedding table, by
+    the erase and the prior objectives."""
     from cad_ray.distributed import run_attribution
 
     root = str(tmp_path_factory.mktemp("specific") / "run")
-    config = parse_config({"scope": "attn2+tokens", "samples": 8, "concepts": [{"name": n} for n in (
-        "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]})
+    config = parse_config({"scope": "ff+attn2+tokens", "samples": 8, "concepts": [
+        {"name": n, "objectives": ["erase", "prior"]} for n in (
+            "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]})
     run_attribution(config, root, local=True, progress=False)
     return root
 
@@ -184,10 +186,8 @@ def erase_verdicts(root, model, target, selection, ratio):
     from cad_ray.store import ScoreStore
 
     store = ScoreStore(root)
-    digits = list(store.concepts()["concept"])
     chosen = Selection.parse(selection)
-    masks = selection_masks(lambda c: store.tensor_scores(c), target, [d for d in digits if d != target], chosen,
-                            ratio)
+    masks = store.masks(target, chosen, ratio)
     judges = builtin_judges()
 
     def accuracy(model_masks, panel):
@@ -198,7 +198,9 @@ def erase_verdicts(root, model, target, selection, ratio):
 
     panel = digits_prompt_set(1, 2000, "wordings", "test")
     erased = accuracy(masks, panel)
-    kept = accuracy(random_like(masks, chosen.granularity, seed=0, scope=chosen.scope), panel[panel["label"] == target])
+    drawn = [random_like(store.masks(target, part, ratio), part.granularity, seed=0, scope=part.scope)
+             for part in chosen.parts]
+    kept = accuracy(union_masks(drawn), panel[panel["label"] == target])
     return erased, kept[target], masks
 
 
@@ -224,6 +226,79 @@ def test_zeroing_the_words_most_specific_to_seven_erases_it_and_keeps_every_othe
     assert erased["seven"] <= 0.2, erased
     assert erased.drop("seven").min() >= 0.9, erased
     assert random_kept >= 0.8
+
+
+def test_the_prior_part_draws_fewer_threes_unasked_and_with_the_words_erases_three(specific_digits, digits_model):
+    """The measured case (docs/editing.md): asked for no digit ("", "a", "the digit", "the number"), the model
+    draws threes (13.5% of 96 images); zeroing the prior objective's feed-forward components specific to three
+    makes fewer, and joined with the words specific to three the erase removes three and keeps every other
+    digit, where as many random components leave it."""
+    from collections import Counter
+
+    from cad_ray.digits import DIGIT_WORDS
+    from cad_ray.digits.judges import builtin_judges
+    from cad_ray.method.editing import edited
+    from cad_ray.store import ScoreStore
+
+    prompts, judges = ["", "a", "the digit", "the number"] * 24, builtin_judges()
+
+    def threes(masks):
+        with edited(digits_model, masks):
+            images = digits_model.sample(prompts, seed=3000, ids=list(range(len(prompts)))).images
+        return Counter(DIGIT_WORDS[d] for d in judges.digits(images))["three"]
+
+    prior = ScoreStore(specific_digits).masks("three", "prior:ff/global/kind-max", 0.01)
+    assert threes(prior) < 0.75 * threes({}), (threes(prior), threes({}))
+    erased, random_kept, _ = erase_verdicts(specific_digits, digits_model, "three",
+                                            "tokens+attn2/neuron/kind-mean|prior:ff/global/kind-max", 0.01)
+    assert erased["three"] <= 0.2, erased
+    assert erased.drop("three").min() >= 0.9, erased
+    assert random_kept >= 0.8
+
+
+def test_a_union_selection_zeroes_what_either_part_picks_each_from_its_own_objective(small_run):
+    from cad_ray.store import ScoreStore
+
+    store = ScoreStore(small_run)
+    union = Selection.parse("ff/global/none|amplify:ff/row/none")
+    assert str(union) == "ff/global/none|amplify:ff/row/none" and len(union.parts) == 2
+    assert str(union.with_method("magnitude", "none")) == "magnitude:ff/global/none|amplify:magnitude:ff/row/none"
+    first = store.masks("seven", "ff/global/none", 0.05)
+    second = store.masks("seven", "ff/row/none", 0.05, objective="amplify")
+    both = store.masks("seven", union, 0.05)
+    assert all(np.array_equal(both[n], first[n] | second[n]) for n in both)
+    count = {name: sum(int(m.sum()) for m in masks.values()) for name, masks in
+             [("first", first), ("second", second), ("both", both)]}
+    assert max(count["first"], count["second"]) < count["both"] < count["first"] + count["second"], count
+    with pytest.raises(CadRayError, match="union"):
+        selection_masks(store.tensor_scores, "seven", [], union, 0.05)
+
+
+def test_a_prior_part_without_prior_scores_in_the_run_is_refused_before_any_work(small_run):
+    from conftest import small_config
+
+    from cad_ray.stages.evaluation import check_contrasts
+    from cad_ray.store import ScoreStore
+
+    options = small_config(evaluation={"targets": ["seven"], "selection": "attn2/global/none|prior:ff/global/none"})
+    with pytest.raises(CadRayError, match="by its prior scores, but the run has none") as e:
+        check_contrasts(options.evaluation, ScoreStore(small_run))
+    assert "\n" not in str(e.value)
+
+
+def test_the_prior_objective_denoises_the_same_images_under_the_base_prompt(digits_model):
+    import torch
+
+    from cad_ray.method.objectives import AmplifyObjective, Concept, PriorObjective
+
+    concept = Concept("seven", ("seven", "a 7"), ("", "a"), torch.randn(5, *digits_model.latent_shape))
+    amplify = AmplifyObjective(points_per_sample=3).points(digits_model, concept, [0, 1], seed=0)
+    prior = PriorObjective(points_per_sample=3).points(digits_model, concept, [0, 1], seed=0)
+    for field in ("x", "t", "target"):
+        assert torch.equal(getattr(prior, field), getattr(amplify, field)), field
+    with torch.no_grad():
+        assert torch.equal(prior.cond, digits_model.encode(["", "", "", "a", "a", "a"]))
+        assert torch.equal(amplify.cond, digits_model.encode(["seven"] * 3 + ["a 7"] * 3))
 
 
 def test_evaluate_with_a_search_picks_on_selection_and_reports_the_test_split(small_run, tmp_path):

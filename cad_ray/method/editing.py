@@ -164,9 +164,11 @@ def specific_scores(target: dict[str, np.ndarray], others: list[dict[str, np.nda
 class Selection:
     """How a zeroing edit picks its components: the sub-scope of the run's scope (scores do not depend on the
     scope they were computed in, so one run over a union serves each part), the unit, the contrast against
-    other concepts and how a ratio becomes a count; and the scores ranked, CAD's by default or a baseline's
-    (`cad_ray.method.baselines.METHODS`). Written as a string: `attn2/global/others-mean`, `ff/row/none/floor`,
-    `gradient:attn2/global/none`."""
+    other concepts and how a ratio becomes a count; the scores ranked, CAD's by default or a baseline's
+    (`cad_ray.method.baselines.METHODS`), of the edit's own objective or another one (`objective`). Written as
+    a string: `attn2/global/others-mean`, `ff/row/none/floor`, `gradient:attn2/global/none`,
+    `prior:ff/global/kind-max`. Parts joined by `|` are a union, each part taking the edit's ratio of its own
+    scope: `tokens+attn2/neuron/kind-mean|prior:ff/global/kind-max` (`parts`)."""
 
     scope: str = "all"
     granularity: str = "global"
@@ -174,24 +176,49 @@ class Selection:
     aggregate: str = "mean"
     rounding: str = "round"
     method: str = "cad"
+    objective: str = ""  # "": the edit's own (erase for cad-erase)
+    also: "Selection | None" = None  # the next part of a union
 
     def __str__(self) -> str:
         contrast = self.contrast if self.contrast == "none" else f"{self.contrast}-{self.aggregate}"
         text = "/".join([self.scope, self.granularity, contrast] + (["floor"] if self.rounding == "floor" else []))
-        return text if self.method == "cad" else f"{self.method}:{text}"
+        text = text if self.method == "cad" else f"{self.method}:{text}"
+        text = f"{self.objective}:{text}" if self.objective else text
+        return text if self.also is None else f"{text}|{self.also}"
+
+    @property
+    def parts(self) -> list["Selection"]:
+        """The parts of a union, each on its own (one part for a plain selection)."""
+        from dataclasses import replace
+
+        return [replace(self, also=None)] + (self.also.parts if self.also is not None else [])
+
+    def with_method(self, method: str, contrast: str | None = None) -> "Selection":
+        """The same parts ranked by another method's scores (and optionally another contrast): the followers'
+        selections (`gradient`, `magnitude`)."""
+        from dataclasses import replace
+
+        return replace(self, method=method, contrast=self.contrast if contrast is None else contrast,
+                       also=None if self.also is None else self.also.with_method(method, contrast))
 
     @classmethod
     def parse(cls, text: str) -> "Selection":
-        """`[method:]scope/granularity/contrast[-aggregate][/floor]`, or a preset name (`published`,
-        `conceptprune`)."""
+        """`[objective:][method:]scope/granularity/contrast[-aggregate][/floor]`, parts joined by `|`, or a
+        preset name (`published`, `conceptprune`)."""
         from dataclasses import replace
 
         from cad_ray.method.baselines import check_method
+        from cad_ray.method.objectives import OBJECTIVES
 
         if text in PRESETS:
             return PRESETS[text]
+        head, bar, tail = str(text).partition("|")
+        if bar:
+            return replace(cls.parse(head), also=cls.parse(tail))
         method, colon, rest = str(text).partition(":")
         if colon and not rest.startswith("/") and "/" not in method:
+            if method in OBJECTIVES:
+                return replace(cls.parse(rest), objective=method)
             return replace(cls.parse(rest), method=check_method(method))
         parts = str(text).split("/")
         if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "floor"):
@@ -232,9 +259,12 @@ def contrast_concepts(target: str, concepts: list[str], contrast: str) -> list[s
 def selection_masks(scores_of, target: str, others: list[str], selection: Selection, ratio: float,
                     largest: bool = True) -> dict[str, np.ndarray]:
     """The masks of one zeroing edit: `scores_of(concept)` gives a concept's tensor scores over the run's scope;
-    `others` are the concepts a contrast ranks against (`contrast_concepts`; ignored without contrast)."""
+    `others` are the concepts a contrast ranks against (`contrast_concepts`; ignored without contrast). One part
+    of a selection: a union's parts may rank other objectives' scores, which `ScoreStore.masks` reads."""
     from cad_ray.method.scopes import scope_matcher
 
+    if selection.also is not None:
+        raise CadRayError(f"selection {selection}: a union of parts is made by ScoreStore.masks, part by part")
     inside = scope_matcher(selection.scope)
     own = {n: s for n, s in scores_of(target).items() if inside(n, torch.empty(s.shape, device="meta"))}
     if not own:
@@ -254,6 +284,11 @@ def selection_masks(scores_of, target: str, others: list[str], selection: Select
     masks = select(ranked, ratio=ratio, granularity=selection.granularity, largest=largest,
                    rounding=selection.rounding)
     return {n: masks.get(n, np.zeros(s.shape, dtype=bool)) for n, s in scores_of(target).items()}
+
+
+def union_masks(masks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The components any of the masks takes (the parts of a union selection)."""
+    return {n: np.logical_or.reduce([m[n] for m in masks]) for n in masks[0]}
 
 
 def random_like(masks: dict[str, np.ndarray], granularity: str, seed: int,

@@ -173,6 +173,7 @@ class AmplifyObjective:
                               for s in samples])
         else:
             x0 = concept_trajectories(model, concept, prompts, samples, seed, self.guidance, self.steps).latents[-1]
+        prompts = self.conditioning(concept, samples)
         k, n_train = self.points_per_sample, model.scheduler.config.num_train_timesteps
         ts, noises = [], []
         for s in samples:
@@ -188,8 +189,26 @@ class AmplifyObjective:
         target = denoising_target(kind, x0, noise, alphas)
         return Points(x, t.to(model.device), cond, target, torch.tensor(samples)[rows], self.sign)
 
+    def conditioning(self, concept: Concept, samples: list[int]) -> list[str]:
+        """The prompt each sample's noised image is denoised under: the concept's own."""
+        return [concept.prompt(s)[0] for s in samples]
 
-OBJECTIVES = {"erase": EraseObjective, "amplify": AmplifyObjective}
+
+class PriorObjective(AmplifyObjective):
+    """How well the model draws the concept when the prompt does not ask for it: the amplify objective's
+    denoising of the concept's images, conditioned on each prompt's base prompt instead of the prompt.
+
+    Positive scores are the components that make the concept's images likely without its words (the image
+    pathway: a digit the model draws for a prompt that names no digit). Erasing the words alone leaves that
+    prior, so a word-level erase is joined with these (`prior:` parts of a selection, docs/editing.md)."""
+
+    name = "prior"
+
+    def conditioning(self, concept: Concept, samples: list[int]) -> list[str]:
+        return [concept.prompt(s)[1] for s in samples]
+
+
+OBJECTIVES = {"erase": EraseObjective, "amplify": AmplifyObjective, "prior": PriorObjective}
 
 
 def make_objective(name: str, **options):

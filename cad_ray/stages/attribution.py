@@ -77,7 +77,7 @@ def objective_for(config: AttributionConfig, name: str, points_per_sample: int |
     """The config's objective; `points_per_sample` (when given) overrides the config's."""
     from cad_ray.method.objectives import make_objective
 
-    options = (config.erase if name == "erase" else config.amplify).model_dump()
+    options = getattr(config, name).model_dump()
     if points_per_sample is not None:
         options["points_per_sample"] = points_per_sample
     return make_objective(name, **options)

@@ -30,7 +30,7 @@ import pandas as pd
 
 from cad_ray.config import AttributionConfig, EvaluationOptions
 from cad_ray.digits import DIGIT_WORDS, canonical_prompt
-from cad_ray.method.editing import ZEROING_EDITS, check_fingerprint, random_like
+from cad_ray.method.editing import ZEROING_EDITS, check_fingerprint, random_like, union_masks
 from cad_ray.errors import CadRayError
 from cad_ray.judges import judge_batch, load_judge, reference_features
 from cad_ray.store import RunRoot, ScoreStore, partition
@@ -337,18 +337,19 @@ class ImageJudge:
                                       f"than {self.run.uri_under(*edit_folder('finetune', target), 'model')}; "
                                       "re-run 'cad-ray evaluate' with --overwrite")
                 # the recovery's scores are the target's alone, on the erased model: no other concept to contrast
-                self.cache[key] = selection_masks(lambda c: store.tensor_scores(c, "amplify"), target, [],
-                                                  replace(chosen, contrast="none"), ratio, largest=False)
-            elif edit == "random":
-                self.cache[key] = random_like(self._masks("cad-erase", target, selection, ratio),
-                                              chosen.granularity, self.config.seed, scope=chosen.scope)
+                parts = [selection_masks(lambda c: store.tensor_scores(c, "amplify"), target, [],
+                                         replace(part, contrast="none", objective=""), ratio, largest=False)
+                         for part in chosen.parts]
+                self.cache[key] = union_masks(parts)
+            elif edit == "random":  # as many components in each unit of each part's scope as cad-erase's part
+                drawn = [random_like(self._masks("cad-erase", target, str(part), ratio), part.granularity,
+                                     self.config.seed, scope=part.scope) for part in chosen.parts]
+                self.cache[key] = union_masks(drawn)
             else:
                 if edit in FOLLOWERS:  # |w| is every concept's: nothing to contrast
-                    chosen = replace(chosen, method=FOLLOWERS[edit],
-                                     contrast="none" if edit == "magnitude" else chosen.contrast)
+                    chosen = chosen.with_method(FOLLOWERS[edit], "none" if edit == "magnitude" else None)
                 objective, largest = ZEROING_EDITS.get(edit, ZEROING_EDITS["cad-erase"])
-                self.cache[key] = self.store.masks(target, chosen, ratio, objective, largest,
-                                                   lambda c: self._scores(c, objective, chosen.method))
+                self.cache[key] = self.store.masks(target, chosen, ratio, objective, largest, self._scores)
         return self.cache[key]
 
     def _finetuned(self, edit: str, target: str):
@@ -654,18 +655,25 @@ def check_targets(options: EvaluationOptions, store: ScoreStore, root: str) -> N
 
 
 def check_contrasts(options: EvaluationOptions, store: ScoreStore) -> None:
-    """A contrast needs other concepts' scores of the same objective in the run: refuse before any work."""
+    """A selection part of another objective (`prior:`) needs the targets' scores of it, and a contrast needs
+    other concepts' scores of the part's objective in the run: refuse before any work."""
     from cad_ray.method.editing import Selection, contrast_concepts
 
     used = [options.selection, *(options.search.selections if options.search else [])]
-    concepts = [c for c, o in store.concepts().itertuples(index=False) if o == "erase"]
+    known = list(store.concepts().itertuples(index=False))
     for text in used:
-        contrast = Selection.parse(text).contrast
-        for target in options.targets:
-            if contrast != "none" and not contrast_concepts(target, concepts, contrast):
-                raise CadRayError(f"selection {text!r} ranks {target!r} against other concepts ({contrast}), but "
-                                  f"the run has erase scores for {', '.join(concepts)} only; attribute them too, "
-                                  "or choose contrast 'others' or 'none'")
+        for part in Selection.parse(text).parts:
+            objective = part.objective or "erase"
+            concepts = [c for c, o in known if o == objective]
+            for target in options.targets:
+                if part.objective and target not in concepts:
+                    raise CadRayError(f"selection {text!r} ranks {target!r} by its {objective} scores, but the run "
+                                      f"has none; list {objective} among its objectives in the config")
+                if part.contrast != "none" and not contrast_concepts(target, concepts, part.contrast):
+                    raise CadRayError(f"selection {text!r} ranks {target!r} against other concepts "
+                                      f"({part.contrast}), but the run has {objective} scores for "
+                                      f"{', '.join(concepts)} only; attribute them too, or choose contrast "
+                                      "'others' or 'none'")
 
 
 def run(config: AttributionConfig, root: str, executor, overwrite: bool = False) -> dict:

@@ -251,15 +251,21 @@ class ScoreStore:
     def masks(self, target: str, selection, ratio: float, objective: str = "erase", largest: bool = True,
               scores_of=None) -> dict[str, np.ndarray]:
         """The components a zeroing edit of `target` takes by `selection` (a `Selection` or its text): its scores,
-        and for a contrast those of the other concepts of the objective in this run. `scores_of(concept)` may
-        supply cached tensor scores."""
-        from cad_ray.method.editing import Selection, contrast_concepts, selection_masks
+        and for a contrast those of the other concepts of the objective in this run; for a union, each part's
+        (of its own objective, `objective` where it names none), joined. `scores_of(concept, objective,
+        method)` may supply cached tensor scores."""
+        from cad_ray.method.editing import Selection, contrast_concepts, selection_masks, union_masks
 
         chosen = selection if isinstance(selection, Selection) else Selection.parse(selection)
-        stored = scored_partition(objective, chosen.method)
-        concepts = [c for c, o in self.concepts().itertuples(index=False) if o == stored]
-        return selection_masks(scores_of or (lambda c: self.tensor_scores(c, objective, chosen.method)), target,
-                               contrast_concepts(target, concepts, chosen.contrast), chosen, ratio, largest)
+        scores_of = scores_of or self.tensor_scores
+        picked = []
+        for part in chosen.parts:
+            own = part.objective or objective
+            stored = scored_partition(own, part.method)
+            concepts = [c for c, o in self.concepts().itertuples(index=False) if o == stored]
+            picked.append(selection_masks(lambda c: scores_of(c, own, part.method), target,
+                                          contrast_concepts(target, concepts, part.contrast), part, ratio, largest))
+        return union_masks(picked)
 
     def layers(self, concept: str | None = None, objective: str | None = None) -> pd.DataFrame:
         if concept is not None:
