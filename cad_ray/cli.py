@@ -406,7 +406,7 @@ GENERATION = [("--model", {"default": None, "help": MODEL_HELP}),
 METHOD = ("--method", {"default": "cad", "choices": ["cad", "gradient", "magnitude", "conceptprune"],
                       "help": "the scores ranked: cad (w * dJ/dw, default), gradient (|dJ/dw|), magnitude (|w|), "
                               "conceptprune (its Wanda ranks; the concept must list it among its objectives)"})
-QUERY = [ROOT, ("--objective", {"default": "erase", "choices": ["erase", "amplify"]}),
+QUERY = [ROOT, ("--objective", {"default": "erase", "choices": ["erase", "amplify", "prior"]}),
          ("--allow-incomplete", {"action": "store_true", "help": "read a run that has not completed"})]
 
 
