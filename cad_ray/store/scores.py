@@ -258,11 +258,12 @@ class ScoreStore:
 
         chosen = selection if isinstance(selection, Selection) else Selection.parse(selection)
         scores_of = scores_of or self.tensor_scores
+        pairs = list(self.concepts().itertuples(index=False))
         picked = []
         for part in chosen.parts:
             own = part.objective or objective
             stored = scored_partition(own, part.method)
-            concepts = [c for c, o in self.concepts().itertuples(index=False) if o == stored]
+            concepts = [c for c, o in pairs if o == stored]
             picked.append(selection_masks(lambda c: scores_of(c, own, part.method), target,
                                           contrast_concepts(target, concepts, part.contrast), part, ratio, largest))
         return union_masks(picked)
