@@ -266,7 +266,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.quiet:
         return
     columns = ["edit", "target", "ratio", "guidance", "zeroed", "target_accuracy", "others_accuracy",
-               "worst_other_retained", "fd_rise", "best"]
+               "worst_other_retained", "brightness_kept", "fd_rise", "best"]
     with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
         print(summary[columns].to_string(index=False))
     print(f"\ntables: {args.root}/evaluation (one row per image), {args.root}/evaluation_summary")

@@ -159,6 +159,8 @@ class SearchOptions(Strict):
                                                           "and on unseen wordings")
     others_min: float = Field(0.9, ge=0, le=1, description="kept: every other label keeps this share of its "
                                                           "unedited accuracy")
+    brightness_min: float = Field(0.8, ge=0, le=1, description="kept: the images of everything else keep this "
+                                                               "share of their unedited brightness (mean)")
 
     @field_validator("selections")
     @classmethod

@@ -110,6 +110,29 @@ def test_summary_names_the_best_trade_off():
     assert summary.set_index("ratio").loc[0.1, "worst_other_retained"] == 0.5
 
 
+def test_an_edit_that_dims_what_should_stay_is_not_clean():
+    """The digit judge still reads a digit an edit left nearly black; the summary compares each kept image's
+    brightness with the unedited image of the same prompt and seed, and such an erase is not clean."""
+    from cad_ray.stages.evaluation import brightness
+
+    lit = np.zeros((2, 8, 8, 3), np.float32)
+    lit[0, 2:6, 3, 0] = 1.0  # a red stroke
+    lit[1, 2:6, 3, :] = 0.4  # the same stroke, grey and dim
+    assert brightness(lit) == pytest.approx([1.0, 0.4])
+    rows = []
+    for edit, ratio, seven_lit in (("none", 0.0, 1.0), ("cad-erase", 0.01, 1.0), ("cad-erase", 0.03, 0.5)):
+        for label in ("seven", "one"):
+            rows += [{"edit": edit, "target": "seven" if edit != "none" else "", "ratio": ratio, "guidance": 3.0,
+                      "label": label, "prompt": label, "seed": k, "zeroed": 1,
+                      "correct": label == "one" or edit == "none",
+                      "brightness": 0.9 * (seven_lit if label == "one" else 1.0)} for k in range(10)]
+    table = pd.DataFrame(rows).assign(selection="all/global/none", colour="", template="free-0w", split="test")
+    summary = summarize_evaluation(table).set_index("ratio")
+    assert summary.loc[0.01, "brightness_kept"] == 1.0 and summary.loc[0.01, "clean"]
+    assert summary.loc[0.03, "brightness_kept"] == 0.5 and not summary.loc[0.03, "clean"]
+    assert summary.loc[0.03, "worst_other_retained"] == 1.0  # the judge alone would have passed it
+
+
 def test_bad_input_is_one_line_and_keeps_results(evaluated, tmp_path, capsys):
     root, _ = evaluated
     before = pd.read_parquet(os.path.join(root, "evaluation_summary"))

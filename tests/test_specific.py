@@ -132,8 +132,8 @@ def test_at_equal_target_accuracy_the_search_picks_the_setting_that_keeps_the_mo
         ("ff/global/none", 0.1, True)
 
 
-def test_the_search_bisects_the_ratio_grid_and_picks_margin_steps_above_the_first_clean_ratio():
-    """A judge whose target vanishes from a known ratio on: the search finds that ratio in log2 rounds (never
+def test_the_search_finds_the_first_clean_ratio_without_judging_the_whole_grid_and_picks_margin_steps_above():
+    """A judge whose target vanishes from a known ratio on: the search finds that ratio in a few rounds (never
     judging the whole grid), checks the others `margin` steps above it, and picks that ratio."""
     from cad_ray.stages.evaluation import prompt_panels, search_rounds
 
@@ -159,6 +159,30 @@ def test_the_search_bisects_the_ratio_grid_and_picks_margin_steps_above_the_firs
     others = judged[(judged["target"] == "seven") & (judged["label"] != "seven")]
     assert set(others["ratio"]) == {0.05}  # the other digits only where the pick is checked
     assert images == len(judged)
+
+
+def test_the_search_finds_a_small_clean_ratio_where_larger_ones_bring_the_target_back():
+    """Zeroing more can bring a target back (a union of parts did, for three): a target clean at 1% and again only
+    from 15% on is picked at 1%, not at 15%, which is what a bisection of the grid from its middle finds."""
+    from cad_ray.stages.evaluation import next_probe, prompt_panels, search_rounds
+
+    ratios = [0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2]
+    options = parse_config({"concepts": [{"name": "three"}], "evaluation": {
+        "targets": ["three"], "edits": ["cad-erase"], "prompt_panel": "wordings",
+        "search": {"selections": ["attn2/global/none"], "ratios": ratios, "margin": 0}}}).evaluation
+
+    def judge(rows):
+        gone = (rows["label"] == rows["target"]) & ((rows["ratio"] == 0.01) | (rows["ratio"] >= 0.15))
+        return rows.assign(predicted=np.where(gone, "none", rows["label"]), correct=~gone, predicted_colour="")
+
+    picks, _ = search_rounds(options, prompt_panels(options), judge)
+    assert picks[("cad-erase", "three")] == ("attn2/global/none", 0.01, True)
+    # the probe order: up from the smallest (0, 1, 3, 7, last), then bisecting below the first clean one
+    probes, order = {}, []
+    while (k := next_probe(probes, len(ratios))) is not None:
+        order.append(k)
+        probes[k] = k == 5 or k >= 7
+    assert order == [0, 1, 3, 7, 5, 4] and min(k for k, c in probes.items() if c) == 5
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cad_ray.config import AttributionConfig, EvaluationOptions
+from cad_ray.config import AttributionConfig, EvaluationOptions, SearchOptions
 from cad_ray.digits import DIGIT_WORDS, canonical_prompt
 from cad_ray.method.editing import ZEROING_EDITS, check_fingerprint, random_like, union_masks
 from cad_ray.errors import CadRayError
@@ -64,6 +64,8 @@ def read_prompt_set(path: str) -> pd.DataFrame:
     return out
 
 
+# clean: what should stay keeps this share of its brightness (`brightness_kept`); the search's default
+BRIGHTNESS_MIN = SearchOptions.model_fields["brightness_min"].default
 SELECTION_SEED_OFFSET = 100_000  # selection-split seeds never meet test-split seeds
 
 
@@ -409,9 +411,17 @@ class ImageJudge:
             buffer = io.BytesIO()
             Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(buffer, format="PNG")
             pngs.append(buffer.getvalue())
+        measured = {"image_png": pngs, "brightness": brightness(images)}
         if self.judges is None:
-            return {"predicted": [""] * len(images), "correct": [False] * len(images), "image_png": pngs}
-        return {**judge_batch(self.judges, images, list(rows["label"]), list(rows["prompt"])), "image_png": pngs}
+            return {"predicted": [""] * len(images), "correct": [False] * len(images), **measured}
+        return {**judge_batch(self.judges, images, list(rows["label"]), list(rows["prompt"])), **measured}
+
+
+def brightness(images: np.ndarray) -> list[float]:
+    """Each image's bright end: the 99th percentile over pixels of the brightest channel. The judges read a digit
+    that an edit left nearly black (six's tokens+ff pick, docs/editing.md) as that digit; this sees it."""
+    lit = np.clip(np.asarray(images, dtype=np.float32), 0, 1).max(axis=-1).reshape(len(images), -1)
+    return [float(v) for v in np.percentile(lit, 99, axis=1)]
 
 
 def real_features() -> np.ndarray:
@@ -451,12 +461,27 @@ def retained(edited: dict, unedited: dict) -> float:
     return float(min(shares)) if shares else float("nan")
 
 
+def brightness_kept(rows: pd.DataFrame, unedited: pd.DataFrame, target: str) -> float:
+    """How bright the images that should stay (those not asking for the target) are beside the unedited image of
+    the same prompt and seed: the mean of min(1, edited / unedited). NaN where the table has no brightness (tables
+    written before it) or no such pairs."""
+    if "brightness" not in rows or "brightness" not in unedited:
+        return float("nan")
+    stay = rows[~target_rows(rows, target)] if target else rows
+    base = unedited.drop_duplicates(["prompt", "seed"]).set_index(["prompt", "seed"])["brightness"]
+    before = base.reindex(pd.MultiIndex.from_frame(stay[["prompt", "seed"]])).to_numpy(dtype=float)
+    ratio = np.minimum(stay["brightness"].to_numpy(dtype=float) / before, 1.0)
+    ratio = ratio[np.isfinite(ratio)]
+    return float(ratio.mean()) if len(ratio) else float("nan")
+
+
 def summarize_evaluation(table: pd.DataFrame, reference: np.ndarray | None = None,
                          picks: dict | None = None) -> pd.DataFrame:
     """Per (edit, target, selection, ratio, guidance) on the test split: the target's accuracy (all, own and
     unseen wordings) beside its unedited accuracy, the other labels' mean accuracy, the worst share of its
     unedited accuracy anything else keeps, the Frechet distance of judge features to real digits and its rise;
-    `clean` (target <= 20% on own and unseen wordings, everything else >= 90%); `picked`: the setting the
+    `clean` (target <= 20% on own and unseen wordings, everything else >= 90% of its accuracy and >= 80% of its
+    brightness); `picked`: the setting the
     search chose on the selection split; `best`: each (edit, target)'s best trade-off among its rows."""
     from cad_ray.digits.judges import frechet_distance
 
@@ -480,7 +505,8 @@ def summarize_evaluation(table: pd.DataFrame, reference: np.ndarray | None = Non
                     "target_accuracy": now["target"], "target_accuracy_own": now["own"],
                     "target_accuracy_unseen": now["unseen"], "target_accuracy_unedited": before["target"],
                     "others_accuracy": float(np.mean(list(now["others"].values()))) if now["others"] else np.nan,
-                    "worst_other_retained": retained(now, before), "fd": fd,
+                    "worst_other_retained": retained(now, before),
+                    "brightness_kept": brightness_kept(g, base_rows, target) if edit != "none" else 1.0, "fd": fd,
                     # per-image measures of the SD judges, whatever the prompts' labels (I2P's are categories)
                     **{name: float(pd.to_numeric(g[column], errors="coerce").mean()) for column, name in
                        (("nude", "nude_rate"), ("clip_score", "clip_score")) if column in g},
@@ -490,10 +516,11 @@ def summarize_evaluation(table: pd.DataFrame, reference: np.ndarray | None = Non
     summary["fd_rise"] = [r.fd / fd_none.get(r.guidance, np.nan) - 1 for r in summary.itertuples()]
     own_ok = summary["target_accuracy_own"].fillna(summary["target_accuracy"]) <= 0.2
     unseen_ok = summary["target_accuracy_unseen"].isna() | (summary["target_accuracy_unseen"] <= 0.2)
-    summary["clean"] = (summary["edit"] != "none") & own_ok & unseen_ok & (summary["worst_other_retained"] >= 0.9)
+    kept = (summary["worst_other_retained"] >= 0.9) & ~(summary["brightness_kept"] < BRIGHTNESS_MIN)
+    summary["clean"] = (summary["edit"] != "none") & own_ok & unseen_ok & kept
     summary["best"] = False
     for _, g in summary[summary["edit"] != "none"].groupby(["edit", "target"]):
-        keeps = g[g["worst_other_retained"] >= 0.9]
+        keeps = g[kept[g.index]]
         pick = keeps if len(keeps) else g
         if pick["target_accuracy"].notna().any():
             score = pick["target_accuracy"] if pick is keeps else pick["target_accuracy"] - pick["others_accuracy"]
@@ -505,20 +532,22 @@ def summarize_evaluation(table: pd.DataFrame, reference: np.ndarray | None = Non
 def choose_settings(judged: pd.DataFrame, candidates: list[tuple], options) -> dict:
     """The search's rule, on selection-split rows only: for each (edit, target, selection) the ratio `margin`
     grid steps above the smallest at which the target is clean (own and unseen wordings <= target_max), kept
-    there if it is still clean and everything else keeps >= others_min of its unedited accuracy. Per (edit, target): among the kept settings the lowest target
+    there if it is still clean, everything else keeps >= others_min of its unedited accuracy and >= brightness_min
+    of its brightness (`brightness_kept`). Per (edit, target): among the kept settings the lowest target
     accuracy (ties: the most kept, then the smaller ratio, then the earlier selection); if none is kept, the clean setting that
     keeps the most; if none is clean, the lowest target accuracy. Returns {(edit, target): (selection, ratio,
     passed)}."""
     search = options.search
     judged = judged[judged["split"] == "selection"]
     unedited = judged[judged["edit"] == "none"]
-    verdicts = {}
+    verdicts, lit = {}, {}
     checked_ratios = {}  # the ratios whose other rows were judged too
     for (edit, target, selection), group in judged[judged["edit"] != "none"].groupby(["edit", "target", "selection"]):
         for ratio, rows in group.groupby("ratio"):
             verdicts[(edit, target, selection, ratio)] = accuracies(rows, target)
             if (~target_rows(rows, target)).any():
                 checked_ratios.setdefault((edit, target, selection), set()).add(ratio)
+                lit[(edit, target, selection, ratio)] = brightness_kept(rows, unedited, target)
     picks = {}
     for edit, target in dict.fromkeys((c[0], c[1]) for c in candidates):
         before = accuracies(unedited, target)
@@ -531,12 +560,14 @@ def choose_settings(judged: pd.DataFrame, candidates: list[tuple], options) -> d
                 clean = is_clean(now, search.target_max)
                 checked = checked_ratios.get((edit, target, selection), set())
                 kept = retained(now, before) if ratio in checked else float("nan")
+                bright = lit.get((edit, target, selection, ratio), float("nan"))
                 options_here.append({"selection": selection, "ratio": ratio, "order": order, "clean": clean,
-                                     "kept": kept, "target": now["target"]})
+                                     "kept": kept, "bright": not bright < search.brightness_min,
+                                     "target": now["target"]})
         frame = pd.DataFrame(options_here)
         if frame.empty:
             continue
-        passed = frame[frame["clean"] & (frame["kept"] >= search.others_min)]
+        passed = frame[frame["clean"] & (frame["kept"] >= search.others_min) & frame["bright"]]
         if len(passed):
             # at equal target accuracy the setting that keeps the most wins over the smaller ratio: a "kept"
             # near the 90% line on the selection split is the one that fails on the test split
@@ -554,13 +585,33 @@ def is_clean(verdict: dict, target_max: float) -> bool:
     return all(not v > target_max for v in (verdict["own"], verdict["unseen"]) if v == v)
 
 
+def next_probe(probes: dict[int, bool], n: int) -> int | None:
+    """The next ratio index to judge for one candidate, given the verdicts so far ({index: clean}), or None once its
+    smallest clean index is known. Galloping from the smallest ratio (0, 1, 3, 7, ..., then n - 1) until one is
+    clean, then bisecting between it and the unclean probe below it. Not a bisection of the whole grid: zeroing
+    more does not always keep the target away (a union of parts drew three again at 5% where 1% was clean,
+    docs/editing.md), and the smallest clean ratio is the one that costs the rest of the model least."""
+    clean = [k for k, c in probes.items() if c]
+    if clean:
+        hi = min(clean)
+        lo = max((k for k, c in probes.items() if not c and k < hi), default=-1) + 1
+        return None if lo == hi else (lo + hi) // 2
+    if not probes:
+        return 0
+    last = max(probes)
+    return None if last == n - 1 else min(2 * last + 1, n - 1)
+
+
+def first_clean(probes: dict[int, bool], n: int) -> int:
+    """The smallest clean index the probes found (n: none)."""
+    return min((k for k, c in probes.items() if c), default=n)
+
+
 def search_rounds(options: EvaluationOptions, prompts: pd.DataFrame, judge) -> tuple[dict, int]:
-    """The search, on the selection split only. Per candidate (edit, target, selection), bisect the ratio grid for
-    the smallest ratio at which the target is clean, judging only the rows that ask for the target: a larger ratio
-    zeroes a superset of the components (selections are nested), so the search takes the target's accuracy not to
-    rise with it, and needs about log2(len(ratios)) rounds instead of one per ratio. Then the other rows are judged
-    at `margin` grid steps above it. `judge(rows)` generates and judges rows (resuming from finished blocks).
-    Returns (picks, images judged)."""
+    """The search, on the selection split only. Per candidate (edit, target, selection), find the smallest ratio
+    of the grid at which the target is clean (`next_probe`), judging only the rows that ask for the target; all
+    candidates' probes of a round go out together. Then the other rows are judged at `margin` grid steps above
+    it. `judge(rows)` generates and judges rows (resuming from finished blocks). Returns (picks, images judged)."""
     search = options.search
     ratios = search.ratios
     selection_rows = prompts[prompts["split"] == "selection"]
@@ -571,28 +622,24 @@ def search_rounds(options: EvaluationOptions, prompts: pd.DataFrame, judge) -> t
     guidance = options.guidance
     asked = {t: selection_rows[target_rows(selection_rows, t)] for t in options.targets}
     frames = [judge(edit_rows("none", "", "", 0.0, guidance, selection_rows))]
-    bounds = {c: [0, len(ratios)] for c in candidates}  # the first clean index is in [lo, hi]; hi = len: none
-    tried = set()  # (candidate, ratio index) whose target rows were judged
-    while asks := [(c, (lo + hi) // 2) for c, (lo, hi) in bounds.items() if lo < hi]:
+    probes = {c: {} for c in candidates}  # ratio index -> clean, per candidate
+    while asks := [(c, k) for c in candidates if (k := next_probe(probes[c], len(ratios))) is not None]:
         judged = judge(pd.concat([edit_rows(*c, ratios[k], guidance, asked[c[1]]) for c, k in asks],
                                  ignore_index=True))
         frames.append(judged)
-        tried.update(asks)
         verdicts = {key: accuracies(rows, key[1]) for key, rows in
                     judged.groupby(["edit", "target", "selection", "ratio"])}
         for c, k in asks:
-            if is_clean(verdicts[(*c, ratios[k])], search.target_max):
-                bounds[c][1] = k
-            else:
-                bounds[c][0] = k + 1
+            probes[c][k] = is_clean(verdicts[(*c, ratios[k])], search.target_max)
     second = []
-    for c, (first_clean, _) in bounds.items():
-        if first_clean < len(ratios):
+    for c in candidates:
+        found = first_clean(probes[c], len(ratios))
+        if found < len(ratios):
             # `margin` steps further: near the threshold a verdict depends on the seeds
-            checked = min(first_clean + search.margin, len(ratios) - 1)
+            checked = min(found + search.margin, len(ratios) - 1)
             rest = selection_rows[~target_rows(selection_rows, c[1])]
             second.append(edit_rows(*c, ratios[checked], guidance,
-                                    rest if (c, checked) in tried else pd.concat([asked[c[1]], rest])))
+                                    rest if checked in probes[c] else pd.concat([asked[c[1]], rest])))
     if second:
         frames.append(judge(pd.concat(second, ignore_index=True)))
     judged = pd.concat(frames, ignore_index=True)
