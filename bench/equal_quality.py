@@ -12,8 +12,9 @@ x_T at every call of `initial_noise` -- `reference_scores` itself reuses sample 
 it visit cad-ray's points exactly (its purpose there); the published code does not, and its T points per sample
 are independent, so it needs fewer samples than cad-ray for the same quality.
 
-cad-ray: `CAD(model, erase(steps=T, points_per_sample=p), "ff", batch=B)`; one guided trajectory per sample, p of
-its T points kept.
+cad-ray: `CAD(model, erase(steps=S, points_per_sample=p), "ff", batch=B)`; one guided trajectory per sample, p of
+its S points kept. S = T by default; `--trajectory-steps` also tries coarser trajectories (S = T/2 visits every
+other timestep of the T-step grid with half the guided steps), judged against the same T-step reference.
 
 Quality: Pearson r between a method's score vector (every component of the scope) and a reference made by cad-ray
 from `--reference` trajectories with every point kept, whose sample indices (and, for the published algorithm,
@@ -142,9 +143,9 @@ def run(args) -> dict:
     steps = args.steps
     names = None
 
-    def cad(points_per_sample, batch):
-        p = None if points_per_sample >= steps else points_per_sample
-        return CAD(model, make_objective("erase", steps=steps, points_per_sample=p), "ff",
+    def cad(points_per_sample, batch, trajectory_steps=steps):
+        p = None if points_per_sample >= trajectory_steps else points_per_sample
+        return CAD(model, make_objective("erase", steps=trajectory_steps, points_per_sample=p), "ff",
                    chunk_size=args.chunk, batch=batch)
 
     # the high-sample reference (not timed as part of any curve)
@@ -169,8 +170,9 @@ def run(args) -> dict:
 
     published_model = FreshNoisePerTimestep(model)
     objective = make_objective("erase", steps=steps)
-    configs = [(p, b) for p in args.points for b in args.batches]
-    cads = {(p, b): cad(p, b) for p, b in configs}
+    configs = [(p, b, s) for s in (args.trajectory_steps or [steps]) for p in args.points for b in args.batches
+               if p < s or p == max(args.points)]
+    cads = {(p, b, s): cad(p, b, s) for p, b, s in configs}
 
     # warm-up, not timed: one call of each cad-ray setting with one trajectory (which also makes the published
     # algorithm's shapes: guided steps on 2 rows, one point per backward)
@@ -182,7 +184,7 @@ def run(args) -> dict:
     for rep in range(args.repeats):
         # tasks: the published algorithm one sample at a time; cad-ray one (p, batch, n) call at a time
         pub = [("published", rep * 4096 + i) for i in range(max(args.published))]
-        ours = [("cad-ray", (p, b, n)) for n in args.cadray for p, b in configs]
+        ours = [("cad-ray", (p, b, s, n)) for n in args.cadray for p, b, s in configs]
         order = sorted([(i / len(pub), t) for i, t in enumerate(pub)] + [((i + 0.5) / len(ours), t)
                                                                           for i, t in enumerate(ours)],
                        key=lambda x: x[0])
@@ -201,35 +203,48 @@ def run(args) -> dict:
                     records.append(rec)
                     print(json.dumps(rec), flush=True)
             else:
-                p, b, n = what
-                out, s = timed(lambda: cads[(p, b)].attribute(concept, list(range(rep * 4096, rep * 4096 + n))))
-                rec = {"method": "cad-ray", "points": p, "batch": b, "repeat": rep, "n": n, "seconds": s,
+                p, b, ts, n = what
+                out, s = timed(lambda: cads[(p, b, ts)].attribute(concept, list(range(rep * 4096, rep * 4096 + n))))
+                rec = {"method": "cad-ray", "points": min(p, ts), "batch": b, "trajectory_steps": ts, "repeat": rep,
+                       "n": n, "seconds": s,
                        **quality(flat(out.scores, names), ref, ref_top)}
                 records.append(rec)
                 print(json.dumps(rec), flush=True)
-    return {**head, "records": records, "summary": summarise(records, args.targets)}
+    return {**head, "records": records, "summary": summarise(records, args.targets, steps)}
+
+
+def setting(rec: dict) -> tuple:
+    """(method, points, batch, trajectory steps) of a record; records made before `--trajectory-steps` have none."""
+    if rec["method"] == "published":
+        return ("published", None, None, None)
+    return ("cad-ray", rec["points"], rec["batch"], rec.get("trajectory_steps"))
+
+
+def label(key: tuple, steps: int) -> str:
+    if key[0] == "published":
+        return "published"
+    return f"cad-ray p={key[1]} batch={key[2]}" + (f" S={key[3]}" if key[3] not in (None, steps) else "")
 
 
 def curves(records) -> dict:
-    """(method, points, batch) -> [(n, least seconds, mean r)] over repeats (least: the repeat least slowed by
-    other jobs, as attribution_speed.py takes the best of two runs; the same rule for both methods)."""
+    """(method, points, batch, trajectory steps) -> [(n, least seconds, mean r)] over repeats (least: the repeat
+    least slowed by other jobs, as attribution_speed.py takes the best of two runs; the same rule for both)."""
     groups: dict = {}
     for rec in records:
-        key = ("published", None, None) if rec["method"] == "published" else ("cad-ray", rec["points"], rec["batch"])
+        key = setting(rec)
         groups.setdefault(key, {}).setdefault(rec["n"], []).append(rec)
     return {k: [(n, float(np.min([r["seconds"] for r in rs])), float(np.mean([r["r"] for r in rs])))
                 for n, rs in sorted(v.items())] for k, v in groups.items()}
 
 
-def summarise(records, extra_targets) -> dict:
+def summarise(records, extra_targets, steps: int = 50) -> dict:
     cs = curves(records)
-    pub = cs[("published", None, None)]
+    pub = cs[("published", None, None, None)]
     targets = sorted({r for _, _, r in pub} | set(extra_targets))
-    out = {"curves": {f"{k[0]} p={k[1]} batch={k[2]}" if k[1] else k[0]: v for k, v in cs.items()},
-           "fits": {}, "targets": []}
+    out = {"curves": {label(k, steps): v for k, v in cs.items()}, "fits": {}, "targets": []}
     for k, v in cs.items():
         A, B, t0, c = fit(v)
-        out["fits"][f"{k[0]} p={k[1]} batch={k[2]}" if k[1] else k[0]] = {
+        out["fits"][label(k, steps)] = {
             "A": A, "B": B, "ceiling_r": A ** -0.5 if A > 0 else None, "t0": t0, "seconds_per_sample": c}
     for target in targets:
         if target <= pub[0][2]:  # the published algorithm's least work is one sample (T trajectories)
@@ -245,7 +260,8 @@ def summarise(records, extra_targets) -> dict:
                 best = (k, tc, xc)
         row = {"r": target, "published_seconds": tp, "published_extrapolated": xp}
         if best:
-            row.update(cadray_points=best[0][1], cadray_batch=best[0][2], cadray_seconds=best[1],
+            row.update(cadray_points=best[0][1], cadray_batch=best[0][2], cadray_trajectory_steps=best[0][3] or steps,
+                       cadray_seconds=best[1],
                        cadray_extrapolated=best[2], speedup=tp / best[1] if tp else None)
         out["targets"].append(row)
     return out
@@ -265,7 +281,9 @@ def plot(inputs: list[str], path: str) -> None:
             key = "published (fresh trajectory per t)" if rec["method"] == "published" else \
                 f"cad-ray, {rec['points']} points/trajectory" + ("" if len({r.get('batch') for r in res['records']
                                                                             if r['method'] == 'cad-ray'}) == 1
-                                                              else f", batch {rec['batch']}")
+                                                              else f", batch {rec['batch']}") \
+                + (f", {rec['trajectory_steps']}-step trajectory" if rec.get("trajectory_steps") not in
+                   (None, res["steps"]) else "")
             cs.setdefault(key, {}).setdefault(rec["n"], []).append(rec)
         for key, byn in cs.items():
             ns = sorted(byn)
@@ -304,6 +322,9 @@ def main() -> None:
     parser.add_argument("--cadray", type=ints, default=[1, 2, 4, 8, 16, 32, 64], help="trajectory counts")
     parser.add_argument("--points", type=ints, default=[50, 10, 5, 2], help="points per trajectory (>= T: all)")
     parser.add_argument("--batches", type=ints, default=[16], help="cad-ray batch (trajectories sampled together)")
+    parser.add_argument("--trajectory-steps", type=ints, default=None,
+                        help="cad-ray's sampler steps S (default: --steps); quality is always against the T-step "
+                             "reference")
     parser.add_argument("--chunk", type=int, default=256, help="points per forward/backward pass")
     parser.add_argument("--repeats", type=int, default=2, help="independent repeats (disjoint samples)")
     parser.add_argument("--targets", type=lambda t: [float(x) for x in t.split(",")], default=[0.95, 0.98])
@@ -320,7 +341,7 @@ def main() -> None:
         lines = Path(args.from_log).read_text().splitlines()
         records = [json.loads(x) for x in lines if x.startswith('{"method"')]
         head = json.loads(next(x for x in lines if x.startswith('{"model"')))
-        result = {**head, "records": records, "summary": summarise(records, args.targets)}
+        result = {**head, "records": records, "summary": summarise(records, args.targets, head["steps"])}
         Path(args.json).write_text(json.dumps(result, indent=1))
         print(json.dumps(result["summary"]["targets"], indent=1))
         return
@@ -328,7 +349,7 @@ def main() -> None:
         if args.resummarise:
             for p in args.inputs:
                 res = json.loads(Path(p).read_text())
-                res["summary"] = summarise(res["records"], args.targets)
+                res["summary"] = summarise(res["records"], args.targets, res["steps"])
                 Path(p).write_text(json.dumps(res, indent=1))
                 print(json.dumps(res["summary"]["targets"], indent=1))
         if args.plot:

@@ -153,8 +153,9 @@ class SearchOptions(Strict):
                                               "parts joined by | (docs/editing.md)")
     ratios: list[float] = Field(default_factory=lambda: list(DEFAULT_SEARCH_RATIOS), min_length=1)
     images_per_prompt: int = Field(2, ge=1, description="seeds per prompt of the selection split")
-    margin: int = Field(1, ge=0, description="grid steps above the smallest clean ratio at which a setting is "
-                                             "checked and picked: near the threshold a verdict depends on seeds")
+    margin: int = Field(1, ge=0, description="a setting is checked and picked this many grid steps above the "
+                                             "smallest clean ratio followed by as many clean ones: near the "
+                                             "threshold a verdict depends on seeds")
     target_max: float = Field(0.2, ge=0, le=1, description="clean: the target's accuracy at most this, on own "
                                                           "and on unseen wordings")
     others_min: float = Field(0.9, ge=0, le=1, description="kept: every other label keeps this share of its "

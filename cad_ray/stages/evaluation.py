@@ -530,9 +530,9 @@ def summarize_evaluation(table: pd.DataFrame, reference: np.ndarray | None = Non
 
 
 def choose_settings(judged: pd.DataFrame, candidates: list[tuple], options) -> dict:
-    """The search's rule, on selection-split rows only: for each (edit, target, selection) the ratio `margin`
-    grid steps above the smallest at which the target is clean (own and unseen wordings <= target_max), kept
-    there if it is still clean, everything else keeps >= others_min of its unedited accuracy and >= brightness_min
+    """The search's rule, on selection-split rows only: for each (edit, target, selection) the ratio at which
+    its other rows were judged (`checked_index`: `margin` grid steps above the smallest clean ratio that starts a
+    clean run; clean: own and unseen wordings <= target_max), kept there if it is still clean, everything else keeps >= others_min of its unedited accuracy and >= brightness_min
     of its brightness (`brightness_kept`). Per (edit, target): among the kept settings the lowest target
     accuracy (ties: the most kept, then the smaller ratio, then the earlier selection); if none is kept, the clean setting that
     keeps the most; if none is clean, the lowest target accuracy. Returns {(edit, target): (selection, ratio,
@@ -585,33 +585,22 @@ def is_clean(verdict: dict, target_max: float) -> bool:
     return all(not v > target_max for v in (verdict["own"], verdict["unseen"]) if v == v)
 
 
-def next_probe(probes: dict[int, bool], n: int) -> int | None:
-    """The next ratio index to judge for one candidate, given the verdicts so far ({index: clean}), or None once its
-    smallest clean index is known. Galloping from the smallest ratio (0, 1, 3, 7, ..., then n - 1) until one is
-    clean, then bisecting between it and the unclean probe below it. Not a bisection of the whole grid: zeroing
-    more does not always keep the target away (a union of parts drew three again at 5% where 1% was clean,
-    docs/editing.md), and the smallest clean ratio is the one that costs the rest of the model least."""
-    clean = [k for k, c in probes.items() if c]
-    if clean:
-        hi = min(clean)
-        lo = max((k for k, c in probes.items() if not c and k < hi), default=-1) + 1
-        return None if lo == hi else (lo + hi) // 2
-    if not probes:
-        return 0
-    last = max(probes)
-    return None if last == n - 1 else min(2 * last + 1, n - 1)
-
-
-def first_clean(probes: dict[int, bool], n: int) -> int:
-    """The smallest clean index the probes found (n: none)."""
-    return min((k for k, c in probes.items() if c), default=n)
+def checked_index(clean: list[bool], margin: int) -> int | None:
+    """Where a candidate's other rows are judged, from its target's verdicts at every ratio of the grid: `margin`
+    steps above the smallest clean ratio that starts `margin + 1` clean steps in a row (near the threshold a
+    verdict depends on the seeds; the curve is not monotone, so one clean step can be a stray), else `margin`
+    steps above the smallest clean one; None if none is clean."""
+    runs = [k for k in range(len(clean)) if all(clean[k:k + margin + 1]) and k + margin < len(clean)]
+    first = runs[0] if runs else next((k for k, c in enumerate(clean) if c), None)
+    return None if first is None else min(first + margin, len(clean) - 1)
 
 
 def search_rounds(options: EvaluationOptions, prompts: pd.DataFrame, judge) -> tuple[dict, int]:
-    """The search, on the selection split only. Per candidate (edit, target, selection), find the smallest ratio
-    of the grid at which the target is clean (`next_probe`), judging only the rows that ask for the target; all
-    candidates' probes of a round go out together. Then the other rows are judged at `margin` grid steps above
-    it. `judge(rows)` generates and judges rows (resuming from finished blocks). Returns (picks, images judged)."""
+    """The search, on the selection split only, in two rounds. First, every candidate (edit, target, selection)
+    at every ratio of the grid, judging only the rows that ask for the target: not a bisection, because zeroing
+    more does not always keep the target away (a union drew three again at 5% where 1% was clean; eight's words
+    were clean at 5-7% and not at 15%, docs/editing.md). Then the other rows, at `checked_index`. `judge(rows)`
+    generates and judges rows (resuming from finished blocks). Returns (picks, images judged)."""
     search = options.search
     ratios = search.ratios
     selection_rows = prompts[prompts["split"] == "selection"]
@@ -622,24 +611,16 @@ def search_rounds(options: EvaluationOptions, prompts: pd.DataFrame, judge) -> t
     guidance = options.guidance
     asked = {t: selection_rows[target_rows(selection_rows, t)] for t in options.targets}
     frames = [judge(edit_rows("none", "", "", 0.0, guidance, selection_rows))]
-    probes = {c: {} for c in candidates}  # ratio index -> clean, per candidate
-    while asks := [(c, k) for c in candidates if (k := next_probe(probes[c], len(ratios))) is not None]:
-        judged = judge(pd.concat([edit_rows(*c, ratios[k], guidance, asked[c[1]]) for c, k in asks],
-                                 ignore_index=True))
-        frames.append(judged)
-        verdicts = {key: accuracies(rows, key[1]) for key, rows in
-                    judged.groupby(["edit", "target", "selection", "ratio"])}
-        for c, k in asks:
-            probes[c][k] = is_clean(verdicts[(*c, ratios[k])], search.target_max)
+    probed = judge(pd.concat([edit_rows(*c, ratio, guidance, asked[c[1]]) for c in candidates for ratio in ratios],
+                             ignore_index=True))
+    frames.append(probed)
+    verdicts = {key: accuracies(rows, key[1]) for key, rows in probed.groupby(["edit", "target", "selection", "ratio"])}
     second = []
     for c in candidates:
-        found = first_clean(probes[c], len(ratios))
-        if found < len(ratios):
-            # `margin` steps further: near the threshold a verdict depends on the seeds
-            checked = min(found + search.margin, len(ratios) - 1)
+        checked = checked_index([is_clean(verdicts[(*c, r)], search.target_max) for r in ratios], search.margin)
+        if checked is not None:
             rest = selection_rows[~target_rows(selection_rows, c[1])]
-            second.append(edit_rows(*c, ratios[checked], guidance,
-                                    rest if checked in probes[c] else pd.concat([asked[c[1]], rest])))
+            second.append(edit_rows(*c, ratios[checked], guidance, rest))
     if second:
         frames.append(judge(pd.concat(second, ignore_index=True)))
     judged = pd.concat(frames, ignore_index=True)
