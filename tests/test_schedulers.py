@@ -130,7 +130,7 @@ def test_erase_points_on_an_euler_model_are_the_scaled_inputs_the_unet_gets(tiny
         target_calls = recorder.calls[STEPS:]  # after the sampling steps (both trajectories in one batch)
         recorder.calls = []
         with torch.no_grad():
-            model.predict_noise(points.x, points.t, points.base_cond)
+            recomputed = model.predict_noise(points.x, points.t, points.base_cond)
     finally:
         model.unet = recorder.inner
     traj = model.sample(list(concept.prompts) * 2, seed=derive_seed(SEED, concept.name, "trajectory"),
@@ -143,9 +143,28 @@ def test_erase_points_on_an_euler_model_are_the_scaled_inputs_the_unet_gets(tiny
         sigmas.append(float(scheduler.sigmas[step]))
         torch.testing.assert_close(points.x[k], traj.latents[step, row] / (sigmas[-1] ** 2 + 1) ** 0.5)
     assert max(sigmas) > 1  # the scaling is far from a no-op at some of these points
-    # the base target was computed on exactly those inputs, and so is every later evaluation of the points
-    torch.testing.assert_close(torch.cat([x for x, _ in target_calls]), points.x)
+    # the base prompt is the negative prompt: its target is the unguided output the sampler computed on exactly
+    # those inputs (no second pass), and every later evaluation of the points is on them too
+    assert not target_calls
+    torch.testing.assert_close(points.target, recomputed, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(recorder.calls[0][0], points.x)
+
+
+def test_erase_target_for_another_base_prompt_is_computed_on_the_points(tiny_models):
+    """A base prompt other than the negative prompt: the target is one more pass, on the points' inputs."""
+    model = tiny_models("ddim")
+    concept = Concept("parachute", ("a photo of a parachute",), base_prompts=("a photo",))
+    recorder = RecordingUNet(model.unet)
+    model.unet = recorder
+    try:
+        points = EraseObjective(guidance=GUIDANCE, steps=STEPS, points_per_sample=3).points(model, concept, [0, 1],
+                                                                                            seed=SEED)
+        target_calls = recorder.calls[STEPS:]
+    finally:
+        model.unet = recorder.inner
+    torch.testing.assert_close(torch.cat([x for x, _ in target_calls]), points.x)
+    with torch.no_grad():
+        torch.testing.assert_close(points.target, model.predict_noise(points.x, points.t, points.base_cond))
 
 
 def _amplify_on_one_image(model, seed=2):

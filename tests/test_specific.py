@@ -161,6 +161,42 @@ def test_the_search_judges_the_target_at_every_ratio_and_the_others_only_where_i
     assert images == len(judged)
 
 
+@pytest.mark.parametrize("first_keeps", [True, False])
+def test_the_search_checks_the_others_best_candidate_first_and_stops_once_one_passes(first_keeps):
+    """Two candidates erase seven; "attn2" leaves fewer sevens than "ff". Their other digits are judged best
+    first: when "attn2" keeps them, "ff"'s others are never generated (it could not win); when "attn2" takes
+    "one" with it, "ff" is checked next and picked. The picks equal checking every candidate."""
+    from cad_ray.stages.evaluation import choose_settings, prompt_panels, search_rounds
+
+    options = parse_config({"concepts": [{"name": "seven"}, {"name": "one"}], "evaluation": {
+        "targets": ["seven"], "edits": ["cad-erase"], "prompt_panel": "wordings",
+        "search": {"selections": ["ff/global/none", "attn2/global/none"], "ratios": [0.01, 0.1], "margin": 0}}}
+    ).evaluation
+    calls = []
+
+    def judge(rows):
+        calls.append(rows)
+        seven = rows["label"] == "seven"
+        edited = rows["edit"] != "none"
+        stays = (rows["prompt"] == "seven") & (rows["seed"] % 2 == 0)  # "ff" leaves 1 of 8 own images: 12.5%
+        gone = edited & seven & ((rows["selection"] == "attn2/global/none") | ~stays)
+        broken = edited & (rows["label"] == "one") & (rows["selection"] == "attn2/global/none") & (not first_keeps)
+        wrong = gone | broken
+        return rows.assign(predicted=np.where(wrong, "none", rows["label"]), correct=~wrong, predicted_colour="")
+
+    picks, _ = search_rounds(options, prompt_panels(options), judge)
+    judged = pd.concat(calls, ignore_index=True)
+    checked = set(judged[(judged["edit"] != "none") & (judged["label"] != "seven")]["selection"])
+    assert picks[("cad-erase", "seven")][:2] == (("attn2/global/none" if first_keeps else "ff/global/none"), 0.01)
+    assert checked == ({"attn2/global/none"} if first_keeps else {"attn2/global/none", "ff/global/none"})
+    # the same pick as judging every candidate's others
+    everything = judge(pd.concat([judged] + [judged[(judged["edit"] == "none") & (judged["label"] != "seven")].assign(
+        edit="cad-erase", target="seven", selection=s, ratio=0.01) for s in ("ff/global/none", "attn2/global/none")],
+        ignore_index=True))
+    candidates = [("cad-erase", "seven", s) for s in ("ff/global/none", "attn2/global/none")]
+    assert choose_settings(everything, candidates, options)[("cad-erase", "seven")] == picks[("cad-erase", "seven")]
+
+
 def test_the_search_finds_clean_ratios_where_the_curve_is_not_monotone():
     """Zeroing more can bring a target back (a union of parts did, for three; eight's words were clean at 5-7% and
     not at 15%): a target clean only in a window of the grid is picked inside it, and a lone clean ratio below

@@ -106,10 +106,10 @@ def denoising_target(kind: str, x0: torch.Tensor, noise: torch.Tensor, alphas: t
 
 
 def concept_trajectories(model, concept: Concept, prompts: list[str], samples: list[int], seed: int,
-                         guidance: float | None, steps: int | None):
+                         guidance: float | None, steps: int | None, keep_unguided: bool = False):
     """Guided trajectories of a concept's samples; sample s starts from noise seeded by (seed, concept, s)."""
     return model.sample(prompts, seed=derive_seed(seed, concept.name, "trajectory"), guidance=guidance, steps=steps,
-                        ids=samples)
+                        ids=samples, keep_unguided=keep_unguided)
 
 
 class EraseObjective:
@@ -126,21 +126,30 @@ class EraseObjective:
         The points are the UNet inputs the sampler itself made, `scale_model_input(x_t, t)` at the sampler's
         own timesteps (sigma-scaled for Euler-type samplers), so J is measured where the model is used."""
         prompts, bases = map(list, zip(*(concept.prompt(s) for s in samples)))
-        traj = concept_trajectories(model, concept, prompts, samples, seed, self.guidance, self.steps)
+        # the base prompt is the sampler's negative prompt (""): the target, the UNet's output for it at each
+        # point, was already computed by the guidance of that step
+        reuse = all(b == "" for b in bases)
+        traj = concept_trajectories(model, concept, prompts, samples, seed, self.guidance, self.steps,
+                                    keep_unguided=reuse)
         inputs = traj.model_inputs
-        xs, ts, rows = [], [], []
+        xs, ts, rows, targets = [], [], [], []
         for row, s in enumerate(samples):
             keep = np.arange(len(traj.timesteps))
             if self.points_per_sample and self.points_per_sample < len(keep):
                 keep = np.sort(numpy_rng(seed, concept.name, s, "steps").choice(keep, self.points_per_sample,
                                                                                  replace=False))
             xs.append(inputs[keep, row])
+            if reuse:
+                targets.append(traj.unguided[keep, row])
             ts.append(traj.timesteps[keep])
             rows += [row] * len(keep)
         x, t, rows = torch.cat(xs), torch.cat(ts).to(model.device), torch.tensor(rows)
         cond, base_cond = model.encode(prompts)[rows.to(model.device)], model.encode(bases)[rows.to(model.device)]
-        target = torch.cat([model.predict_noise(x[i:i + chunk_size], t[i:i + chunk_size], base_cond[i:i + chunk_size])
-                            for i in range(0, len(t), chunk_size)])
+        if reuse:
+            target = torch.cat(targets)
+        else:
+            target = torch.cat([model.predict_noise(x[i:i + chunk_size], t[i:i + chunk_size],
+                                                    base_cond[i:i + chunk_size]) for i in range(0, len(t), chunk_size)])
         return Points(x, t, cond, target, torch.tensor(samples)[rows], self.sign, base_cond)
 
 

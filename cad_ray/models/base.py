@@ -70,6 +70,7 @@ class Trajectory:
     images: np.ndarray
     guidance: float
     inputs: torch.Tensor | None = None  # (steps, N, C, H, W); None: the same as latents[:-1]
+    unguided: torch.Tensor | None = None  # (steps, N, C, H, W): the UNet's output for the negative prompt
 
     @property
     def model_inputs(self) -> torch.Tensor:
@@ -173,7 +174,8 @@ class TextToImageModel:
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int = 0, guidance: float | None = None, steps: int | None = None,
-               negative_prompt: str = "", ids: Sequence[int] | None = None, progress: bool = False) -> Trajectory:
+               negative_prompt: str = "", ids: Sequence[int] | None = None, progress: bool = False,
+               keep_unguided: bool = False) -> Trajectory:
         """Sample one image per prompt with classifier-free guidance, keeping every x_t on the way.
 
         Image k's starting noise, and the step noise of a stochastic sampler, come from (seed, ids[k])
@@ -192,7 +194,7 @@ class TextToImageModel:
         step_kwargs = {}
         if "generator" in inspect.signature(scheduler.step).parameters:
             step_kwargs["generator"] = [torch.Generator().manual_seed(derive_seed(seed, int(k), "steps")) for k in ids]
-        kept, inputs = [], []
+        kept, inputs, unguided = [], [], []
         timesteps = scheduler.timesteps
         iterator = timesteps
         if progress:
@@ -206,12 +208,15 @@ class TextToImageModel:
             inputs.append(x_in)
             out_u, out_c = self.predict_noise(torch.cat([x_in, x_in]), t, torch.cat([uncond, cond])).chunk(2)
             guided = out_u + guidance * (out_c - out_u)
+            if keep_unguided:
+                unguided.append(out_u)
             x = scheduler.step(guided, t, x, return_dict=False, **step_kwargs)[0]
         kept.append(x)
         # an identity scaling (DDPM, DDIM, DPM-Solver) returns its input: no second copy of the trajectory
         same = all(i is k for i, k in zip(inputs, kept))
         return Trajectory(list(prompts), torch.stack(kept), timesteps.detach().cpu(), self.decode(x), guidance,
-                          inputs=None if same else torch.stack(inputs))
+                          inputs=None if same else torch.stack(inputs),
+                          unguided=torch.stack(unguided) if keep_unguided else None)
 
     @property
     def default_guidance(self) -> float:

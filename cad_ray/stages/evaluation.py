@@ -596,11 +596,15 @@ def checked_index(clean: list[bool], margin: int) -> int | None:
 
 
 def search_rounds(options: EvaluationOptions, prompts: pd.DataFrame, judge) -> tuple[dict, int]:
-    """The search, on the selection split only, in two rounds. First, every candidate (edit, target, selection)
-    at every ratio of the grid, judging only the rows that ask for the target: not a bisection, because zeroing
-    more does not always keep the target away (a union drew three again at 5% where 1% was clean; eight's words
-    were clean at 5-7% and not at 15%, docs/editing.md). Then the other rows, at `checked_index`. `judge(rows)`
-    generates and judges rows (resuming from finished blocks). Returns (picks, images judged)."""
+    """The search, on the selection split only. First round: the unedited model, and every candidate (edit,
+    target, selection) at every ratio of the grid, judging only the rows that ask for the target: not a
+    bisection, because zeroing more does not always keep the target away (a union drew three again at 5% where
+    1% was clean; eight's words were clean at 5-7% and not at 15%, docs/editing.md). Then the other rows, at
+    each candidate's `checked_index`, best first: a round checks, per (edit, target) still without a passing
+    setting, the candidates tied at the lowest target accuracy there. The rule (`choose_settings`) picks the
+    lowest target accuracy among the settings that pass, so a candidate behind one that passed cannot win and
+    is not judged; the picks are those of checking every candidate. `judge(rows)` generates and judges rows
+    (resuming from finished blocks). Returns (picks, images judged)."""
     search = options.search
     ratios = search.ratios
     selection_rows = prompts[prompts["split"] == "selection"]
@@ -610,19 +614,30 @@ def search_rounds(options: EvaluationOptions, prompts: pd.DataFrame, judge) -> t
                   for s in (search.selections if edit == "cad-erase" else [SEARCHED[edit]])]
     guidance = options.guidance
     asked = {t: selection_rows[target_rows(selection_rows, t)] for t in options.targets}
-    frames = [judge(edit_rows("none", "", "", 0.0, guidance, selection_rows))]
-    probed = judge(pd.concat([edit_rows(*c, ratio, guidance, asked[c[1]]) for c in candidates for ratio in ratios],
-                             ignore_index=True))
-    frames.append(probed)
+    rest = {t: selection_rows[~target_rows(selection_rows, t)] for t in options.targets}
+    frames = [judge(pd.concat([edit_rows("none", "", "", 0.0, guidance, selection_rows)]
+                              + [edit_rows(*c, ratio, guidance, asked[c[1]]) for c in candidates for ratio in ratios],
+                              ignore_index=True))]
+    probed = frames[0][frames[0]["edit"] != "none"]
     verdicts = {key: accuracies(rows, key[1]) for key, rows in probed.groupby(["edit", "target", "selection", "ratio"])}
-    second = []
-    for c in candidates:
+    queues: dict = {}  # (edit, target) -> [(target accuracy where checked, ratio index, order, candidate)]
+    for order, c in enumerate(candidates):
         checked = checked_index([is_clean(verdicts[(*c, r)], search.target_max) for r in ratios], search.margin)
         if checked is not None:
-            rest = selection_rows[~target_rows(selection_rows, c[1])]
-            second.append(edit_rows(*c, ratios[checked], guidance, rest))
-    if second:
-        frames.append(judge(pd.concat(second, ignore_index=True)))
+            accuracy = verdicts[(*c, ratios[checked])]["target"]
+            queues.setdefault(c[:2], []).append((accuracy if accuracy == accuracy else 1.0, checked, order, c))
+    for queue in queues.values():
+        queue.sort(key=lambda item: item[:3])
+    while tier := [item for queue in queues.values() if queue
+                   for item in queue if item[0] == queue[0][0]]:
+        for queue in queues.values():
+            queue[:] = [item for item in queue if item[0] != queue[0][0]] if queue else queue
+        frames.append(judge(pd.concat([edit_rows(*c, ratios[k], guidance, rest[c[1]]) for _, k, _, c in tier],
+                                      ignore_index=True)))
+        picks = choose_settings(pd.concat(frames, ignore_index=True), candidates, options)
+        for key, queue in queues.items():
+            if picks.get(key, (None, None, False))[2]:
+                queue.clear()
     judged = pd.concat(frames, ignore_index=True)
     return choose_settings(judged, candidates, options), len(judged)
 
