@@ -161,7 +161,8 @@ class SearchOptions(Strict):
     others_min: float = Field(0.9, ge=0, le=1, description="kept: every other label keeps this share of its "
                                                           "unedited accuracy")
     brightness_min: float = Field(0.8, ge=0, le=1, description="kept: the images of everything else keep this "
-                                                               "share of their unedited brightness (mean)")
+                                                               "share of their unedited brightness (mean per "
+                                                               "colour asked, the worst)")
 
     @field_validator("selections")
     @classmethod

@@ -120,17 +120,24 @@ def test_an_edit_that_dims_what_should_stay_is_not_clean():
     lit[1, 2:6, 3, :] = 0.4  # the same stroke, grey and dim
     assert brightness(lit) == pytest.approx([1.0, 0.4])
     rows = []
-    for edit, ratio, seven_lit in (("none", 0.0, 1.0), ("cad-erase", 0.01, 1.0), ("cad-erase", 0.03, 0.5)):
+    # "one" asked without a colour (10 images) and in blue (2): at 3% every kept image is at half its brightness,
+    # at 5% only the blue ones, at 0.3 (the mean over all twelve, 0.88, would pass)
+    for edit, ratio, dim_free, dim_blue in (("none", 0.0, 1.0, 1.0), ("cad-erase", 0.01, 1.0, 1.0),
+                                            ("cad-erase", 0.03, 0.5, 0.5), ("cad-erase", 0.05, 1.0, 0.3)):
         for label in ("seven", "one"):
-            rows += [{"edit": edit, "target": "seven" if edit != "none" else "", "ratio": ratio, "guidance": 3.0,
-                      "label": label, "prompt": label, "seed": k, "zeroed": 1,
-                      "correct": label == "one" or edit == "none",
-                      "brightness": 0.9 * (seven_lit if label == "one" else 1.0)} for k in range(10)]
-    table = pd.DataFrame(rows).assign(selection="all/global/none", colour="", template="free-0w", split="test")
+            for k in range(12):
+                colour = "blue" if k >= 10 and label == "one" else ""
+                dim = (dim_blue if colour else dim_free) if label == "one" else 1.0
+                rows.append({"edit": edit, "target": "seven" if edit != "none" else "", "ratio": ratio,
+                             "guidance": 3.0, "label": label, "colour": colour, "prompt": f"{colour} {label}",
+                             "seed": k, "zeroed": 1, "correct": label == "one" or edit == "none",
+                             "brightness": 0.9 * dim})
+    table = pd.DataFrame(rows).assign(selection="all/global/none", template="free-0w", split="test")
     summary = summarize_evaluation(table).set_index("ratio")
     assert summary.loc[0.01, "brightness_kept"] == 1.0 and summary.loc[0.01, "clean"]
-    assert summary.loc[0.03, "brightness_kept"] == 0.5 and not summary.loc[0.03, "clean"]
-    assert summary.loc[0.03, "worst_other_retained"] == 1.0  # the judge alone would have passed it
+    assert summary.loc[0.03, "brightness_kept"] == pytest.approx(0.5) and not summary.loc[0.03, "clean"]
+    assert summary.loc[0.05, "brightness_kept"] == pytest.approx(0.3) and not summary.loc[0.05, "clean"]
+    assert (summary.loc[[0.03, 0.05], "worst_other_retained"] == 1.0).all()  # the judge alone would pass both
 
 
 def test_bad_input_is_one_line_and_keeps_results(evaluated, tmp_path, capsys):
