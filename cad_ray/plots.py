@@ -102,7 +102,8 @@ VERDICT_EDITS = ("cad-erase", "cad-erase-published", "gradient", "magnitude", "c
 def erase_verdicts(summary: pd.DataFrame) -> bytes:
     """Per target, for each searched edit (picked setting), the edits that follow cad-erase's setting, the
     single-setting baselines (uce, finetune) and random: the target's accuracy on its own and on unseen wordings,
-    and the worst share of its accuracy anything else keeps; the 20% and 90% lines of "clean"."""
+    the worst share of its accuracy anything else keeps, and how bright everything else stays (where the table
+    measured it); the 20%, 90% and 80% lines of "clean"."""
     plt = _pyplot()
     single = ("random", "uce", "finetune")
     rows = summary[summary["edit"].isin(VERDICT_EDITS) & (summary["picked"] | summary["edit"].isin(single))]
@@ -111,15 +112,20 @@ def erase_verdicts(summary: pd.DataFrame) -> bytes:
     known = list(DIGIT_WORDS + COLOUR_NAMES)  # the digits world in its own order, anything else after it
     targets = sorted(set(rows["target"]), key=lambda name: (known.index(name) if name in known else len(known), name))
     edits = [e for e in VERDICT_EDITS if e in set(rows["edit"])]
-    fig, axes = plt.subplots(3, 1, figsize=(max(6, 0.7 * len(targets)), 7), sharex=True)
+    panels = [("target_accuracy_own", "target, own wordings", 0.2),
+              ("target_accuracy_unseen", "target, unseen wordings", 0.2),
+              ("worst_other_retained", "worst other kept", 0.9)]
+    if "brightness_kept" in rows and rows["brightness_kept"].notna().any():
+        panels.append(("brightness_kept", "brightness of the others kept (worst colour)", 0.8))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 0.7 * len(targets)), 2.3 * len(panels) + 0.1),
+                             sharex=True)
     width = 0.8 / max(len(edits), 1)
     for k, edit in enumerate(edits):
         g = rows[rows["edit"] == edit].set_index("target").reindex(targets)
         x = [i + (k - (len(edits) - 1) / 2) * width for i in range(len(targets))]
-        for ax, column in zip(axes, ("target_accuracy_own", "target_accuracy_unseen", "worst_other_retained")):
+        for ax, (column, _, _) in zip(axes, panels):
             ax.bar(x, g[column].fillna(0), width=width, label=edit)
-    for ax, title, line in zip(axes, ("target, own wordings", "target, unseen wordings", "worst other kept"),
-                               (0.2, 0.2, 0.9)):
+    for ax, (_, title, line) in zip(axes, panels):
         ax.axhline(line, color="grey", lw=0.8, ls=":")
         ax.set_ylim(0, 1.05)
         ax.set_title(title, fontsize=9)
