@@ -535,11 +535,11 @@ def summarize_evaluation(table: pd.DataFrame, reference: np.ndarray | None = Non
 def choose_settings(judged: pd.DataFrame, candidates: list[tuple], options) -> dict:
     """The search's rule, on selection-split rows only: for each (edit, target, selection) the ratio at which
     its other rows were judged (`checked_index`: `margin` grid steps above the smallest clean ratio that starts a
-    clean run; clean: own and unseen wordings <= target_max), kept there if it is still clean, everything else keeps >= others_min of its unedited accuracy and >= brightness_min
-    of its brightness (`brightness_kept`). Per (edit, target): among the kept settings the lowest target
-    accuracy (ties: the most kept, then the smaller ratio, then the earlier selection); if none is kept, the clean setting that
-    keeps the most; if none is clean, the lowest target accuracy. Returns {(edit, target): (selection, ratio,
-    passed)}."""
+    clean run; clean: own and unseen wordings <= target_max), kept there if it is still clean and everything
+    else keeps >= others_min of its unedited accuracy and >= brightness_min of its brightness
+    (`brightness_kept`). Per (edit, target): among the kept settings the lowest target accuracy (ties: the most
+    kept, then the smaller ratio, then the earlier selection); if none is kept, the clean setting that keeps the
+    most; if none is clean, the lowest target accuracy. Returns {(edit, target): (selection, ratio, passed)}."""
     search = options.search
     judged = judged[judged["split"] == "selection"]
     unedited = judged[judged["edit"] == "none"]
