@@ -631,10 +631,12 @@ def search_rounds(options: EvaluationOptions, prompts: pd.DataFrame, judge) -> t
             queues.setdefault(c[:2], []).append((accuracy if accuracy == accuracy else 1.0, checked, order, c))
     for queue in queues.values():
         queue.sort(key=lambda item: item[:3])
-    while tier := [item for queue in queues.values() if queue
-                   for item in queue if item[0] == queue[0][0]]:
+    while any(queues.values()):
+        tier = []
         for queue in queues.values():
-            queue[:] = [item for item in queue if item[0] != queue[0][0]] if queue else queue
+            best = queue[0][0] if queue else None
+            tier += [item for item in queue if item[0] == best]
+            queue[:] = [item for item in queue if item[0] != best]
         frames.append(judge(pd.concat([edit_rows(*c, ratios[k], guidance, rest[c[1]]) for _, k, _, c in tier],
                                       ignore_index=True)))
         picks = choose_settings(pd.concat(frames, ignore_index=True), candidates, options)
