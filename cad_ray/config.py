@@ -13,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cad_ray.errors import CadRayError
 
-ObjectiveName = Literal["erase", "amplify", "prior"]
+ObjectiveName = Literal["erase", "amplify", "prior", "residual"]
 # what a concept's scores are computed for: CAD's objectives, or a baseline method with tables of its own
-ScoredName = Literal["erase", "amplify", "prior", "conceptprune"]
+ScoredName = Literal["erase", "amplify", "prior", "residual", "conceptprune"]
 LATER_STAGES = ("validation", "evaluation")  # sections read by later stages; they do not change the score tables
 
 
@@ -37,6 +37,13 @@ class AmplifyOptions(Strict):
     steps: int | None = Field(None, ge=1)
 
 
+class ResidualOptions(AmplifyOptions):
+    after: str = Field("tokens/neuron/kind-mean", description="the first edit: the selection whose components are "
+                       "zeroed before the residual is attributed (ranked by the run's own scores)")
+    after_ratio: float = Field(0.07, gt=0, le=1, description="the first edit's ratio (0.07 of the digits model's "
+                               "32-word table: the 2 words of a digit)")
+
+
 class ConceptPruneOptions(Strict):
     """ConceptPrune's statistics (cad_ray.method.baselines.ConceptPrune), for concepts listing `conceptprune`."""
 
@@ -51,8 +58,8 @@ class ConceptSpec(Strict):
     prompts: list[str] | None = None
     base_prompt: str | list[str] | None = None
     objectives: list[ScoredName] = Field(default_factory=lambda: ["erase"], min_length=1,
-                                         description="erase, amplify, prior (CAD), conceptprune (the "
-                                                     "baseline's Wanda scores, docs/editing.md)")
+                                         description="erase, amplify, prior, residual (CAD), conceptprune "
+                                                     "(the baseline's Wanda scores, docs/editing.md)")
 
     @field_validator("prompts")
     @classmethod
@@ -266,6 +273,9 @@ class AttributionConfig(Strict):
     amplify: AmplifyOptions = Field(default_factory=AmplifyOptions)
     prior: AmplifyOptions = Field(default_factory=AmplifyOptions, description="the prior objective's: the "
                                   "concept's images denoised under its base prompt (concepts listing `prior`)")
+    residual: ResidualOptions = Field(default_factory=ResidualOptions, description="the residual objective's: the "
+                                      "amplify objective on the model with the `after` edit of the concept made "
+                                      "(what still draws it once its words are gone)")
     conceptprune: ConceptPruneOptions = Field(default_factory=ConceptPruneOptions)
     concepts: list[ConceptSpec] = Field(min_length=1)
     workers: int | None = Field(None, ge=1, description="Ray actors (default: one per GPU, else per CPU)")
@@ -297,9 +307,29 @@ class AttributionConfig(Strict):
                              "sample's numbers do not depend on the shard it falls in")
         return self
 
+    @model_validator(mode="after")
+    def _residual_follows_its_first_edit(self):
+        listing = [c.name for c in self.concepts if "residual" in c.objectives]
+        if listing:
+            from cad_ray.method.editing import Selection
+
+            try:
+                after = Selection.parse(self.residual.after)
+            except CadRayError as error:
+                raise ValueError(f"residual.after: {error}") from None
+            needed = after.objective or "erase"
+            if after.also is not None or needed == "residual":
+                raise ValueError("residual.after must be one selection of the run's other scores, not a union or "
+                                 "the residual itself")
+            lacking = [c.name for c in self.concepts if c.name in listing and needed not in c.objectives]
+            if lacking:
+                raise ValueError(f"the residual objective zeroes residual.after ({after}) first, which ranks the "
+                                 f"{needed!r} scores: add {needed!r} to the objectives of {', '.join(lacking)}")
+        return self
+
     def result_fields(self) -> dict:
         # conceptprune's and prior's options count only where a concept lists them (runs made before keep their hash)
-        unused = {o for o in ("conceptprune", "prior") if not any(o in c.objectives for c in self.concepts)}
+        unused = {o for o in ("conceptprune", "prior", "residual") if not any(o in c.objectives for c in self.concepts)}
         return self.model_dump(exclude={"workers", "device", "keep_shards", *LATER_STAGES, *unused}, mode="json")
 
     def config_hash(self) -> str:

@@ -222,18 +222,18 @@ def test_the_search_finds_clean_ratios_where_the_curve_is_not_monotone():
 @pytest.fixture(scope="module")
 def specific_digits(tmp_path_factory):
     """Every digit attributed over the feed-forward layers, the cross-attention and the token-embedding table, by
-    the erase and the prior objectives."""
+    the erase, the prior and the residual objectives."""
     from cad_ray.distributed import run_attribution
 
     root = str(tmp_path_factory.mktemp("specific") / "run")
     config = parse_config({"scope": "ff+attn2+tokens", "samples": 8, "concepts": [
-        {"name": n, "objectives": ["erase", "prior"]} for n in (
+        {"name": n, "objectives": ["erase", "prior", "residual"]} for n in (
             "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")]})
     run_attribution(config, root, local=True, progress=False)
     return root
 
 
-def erase_verdicts(root, model, target, selection, ratio):
+def erase_verdicts(root, model, target, selection, ratio, random_seed=0):
     """Per-digit accuracy of the shipped model after the selection's erase of `target`, and of `target` after
     random zeroing of as many components (as many rows for `neuron`): one image per wording (18 per digit: 8
     own, 10 unseen), a seed each, the digit judge."""
@@ -256,8 +256,8 @@ def erase_verdicts(root, model, target, selection, ratio):
 
     panel = digits_prompt_set(1, 2000, "wordings", "test")
     erased = accuracy(masks, panel)
-    drawn = [random_like(store.masks(target, part, ratio), part.granularity, seed=0, scope=part.scope)
-             for part in chosen.parts]
+    drawn = [random_like(store.masks(target, part, share), part.granularity, seed=random_seed, scope=part.scope)
+             for part, share in store.edit_parts(chosen, ratio)]
     kept = accuracy(union_masks(drawn), panel[panel["label"] == target])
     return erased, kept[target], masks
 
@@ -312,6 +312,48 @@ def test_the_prior_part_draws_fewer_threes_unasked_and_with_the_words_erases_thr
     assert erased["three"] <= 0.2, erased
     assert erased.drop("three").min() >= 0.9, erased
     assert random_kept >= 0.8
+
+
+def test_the_residual_of_three_draws_it_from_its_zeroed_words_and_zeroing_it_erases_three(specific_digits,
+                                                                                         digits_model):
+    """The measured case (docs/editing.md): three's words zeroed leave three drawn (a zeroed word is not an
+    absent one: the model draws threes for it); the residual objective, attributed on that edited model and
+    contrasted against the other digits' residuals on the cross-attention, finds what draws it there: zeroing
+    it too erases three, keeps every other digit, and as many random words and components leave three."""
+    from collections import Counter
+
+    from cad_ray.digits import DIGIT_WORDS
+    from cad_ray.digits.judges import builtin_judges
+    from cad_ray.method.editing import edited
+    from cad_ray.store import ScoreStore
+
+    store, judges, prompts = ScoreStore(specific_digits), builtin_judges(), ["3", "a 3", "the digit 3", "three"] * 16
+
+    def threes(masks):
+        with edited(digits_model, masks):
+            images = digits_model.sample(prompts, seed=3000, ids=list(range(len(prompts)))).images
+        return Counter(DIGIT_WORDS[d] for d in judges.digits(images))["three"]
+
+    first = store.masks("three", "tokens/neuron/kind-mean", 0.07)
+    after_words, after_residual = threes(first), threes(store.masks("three", "residual:attn2/global/kind-max", 0.02))
+    assert after_words >= 0.2 * len(prompts) and after_residual < 0.5 * after_words, (after_words, after_residual)
+    # random seed 1: seed 0's two random words are "three" and "green", the target's own word by chance (2 of 32)
+    erased, random_kept, masks = erase_verdicts(specific_digits, digits_model, "three",
+                                                "residual:attn2/global/kind-max", 0.02, random_seed=1)
+    assert erased["three"] <= 0.2, erased
+    assert erased.drop("three").min() >= 0.9, erased
+    assert random_kept >= 0.8
+    assert all((masks[n] >= m).all() for n, m in first.items())  # the words go with it
+    attn2 = [n for n in masks if ".attn2." in n]
+    assert 0 < sum(masks[n].sum() for n in attn2) <= 0.02 * sum(masks[n].size for n in attn2) + 1
+
+
+def test_the_residual_objective_needs_the_scores_its_first_edit_ranks():
+    with pytest.raises(CadRayError, match="add 'erase'"):
+        parse_config({"concepts": [{"name": "three", "objectives": ["residual"]}]})
+    with pytest.raises(CadRayError, match="residual.after"):
+        parse_config({"residual": {"after": "tokens/sideways/none"},
+                      "concepts": [{"name": "three", "objectives": ["erase", "residual"]}]})
 
 
 def test_a_union_selection_zeroes_what_either_part_picks_each_from_its_own_objective(small_run):

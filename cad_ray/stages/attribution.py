@@ -120,9 +120,24 @@ class AttributionWorker:
         return {objective: self.estimator(objective).layout()
                 for objective in dict.fromkeys(o for _, o in self.config.pairs())}
 
+    def first_edit(self, concept: str, objective: str):
+        """The model as the objective sees it: for `residual`, with its `after` edit of the concept zeroed (ranked
+        by this run's tables of the other objectives, written before the residual's shards run); else as is."""
+        from contextlib import nullcontext
+
+        from cad_ray.method.editing import edited
+        from cad_ray.store import ScoreStore
+
+        if objective != "residual":
+            return nullcontext()
+        options = self.config.residual
+        store = ScoreStore(self.run.uri, allow_incomplete=True)
+        return edited(self.model, store.masks(concept, options.after, options.after_ratio))
+
     def partial_sum(self, shard: Shard) -> GradientSum:
         """A shard's partial gradient sum (float64), in memory."""
-        return self.estimator(shard.objective).partial_sum(self.concepts[shard.concept], list(shard.samples))
+        with self.first_edit(shard.concept, shard.objective):
+            return self.estimator(shard.objective).partial_sum(self.concepts[shard.concept], list(shard.samples))
 
     def run_shard(self, shard: Shard) -> dict:
         start = time.time()
@@ -145,7 +160,8 @@ class AttributionWorker:
         if any(p is None for p in parts):
             raise CadRayError(f"shards of {concept}/{objective} are missing or damaged; re-run to recompute them")
         total = GradientSum.reduce(parts)
-        attribution = estimator.finish(self.concepts[concept], total)
+        with self.first_edit(concept, objective):  # the zeroed components score 0: they are gone already
+            attribution = estimator.finish(self.concepts[concept], total)
         names, weights, grads = estimator.tensor_names, attribution.weights, attribution.grads
         meta = table_metadata(manifest, concept, objective, {"samples": total.samples,
                                                               "scope": estimator.scope,
@@ -338,17 +354,22 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
     for shard in needed:
         by_pair[(shard.concept, shard.objective)].append(shard)
     direct = direct_pairs(config, by_pair, pending)  # computed by their reduce, without a shard file
-    written = [s for s in pending if (s.concept, s.objective) not in direct]
-    for _ in executor.map(AttributionWorker, "run_shard", written, "attribution", total=len(needed) - len(direct)):
-        pass
-    todo = [(*pair, by_pair[pair], manifest, pair in direct) for pair in to_finalize]
     results, released = [], 0
-    for _, result in executor.map(AttributionWorker, "finalize_pair", todo, "reduce"):
-        results.append(result)
-        pair = (result["concept"], result["objective"])
-        # removed only once its tables read back whole: until then they are what a repair would reduce
-        if not config.keep_shards and all(table_is_whole(run_root, t, *pair, manifest) for t in RESULT_TABLES):
-            released += release_shards(run_root, *pair)
+    # the residual objective is attributed on the model its first edit leaves, which ranks the other
+    # objectives' scores: those are written first
+    for residual in (False, True):
+        phase = [p for p in to_finalize if (p[1] == "residual") == residual]
+        written = [s for s in pending if (s.concept, s.objective) in phase and (s.concept, s.objective) not in direct]
+        for _ in executor.map(AttributionWorker, "run_shard", written, "attribution",
+                              total=sum(len(by_pair[p]) for p in phase if p not in direct)):
+            pass
+        todo = [(*pair, by_pair[pair], manifest, pair in direct) for pair in phase]
+        for _, result in executor.map(AttributionWorker, "finalize_pair", todo, "reduce"):
+            results.append(result)
+            pair = (result["concept"], result["objective"])
+            # removed only once its tables read back whole: until then they are what a repair would reduce
+            if not config.keep_shards and all(table_is_whole(run_root, t, *pair, manifest) for t in RESULT_TABLES):
+                released += release_shards(run_root, *pair)
     if not config.keep_shards:  # pairs finished before (a run killed between its tables and this, or kept)
         released += sum(release_shards(run_root, spec.name, objective) for spec, objective in config.pairs()
                         if (spec.name, objective) not in to_finalize)

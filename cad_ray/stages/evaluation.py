@@ -344,8 +344,9 @@ class ImageJudge:
                          for part in chosen.parts]
                 self.cache[key] = union_masks(parts)
             elif edit == "random":  # as many components in each unit of each part's scope as cad-erase's part
-                drawn = [random_like(self._masks("cad-erase", target, str(part), ratio), part.granularity,
-                                     self.config.seed, scope=part.scope) for part in chosen.parts]
+                drawn = [random_like(self._masks("cad-erase", target, str(part), share), part.granularity,
+                                     self.config.seed, scope=part.scope)
+                         for part, share in self.store.edit_parts(chosen, ratio)]
                 self.cache[key] = union_masks(drawn)
             else:
                 if edit in FOLLOWERS:  # |w| is every concept's: nothing to contrast

@@ -254,19 +254,35 @@ class ScoreStore:
         and for a contrast those of the other concepts of the objective in this run; for a union, each part's
         (of its own objective, `objective` where it names none), joined. `scores_of(concept, objective,
         method)` may supply cached tensor scores."""
-        from cad_ray.method.editing import Selection, contrast_concepts, selection_masks, union_masks
+        from cad_ray.method.editing import contrast_concepts, selection_masks, union_masks
 
-        chosen = selection if isinstance(selection, Selection) else Selection.parse(selection)
         scores_of = scores_of or self.tensor_scores
         pairs = list(self.concepts().itertuples(index=False))
         picked = []
-        for part in chosen.parts:
+        for part, ratio in self.edit_parts(selection, ratio):
             own = part.objective or objective
             stored = scored_partition(own, part.method)
             concepts = [c for c, o in pairs if o == stored]
             picked.append(selection_masks(lambda c: scores_of(c, own, part.method), target,
                                           contrast_concepts(target, concepts, part.contrast), part, ratio, largest))
         return union_masks(picked)
+
+    def edit_parts(self, selection, ratio: float) -> list:
+        """The (part, ratio) pairs an edit by `selection` zeroes: each part of a union at the edit's ratio, and
+        before a part that ranks `residual` scores, the first edit those scores were computed after (the run's
+        `residual.after` at `residual.after_ratio`): the residual's components draw the concept only on the
+        model that edit leaves."""
+        from cad_ray.method.editing import Selection
+
+        chosen = selection if isinstance(selection, Selection) else Selection.parse(selection)
+        out = []
+        for part in chosen.parts:
+            if part.objective == "residual":
+                first = self.manifest["config"].get("residual") or {}
+                out.append((Selection.parse(first.get("after", "tokens/neuron/kind-mean")),
+                            float(first.get("after_ratio", 0.07))))
+            out.append((part, ratio))
+        return out
 
     def layers(self, concept: str | None = None, objective: str | None = None) -> pd.DataFrame:
         if concept is not None:
