@@ -94,7 +94,7 @@ class AttributionWorker:
         self.model = model_for(config, device)
         self.load_seconds = time.time() - start
         self.concepts = {spec.name: build_concept(spec, self.model) for spec in config.concepts}
-        self.estimators = {}
+        self.estimators, self.first_edits = {}, {}
 
     def fingerprint(self) -> str:
         return self.model.fingerprint()
@@ -130,9 +130,11 @@ class AttributionWorker:
 
         if objective != "residual":
             return nullcontext()
-        options = self.config.residual
-        store = ScoreStore(self.run.uri, allow_incomplete=True)
-        return edited(self.model, store.masks(concept, options.after, options.after_ratio))
+        if concept not in self.first_edits:  # read once per concept: every shard and the reduce need it
+            residual = self.estimator(objective).objective
+            store = ScoreStore(self.run.uri, allow_incomplete=True)
+            self.first_edits[concept] = store.masks(concept, residual.after, residual.after_ratio)
+        return edited(self.model, self.first_edits[concept])
 
     def partial_sum(self, shard: Shard) -> GradientSum:
         """A shard's partial gradient sum (float64), in memory."""

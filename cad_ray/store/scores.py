@@ -278,9 +278,8 @@ class ScoreStore:
         out = []
         for part in chosen.parts:
             if part.objective == "residual":
-                first = self.manifest["config"].get("residual") or {}
-                out.append((Selection.parse(first.get("after", "tokens/neuron/kind-mean")),
-                            float(first.get("after_ratio", 0.07))))
+                first = self.manifest["config"]["residual"]  # in the manifest of every run that has residuals
+                out.append((Selection.parse(first["after"]), float(first["after_ratio"])))
             out.append((part, ratio))
         return out
 
