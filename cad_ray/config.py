@@ -203,6 +203,9 @@ class EvaluationOptions(Strict):
     images_per_prompt: int = Field(10, ge=1)
     prompts: str | None = Field(None, description="prompt CSV (benchmark format); null: the digits prompts")
     seed: int = Field(1000, description="seed of the evaluation images (with each row's seed)")
+    random_draws: int = Field(1, ge=1, description="independent draws of the random edit, each target its own: "
+                              "the target's images are made under every draw (its accuracy is their mean), "
+                              "everything else's under the first")
     guidance: float | None = Field(None, description="guidance of the images (default: the model's)")
     amplify_guidance: float = Field(1.0, description="guidance at which CAD-Amplify is judged (weak conditioning)")
     steps: int | None = Field(None, ge=1, description="sampling steps (default: the model's)")
@@ -253,6 +256,8 @@ class EvaluationOptions(Strict):
 
     def options_hash(self) -> str:
         unused = set() if "uce" in self.edits else {"uce"}  # evaluations made before UCE keep their hash
+        if self.random_draws == 1:  # and those made before random draws
+            unused.add("random_draws")
         fields = self.model_dump(exclude={"batch_size", *unused}, mode="json")
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -174,6 +174,38 @@ def test_baseline_edits_follow_cad_erase_or_their_own_search(baseline_run):
         check_targets(no_prune, ScoreStore(root), root)
 
 
+def test_random_draws_are_each_targets_own_and_further_draws_judge_the_target_alone(baseline_run):
+    """One random draw shared by every target would make them one control: seed 0 of the digits study drew
+    three's own word for all of them. Each target draws its own; further draws are made on its images only."""
+    from cad_ray.stages.evaluation import ImageJudge, plan_test_rows, prompt_panels, target_rows
+
+    root, config = baseline_run
+    options = config.evaluation.model_copy(update={"targets": ["seven"], "edits": ["cad-erase", "random"],
+                                                   "random_draws": 3})
+    rows = plan_test_rows(options, prompt_panels(options), {("cad-erase", "seven"): ("attn2/global/kind-mean", 0.03,
+                                                                                     True)})
+    random = rows[rows["edit"] == "random"]
+    first = random[random["draw"] == 0]
+    assert len(first) == (rows["edit"] == "cad-erase").sum()  # the first draw: every test image
+    for draw in (1, 2):
+        further = random[random["draw"] == draw]
+        assert target_rows(further, "seven").all() and len(further) == target_rows(first, "seven").sum()
+    assert set(random["draw"]) == {0, 1, 2} and (rows.loc[rows["edit"] != "random", "draw"] == 0).all()
+
+    judge = ImageJudge(config, root)
+
+    def masks(target, draw, judge=judge):
+        return judge._masks("random", target, "attn2/global/kind-mean", 0.03, draw)
+
+    def same(a, b):
+        return all(np.array_equal(a[n], b[n]) for n in a)
+
+    counts = {sum(int(m.sum()) for m in masks(t, d).values()) for t, d in (("seven", 0), ("seven", 1), ("one", 0))}
+    assert len(counts) == 1 and counts.pop() > 0  # the same count, elsewhere
+    assert not same(masks("seven", 0), masks("seven", 1)) and not same(masks("seven", 0), masks("one", 0))
+    assert same(masks("seven", 1), masks("seven", np.int64(1), ImageJudge(config, root)))  # a table's int64 too
+
+
 def test_the_baselines_run_on_a_stable_diffusion_pipeline(tiny_sd_folder):
     """ConceptPrune's hooks and UCE's token slices on a diffusers SD pipeline (CLIP tokenizer, padded to 77)."""
     from cad_ray.method.baselines import erase_pair

@@ -110,6 +110,22 @@ def test_summary_names_the_best_trade_off():
     assert summary.set_index("ratio").loc[0.1, "worst_other_retained"] == 0.5
 
 
+def test_random_draws_pool_into_the_targets_mean_accuracy():
+    """Draw 0 judges everything, further draws the target alone: the summary's target accuracy is the mean over
+    the draws and what else is kept comes from draw 0."""
+    rows = [{"edit": "none", "target": "", "draw": 0, "label": label, "correct": True}
+            for label in ("seven", "one") for _ in range(10)]
+    rows += [{"edit": "random", "target": "seven", "draw": 0, "label": label, "correct": label == "seven" or k < 8}
+             for label in ("seven", "one") for k in range(10)]
+    rows += [{"edit": "random", "target": "seven", "draw": 1, "label": "seven", "correct": k < 4} for k in range(10)]
+    table = pd.DataFrame(rows).assign(ratio=0.03, guidance=3.0, zeroed=1, selection="all/global/none", colour="",
+                                      template="free-0w", split="test")
+    summary = summarize_evaluation(table).set_index("edit")
+    assert summary.loc["random", "target_accuracy"] == pytest.approx(0.7)  # (10 + 4) / 20
+    assert summary.loc["random", "worst_other_retained"] == pytest.approx(0.8)
+    assert summary.loc["random", "images"] == 30
+
+
 def test_an_edit_that_dims_what_should_stay_is_not_clean():
     """The digit judge still reads a digit an edit left nearly black; the summary compares each kept image's
     brightness with the unedited image of the same prompt and seed, and such an erase is not clean."""

@@ -2,12 +2,13 @@
 blocks of image rows (`ImageJudge` generates and judges a batch); `finish_evaluation` writes the tables and
 `run` puts it all in order on an executor (cad_ray.distributed).
 
-One row per image: (edit, target, ratio, guidance, prompt, seed, label). `edit` is `none` for the unedited
+One row per image: (edit, target, ratio, guidance, draw, prompt, seed, label). `edit` is `none` for the unedited
 model; `target` is the edited concept; `label` is what the prompt asks for. Image k of a prompt starts from
 the noise of (evaluation seed, seed), so the same prompt and seed give comparable images before and after
 every edit. Edits:
 
-    cad-erase, random, cad-amplify       zeroing, at each ratio (random: as many components as cad-erase)
+    cad-erase, random, cad-amplify       zeroing, at each ratio (random: as many components as cad-erase,
+                                         drawn per target; `draw` numbers its independent draws)
     gradient, magnitude                  zeroing as cad-erase does, ranked by |dJ/dw| or |w| instead of w * dJ/dw
     conceptprune                         zeroing by ConceptPrune's rule, the ratio being its skill ratio
     uce                                  UCE's closed-form edit of the cross-attention keys and values
@@ -32,6 +33,7 @@ from cad_ray.config import AttributionConfig, EvaluationOptions, SearchOptions
 from cad_ray.digits import DIGIT_WORDS, canonical_prompt
 from cad_ray.method.editing import ZEROING_EDITS, check_fingerprint, random_like, union_masks
 from cad_ray.errors import CadRayError
+from cad_ray.seeds import derive_seed
 from cad_ray.judges import judge_batch, load_judge, reference_features
 from cad_ray.store import RunRoot, ScoreStore, partition
 
@@ -152,8 +154,9 @@ def own_wording(prompts: pd.DataFrame, target: str) -> pd.Series:
     return prompts["template"].str.startswith("free")
 
 
-def edit_rows(edit: str, target: str, selection: str, ratio: float, guidance, prompts: pd.DataFrame) -> pd.DataFrame:
-    rows = prompts.assign(edit=edit, target=target, selection=selection, ratio=float(ratio))
+def edit_rows(edit: str, target: str, selection: str, ratio: float, guidance, prompts: pd.DataFrame,
+              draw: int = 0) -> pd.DataFrame:
+    rows = prompts.assign(edit=edit, target=target, selection=selection, ratio=float(ratio), draw=int(draw))
     rows["guidance"] = np.nan if guidance is None else float(guidance)
     return rows
 
@@ -181,11 +184,15 @@ def plan_test_rows(options: EvaluationOptions, prompts: pd.DataFrame, picks: dic
             if edit in ("cad-erase", *SEARCHED, *FOLLOWERS):
                 source = picked_by(edit)
                 if (source, target) in picks:
-                    selection, ratio = picks[(source, target)][:2]
-                    frames.append(edit_rows(edit, target, selection, ratio, guidance, test))
+                    settings = [picks[(source, target)][:2]]
                 else:
-                    selection = SEARCHED.get(edit, options.selection)
-                    frames += [edit_rows(edit, target, selection, r, guidance, test) for r in options.ratios]
+                    settings = [(SEARCHED.get(edit, options.selection), r) for r in options.ratios]
+                for selection, ratio in settings:
+                    frames.append(edit_rows(edit, target, selection, ratio, guidance, test))
+                    if edit == "random":  # the further draws ask only whether the target survives them
+                        asked = test[target_rows(test, target)]
+                        frames += [edit_rows(edit, target, selection, ratio, guidance, asked, draw=d)
+                                   for d in range(1, options.random_draws)]
             elif edit == "uce":
                 frames.append(edit_rows(edit, target, "uce", 1.0, guidance, test))
             elif edit == "cad-amplify":
@@ -326,10 +333,11 @@ class ImageJudge:
                                               self.options.uce)
         return self.cache[key]
 
-    def _masks(self, edit: str, target: str, selection: str, ratio: float):
+    def _masks(self, edit: str, target: str, selection: str, ratio: float, draw: int = 0):
         from cad_ray.method.editing import Selection, selection_masks
 
-        key = (edit, target, selection, ratio)
+        draw = int(draw)  # a table's int64: derive_seed tells ints from other types
+        key = (edit, target, selection, ratio, draw)
         if key not in self.cache:
             chosen = Selection.parse(selection)
             if edit == RECOVERY:
@@ -344,8 +352,11 @@ class ImageJudge:
                          for part in chosen.parts]
                 self.cache[key] = union_masks(parts)
             elif edit == "random":  # as many components in each unit of each part's scope as cad-erase's part
-                drawn = [random_like(self._masks("cad-erase", target, str(part), share), part.granularity,
-                                     self.config.seed, scope=part.scope)
+                # each target its own draws: one draw shared by all would make many targets one control (a
+                # draw that zeroes a target's own word then counts against every target)
+                seed = derive_seed(self.config.seed, "random", target, draw)
+                drawn = [random_like(self._masks("cad-erase", target, str(part), share), part.granularity, seed,
+                                     scope=part.scope)
                          for part, share in self.store.edit_parts(chosen, ratio)]
                 self.cache[key] = union_masks(drawn)
             else:
@@ -371,7 +382,7 @@ class ImageJudge:
         self._finetuned(edit, target)
         return self.cache[("fingerprint", edit, target)]
 
-    def _applied(self, edit: str, target: str, selection: str, ratio: float):
+    def _applied(self, edit: str, target: str, selection: str, ratio: float, draw: int = 0):
         from contextlib import ExitStack, nullcontext
 
         from cad_ray.method.editing import edited, weights_replaced
@@ -385,17 +396,19 @@ class ImageJudge:
         stack = ExitStack()
         if edit == RECOVERY:
             stack.enter_context(weights_replaced(self.model, self._finetuned("finetune", target)))
-        stack.enter_context(edited(self.model, self._masks(edit, target, selection, ratio)))
+        stack.enter_context(edited(self.model, self._masks(edit, target, selection, ratio, draw)))
         return stack
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         out = []
-        for (edit, target, selection, ratio, guidance), rows in batch.groupby(
-                ["edit", "target", "selection", "ratio", "guidance"], sort=False, dropna=False):
+        if "draw" not in batch:
+            batch = batch.assign(draw=0)
+        for (edit, target, selection, ratio, guidance, draw), rows in batch.groupby(
+                ["edit", "target", "selection", "ratio", "guidance", "draw"], sort=False, dropna=False):
             rows = rows.copy()
-            zeroed = int(sum(m.sum() for m in self._masks(edit, target, selection, ratio).values())) \
+            zeroed = int(sum(m.sum() for m in self._masks(edit, target, selection, ratio, draw).values())) \
                 if edit in ZEROING else 0
-            with self._applied(edit, target, selection, ratio):
+            with self._applied(edit, target, selection, ratio, draw):
                 images = self.model.sample(list(rows["prompt"]), seed=self.options.seed,
                                            guidance=None if np.isnan(guidance) else float(guidance),
                                            steps=self.options.steps, ids=[int(s) for s in rows["seed"]]).images
@@ -670,7 +683,7 @@ def finetune_key(options: EvaluationOptions, store: ScoreStore) -> dict:
             "config_hash": store.manifest["config_hash"]}
 
 
-ROW_KEY = ["edit", "target", "selection", "ratio", "guidance", "prompt", "seed", "split"]
+ROW_KEY = ["edit", "target", "selection", "ratio", "guidance", "draw", "prompt", "seed", "split"]
 
 
 def block_name(rows: pd.DataFrame, meta: dict) -> str:
