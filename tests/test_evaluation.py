@@ -120,10 +120,18 @@ def test_random_draws_pool_into_the_targets_mean_accuracy():
     rows += [{"edit": "random", "target": "seven", "draw": 1, "label": "seven", "correct": k < 4} for k in range(10)]
     table = pd.DataFrame(rows).assign(ratio=0.03, guidance=3.0, zeroed=1, selection="all/global/none", colour="",
                                       template="free-0w", split="test")
-    summary = summarize_evaluation(table).set_index("edit")
+    rng = np.random.default_rng(0)
+    # the further draw's images are all of one label: far from real images as a set, whatever each one is
+    table["features"] = [rng.normal(size=3) + (5.0 if draw else 0.0) for draw in table["draw"]]
+    reference = rng.normal(size=(200, 3))
+    summary = summarize_evaluation(table, reference).set_index("edit")
     assert summary.loc["random", "target_accuracy"] == pytest.approx(0.7)  # (10 + 4) / 20
     assert summary.loc["random", "worst_other_retained"] == pytest.approx(0.8)
     assert summary.loc["random", "images"] == 30
+    from cad_ray.digits.judges import frechet_distance
+
+    panel = table[(table["edit"] == "random") & (table["draw"] == 0)]
+    assert summary.loc["random", "fd"] == pytest.approx(frechet_distance(np.stack(panel["features"]), reference))
 
 
 def test_an_edit_that_dims_what_should_stay_is_not_clean():

@@ -513,7 +513,9 @@ def summarize_evaluation(table: pd.DataFrame, reference: np.ndarray | None = Non
         now, before = accuracies(g, target), accuracies(base_rows, target)
         fd = float("nan")
         if reference is not None and "features" in g:
-            fd = frechet_distance(np.stack(g["features"].to_numpy()), reference)
+            # random's further draws hold the target's images alone: the distance is the whole panel's (draw 0)
+            panel = g[g["draw"] == 0] if "draw" in g else g
+            fd = frechet_distance(np.stack(panel["features"].to_numpy()), reference)
         if edit == "none":
             fd_none[guidance] = fd
         pick = picks.get((picked_by(edit), target))
