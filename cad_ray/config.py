@@ -256,7 +256,7 @@ class EvaluationOptions(Strict):
 
     def options_hash(self) -> str:
         unused = set() if "uce" in self.edits else {"uce"}  # evaluations made before UCE keep their hash
-        if self.random_draws == 1:  # and those made before random draws
+        if self.random_draws == 1 or "random" not in self.edits:  # and those made before random draws
             unused.add("random_draws")
         fields = self.model_dump(exclude={"batch_size", *unused}, mode="json")
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]

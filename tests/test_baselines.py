@@ -204,6 +204,13 @@ def test_random_draws_are_each_targets_own_and_further_draws_judge_the_target_al
     assert len(counts) == 1 and counts.pop() > 0  # the same count, elsewhere
     assert not same(masks("seven", 0), masks("seven", 1)) and not same(masks("seven", 0), masks("one", 0))
     assert same(masks("seven", 1), masks("seven", np.int64(1), ImageJudge(config, root)))  # a table's int64 too
+    # in one batch, each row is made under its own draw: the same prompt and seed give other images
+    asked = random[target_rows(random, "seven")]
+    batch = asked[(asked["prompt"] == asked["prompt"].iloc[0]) & (asked["seed"] == asked["seed"].iloc[0])]
+    assert list(batch["draw"]) == [0, 1, 2]
+    images = judge(batch).set_index("draw")["image_png"]
+    assert len(set(images)) == 3
+    assert judge(batch[batch["draw"] == 1])["image_png"].iloc[0] == images[1]
 
 
 def test_the_baselines_run_on_a_stable_diffusion_pipeline(tiny_sd_folder):

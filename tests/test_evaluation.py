@@ -134,6 +134,23 @@ def test_random_draws_pool_into_the_targets_mean_accuracy():
     assert summary.loc["random", "fd"] == pytest.approx(frechet_distance(np.stack(panel["features"]), reference))
 
 
+def test_a_colour_targets_further_random_draws_do_not_count_among_what_is_kept():
+    """A colour's further draws are images asked in that colour, each with a digit label: only the colour's
+    accuracy reads them; the digits they show belong to what is kept, which is draw 0's."""
+    rows = []
+    for edit, draw, colours, colour_ok, digit_ok in (("none", 0, ("red", "blue"), True, True),
+                                                     ("random", 0, ("red", "blue"), True, True),
+                                                     ("random", 1, ("red",), False, False)):
+        rows += [{"edit": edit, "target": "red" if edit == "random" else "", "draw": draw, "label": label,
+                  "colour": colour, "predicted_colour": colour if colour_ok or k % 2 else "", "correct": digit_ok}
+                 for label in ("seven", "one") for colour in colours for k in range(6)]
+    table = pd.DataFrame(rows).assign(ratio=0.03, guidance=3.0, zeroed=1, selection="all/global/none",
+                                      template="colour-0w", split="test")
+    summary = summarize_evaluation(table).set_index("edit")
+    assert summary.loc["random", "target_accuracy"] == pytest.approx(0.75)  # red kept in 12 + 6 of 24
+    assert summary.loc["random", "worst_other_retained"] == 1.0
+
+
 def test_an_edit_that_dims_what_should_stay_is_not_clean():
     """The digit judge still reads a digit an edit left nearly black; the summary compares each kept image's
     brightness with the unedited image of the same prompt and seed, and such an erase is not clean."""

@@ -510,11 +510,14 @@ def summarize_evaluation(table: pd.DataFrame, reference: np.ndarray | None = Non
     for (edit, target, selection, ratio, guidance), g in table.groupby(
             ["edit", "target", "selection", "ratio", "guidance"], sort=True):
         base_rows = none.get(guidance, g)
+        # random's further draws hold the images asked for the target alone: the target's accuracy is the mean
+        # over every draw, what else is kept and the Frechet distance are the whole panel's (draw 0); for a
+        # colour target those images' digits would otherwise count among what is kept
+        panel = g[g["draw"] == 0] if "draw" in g else g
         now, before = accuracies(g, target), accuracies(base_rows, target)
+        now["others"] = accuracies(panel, target)["others"]
         fd = float("nan")
         if reference is not None and "features" in g:
-            # random's further draws hold the target's images alone: the distance is the whole panel's (draw 0)
-            panel = g[g["draw"] == 0] if "draw" in g else g
             fd = frechet_distance(np.stack(panel["features"].to_numpy()), reference)
         if edit == "none":
             fd_none[guidance] = fd
@@ -826,8 +829,8 @@ def finish_evaluation(run: RunRoot, store: ScoreStore, options: EvaluationOption
     """evaluation/ (one row per test-split image, in a fixed order) and evaluation_summary/."""
     import pyarrow as pa
 
-    key = ["edit", "target", "selection", "ratio", "guidance", "label", "prompt", "seed"]
-    table = table.sort_values(key, kind="stable").reset_index(drop=True)
+    key = ["edit", "target", "selection", "ratio", "guidance", "draw", "label", "prompt", "seed"]
+    table = table.sort_values([k for k in key if k in table], kind="stable").reset_index(drop=True)
     # the Frechet distance's reference: the real digits for the digits model, else the reference images the judge
     # names (fd-dinov2's `reference`), else none
     reference = None

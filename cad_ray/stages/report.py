@@ -94,6 +94,8 @@ def _image_grids(images: pd.DataFrame, summary: pd.DataFrame, target: str, per_p
     for edit, ratio, guidance in chosen:
         rows = images[(images["edit"] == edit) & (images["guidance"] == guidance)
                       & ((images["target"] == target) | (edit == "none")) & (np.isclose(images["ratio"], ratio))]
+        if "draw" in rows:  # random's first draw: the same prompts and seeds as the unedited grid
+            rows = rows[rows["draw"] == 0]
         if rows.empty:
             continue
         rows = rows.groupby("label", sort=False).head(per_prompt) if target_kind(target) != "colour" else \
