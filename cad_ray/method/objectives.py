@@ -231,7 +231,7 @@ class ResidualObjective(AmplifyObjective):
 
     name = "residual"
 
-    def __init__(self, after: str = "tokens/neuron/kind-mean", after_ratio: float = 0.07, **options):
+    def __init__(self, after: str, after_ratio: float, **options):  # from the config's `residual` section
         super().__init__(**options)
         self.after, self.after_ratio = after, after_ratio
 

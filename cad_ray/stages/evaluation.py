@@ -401,8 +401,6 @@ class ImageJudge:
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         out = []
-        if "draw" not in batch:
-            batch = batch.assign(draw=0)
         for (edit, target, selection, ratio, guidance, draw), rows in batch.groupby(
                 ["edit", "target", "selection", "ratio", "guidance", "draw"], sort=False, dropna=False):
             rows = rows.copy()
@@ -515,7 +513,8 @@ def summarize_evaluation(table: pd.DataFrame, reference: np.ndarray | None = Non
         # colour target those images' digits would otherwise count among what is kept
         panel = g[g["draw"] == 0] if "draw" in g else g
         now, before = accuracies(g, target), accuracies(base_rows, target)
-        now["others"] = accuracies(panel, target)["others"]
+        if len(panel) < len(g):
+            now["others"] = accuracies(panel, target)["others"]
         fd = float("nan")
         if reference is not None and "features" in g:
             fd = frechet_distance(np.stack(panel["features"].to_numpy()), reference)
