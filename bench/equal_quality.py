@@ -143,9 +143,9 @@ def run(args) -> dict:
     steps = args.steps
     names = None
 
-    def cad(points_per_sample, batch, trajectory_steps=steps):
+    def cad(points_per_sample, batch, trajectory_steps=steps, fuse=False):
         p = None if points_per_sample >= trajectory_steps else points_per_sample
-        return CAD(model, make_objective("erase", steps=trajectory_steps, points_per_sample=p), "ff",
+        return CAD(model, make_objective("erase", steps=trajectory_steps, points_per_sample=p, fused=fuse), "ff",
                    chunk_size=args.chunk, batch=batch)
 
     # the high-sample reference (not timed as part of any curve)
@@ -170,9 +170,9 @@ def run(args) -> dict:
 
     published_model = FreshNoisePerTimestep(model)
     objective = make_objective("erase", steps=steps)
-    configs = [(p, b, s) for s in (args.trajectory_steps or [steps]) for p in args.points for b in args.batches
-               if p < s or p == max(args.points)]
-    cads = {(p, b, s): cad(p, b, s) for p, b, s in configs}
+    configs = [(p, b, s, f) for s in (args.trajectory_steps or [steps]) for p in args.points for b in args.batches
+               for f in args.fuse if p < s or p == max(args.points)]
+    cads = {(p, b, s, f): cad(p, b, s, bool(f)) for p, b, s, f in configs}
 
     # warm-up, not timed: one call of each cad-ray setting with one trajectory (which also makes the published
     # algorithm's shapes: guided steps on 2 rows, one point per backward)
@@ -184,7 +184,7 @@ def run(args) -> dict:
     for rep in range(args.repeats):
         # tasks: the published algorithm one sample at a time; cad-ray one (p, batch, n) call at a time
         pub = [("published", rep * 4096 + i) for i in range(max(args.published))]
-        ours = [("cad-ray", (p, b, s, n)) for n in args.cadray for p, b, s in configs]
+        ours = [("cad-ray", (p, b, s, f, n)) for n in args.cadray for p, b, s, f in configs]
         order = sorted([(i / len(pub), t) for i, t in enumerate(pub)] + [((i + 0.5) / len(ours), t)
                                                                           for i, t in enumerate(ours)],
                        key=lambda x: x[0])
@@ -203,10 +203,11 @@ def run(args) -> dict:
                     records.append(rec)
                     print(json.dumps(rec), flush=True)
             else:
-                p, b, ts, n = what
-                out, s = timed(lambda: cads[(p, b, ts)].attribute(concept, list(range(rep * 4096, rep * 4096 + n))))
+                p, b, ts, f, n = what
+                out, s = timed(lambda: cads[(p, b, ts, f)].attribute(concept,
+                                                                     list(range(rep * 4096, rep * 4096 + n))))
                 rec = {"method": "cad-ray", "points": min(p, ts), "batch": b, "trajectory_steps": ts, "repeat": rep,
-                       "n": n, "seconds": s,
+                       "fused": bool(f), "n": n, "seconds": s,
                        **quality(flat(out.scores, names), ref, ref_top)}
                 records.append(rec)
                 print(json.dumps(rec), flush=True)
@@ -214,16 +215,18 @@ def run(args) -> dict:
 
 
 def setting(rec: dict) -> tuple:
-    """(method, points, batch, trajectory steps) of a record; records made before `--trajectory-steps` have none."""
+    """(method, points, batch, trajectory steps, fused) of a record; records made before `--trajectory-steps` have
+    no steps, and those made before `--fuse` had separate passes."""
     if rec["method"] == "published":
-        return ("published", None, None, None)
-    return ("cad-ray", rec["points"], rec["batch"], rec.get("trajectory_steps"))
+        return ("published", None, None, None, None)
+    return ("cad-ray", rec["points"], rec["batch"], rec.get("trajectory_steps"), rec.get("fused", False))
 
 
 def label(key: tuple, steps: int) -> str:
     if key[0] == "published":
         return "published"
-    return f"cad-ray p={key[1]} batch={key[2]}" + (f" S={key[3]}" if key[3] not in (None, steps) else "")
+    return (f"cad-ray p={key[1]} batch={key[2]}" + (f" S={key[3]}" if key[3] not in (None, steps) else "")
+            + (" fused" if key[4] else ""))
 
 
 def curves(records) -> dict:
@@ -239,7 +242,7 @@ def curves(records) -> dict:
 
 def summarise(records, extra_targets, steps: int = 50) -> dict:
     cs = curves(records)
-    pub = cs[("published", None, None, None)]
+    pub = cs[("published", None, None, None, None)]
     targets = sorted({r for _, _, r in pub} | set(extra_targets))
     out = {"curves": {label(k, steps): v for k, v in cs.items()}, "fits": {}, "targets": []}
     for k, v in cs.items():
@@ -261,7 +264,7 @@ def summarise(records, extra_targets, steps: int = 50) -> dict:
         row = {"r": target, "published_seconds": tp, "published_extrapolated": xp}
         if best:
             row.update(cadray_points=best[0][1], cadray_batch=best[0][2], cadray_trajectory_steps=best[0][3] or steps,
-                       cadray_seconds=best[1],
+                       cadray_fused=best[0][4], cadray_seconds=best[1],
                        cadray_extrapolated=best[2], speedup=tp / best[1] if tp else None)
         out["targets"].append(row)
     return out
@@ -283,7 +286,7 @@ def plot(inputs: list[str], path: str) -> None:
                                                                             if r['method'] == 'cad-ray'}) == 1
                                                               else f", batch {rec['batch']}") \
                 + (f", {rec['trajectory_steps']}-step trajectory" if rec.get("trajectory_steps") not in
-                   (None, res["steps"]) else "")
+                   (None, res["steps"]) else "") + (", fused" if rec.get("fused") else "")
             cs.setdefault(key, {}).setdefault(rec["n"], []).append(rec)
         for key, byn in cs.items():
             ns = sorted(byn)
@@ -326,6 +329,9 @@ def main() -> None:
                         help="cad-ray's sampler steps S (default: --steps); quality is always against the T-step "
                              "reference")
     parser.add_argument("--chunk", type=int, default=256, help="points per forward/backward pass")
+    parser.add_argument("--fuse", type=ints, default=[0],
+                        help="1: the points' forward pass inside the sampler's (erase objective's fused=True), 0: "
+                             "separate passes (the default); 0,1 measures both")
     parser.add_argument("--repeats", type=int, default=2, help="independent repeats (disjoint samples)")
     parser.add_argument("--targets", type=lambda t: [float(x) for x in t.split(",")], default=[0.95, 0.98])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")

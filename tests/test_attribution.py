@@ -22,7 +22,9 @@ def objective_value(model, objective, concept, samples, seed=0, points=None):
     return (point_values(model, points).double() * points.weights()).sum() / len(samples), points
 
 
-@pytest.mark.parametrize("objective", [EraseObjective(steps=6), AmplifyObjective(points_per_sample=4, steps=6)])
+@pytest.mark.parametrize("objective", [EraseObjective(steps=6), EraseObjective(steps=6, fused=True),
+                                       EraseObjective(steps=6, points_per_sample=4, fused=True),
+                                       AmplifyObjective(points_per_sample=4, steps=6)])
 def test_score_is_weight_times_autograd_gradient(small_model, objective):
     concept = Concept("seven", ("seven", "a 7"))
     cad = CAD(small_model, objective, "ff", chunk_size=5)
@@ -37,6 +39,27 @@ def test_score_is_weight_times_autograd_gradient(small_model, objective):
     for (name, p), g in zip(cad.parameters, grads):
         torch.testing.assert_close(attribution.scores[name], (p.detach() * g).double(), rtol=1e-9, atol=1e-15)
     assert attribution.objective_value == pytest.approx(float(j.detach()), rel=1e-9)
+
+
+@pytest.mark.parametrize("scope, base, fused", [("ff", "", True), ("ff", "a digit", False),
+                                               ("tokens+ff", "", False)])
+def test_fused_erase_points_take_their_forward_pass_from_the_sampler(small_model, monkeypatch, scope, base, fused):
+    """With `fused`, the erase points' forward pass is the sampler's own conditional pass (no separate
+    `point_values` pass), except where the target is not the sampler's unguided half (another base prompt) or the
+    gradient must flow through the prompt's encoding (text-encoder components); both ways give the same scores.
+    The chunk (3 rows) is less than a group's points (6), so the steps' points wait for the backward in turns."""
+    import cad_ray.method.attribution as attribution
+
+    concept = Concept("seven", ("seven", "a 7"), (base,))
+    expected = CAD(small_model, EraseObjective(steps=4, points_per_sample=3), scope, chunk_size=3).attribute(concept, 3)
+    passes = []
+    monkeypatch.setattr(attribution, "point_values", lambda *a, **k: passes.append(1) or point_values(*a, **k))
+    estimator = CAD(small_model, EraseObjective(steps=4, points_per_sample=3, fused=True), scope, chunk_size=3)
+    result = estimator.attribute(concept, 3)
+    assert (not passes) == fused
+    for name in expected.scores:
+        torch.testing.assert_close(result.scores[name], expected.scores[name], rtol=1e-9, atol=1e-15)
+    assert result.objective_value == pytest.approx(expected.objective_value, rel=1e-9)
 
 
 def test_first_order_prediction_matches_tiny_ablations(small_model):
@@ -128,3 +151,14 @@ def test_zeroing_top_components_erases_far_more_than_random(digits_model):
     top_drop, random_drop = drop(top), drop(random)
     assert top_drop > 0.5 * float(j0)
     assert top_drop > 10 * abs(random_drop)
+
+
+def test_the_fused_option_reaches_the_objective_and_counts_in_the_config_hash_only_when_on():
+    from conftest import SMALL, small_config
+
+    from cad_ray.stages.attribution import objective_for
+
+    plain, off, on = small_config(), small_config(erase={**SMALL.get("erase", {}), "fused": False}), \
+        small_config(erase={**SMALL.get("erase", {}), "fused": True})
+    assert not objective_for(plain, "erase").fused and objective_for(on, "erase").fused
+    assert plain.config_hash() == off.config_hash() != on.config_hash()  # roots made before the option resume

@@ -47,8 +47,8 @@ class FakeAllocator:
         return self.real(model, points, target)
 
 
-def cad(model, chunk_size):
-    return CAD(model, EraseObjective(steps=4), "ff", chunk_size=chunk_size)
+def cad(model, chunk_size, fused=False):
+    return CAD(model, EraseObjective(steps=4, fused=fused), "ff", chunk_size=chunk_size)
 
 
 def assert_same_scores(a, b):
@@ -88,6 +88,30 @@ def test_out_of_memory_in_the_middle_of_a_group_counts_no_point_twice(small_mode
     result = estimator.attribute(CONCEPT, SAMPLES)
     assert estimator.chunk_size == 2 and fake.failures == 1 and fake.sizes == [4, 2, 2]
     assert_same_scores(result, reference)
+
+
+def test_out_of_memory_in_the_fused_passes_falls_back_to_separate_passes(small_model, monkeypatch, caplog):
+    reference = cad(small_model, 8).attribute(CONCEPT, SAMPLES)
+    estimator = cad(small_model, 8, fused=True)
+    real, calls = EraseObjective.fused_backward, []
+
+    def fused_backward(self, model, concept, samples, seed, backward):
+        def failing(values, weights):  # the third step's backward pass runs out of memory, after two went through
+            calls.append(len(values))
+            if len(calls) == 3:
+                for _, p in small_model.named_parameters():
+                    if p.requires_grad:
+                        p.grad = torch.full_like(p, 1e6)
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+            backward(values, weights)
+        return real(self, model, concept, samples, seed, failing)
+
+    monkeypatch.setattr(EraseObjective, "fused_backward", fused_backward)
+    with caplog.at_level(logging.WARNING, logger="cad_ray"):
+        result = estimator.attribute(CONCEPT, SAMPLES)
+    assert len(calls) == 3 and not estimator.fuse  # later groups and shards use the separate passes
+    assert any("fused passes" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert_same_scores(result, reference)  # the two steps before the failure and its garbage counted for nothing
 
 
 def test_no_memory_for_a_single_point_is_a_clear_error(small_model, monkeypatch):

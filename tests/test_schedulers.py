@@ -244,3 +244,20 @@ def test_unsupported_prediction_type_is_a_one_line_error(tiny_models, tmp_path):
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "prediction_type": "flow"}))
     with pytest.raises(CadRayError, match="scheduler: DDIMScheduler has prediction_type 'flow'"):
         load_model(folder)
+
+
+@pytest.mark.parametrize("name", ["euler", "v-ddim"])
+def test_fused_erase_points_give_the_scores_of_separate_passes(tiny_models, name):
+    """The points' forward pass taken from the sampler's guided step (`fused`) sees the same scaled inputs and the
+    same target as the separate passes, with any scheduler and prediction type: the same scores, up to float32
+    rounding (its conditional outputs come from other batches, and the trajectories carry that on)."""
+    from cad_ray.method.attribution import CAD
+
+    model = tiny_models(name)
+    concept = Concept("parachute", ("a photo of a parachute", "a church"))
+    fused, separate = (CAD(model, EraseObjective(guidance=GUIDANCE, steps=STEPS, points_per_sample=3, fused=f), "ff",
+                           chunk_size=4, batch=3).attribute(concept, 5) for f in (True, False))
+    for key in separate.scores:
+        scale = float(separate.scores[key].abs().max())
+        assert float((fused.scores[key] - separate.scores[key]).abs().max()) <= 1e-3 * scale, key
+    assert fused.objective_value == pytest.approx(separate.objective_value, rel=1e-4)

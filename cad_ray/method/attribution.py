@@ -139,6 +139,7 @@ class CAD:
         self.seed, self.batch = seed, batch
         self.parameters = select_parameters(model.named_parameters(), scope)
         self.reads_text = reads_text_encoder(n for n, _ in self.parameters)
+        self.fuse = getattr(objective, "fused", False)  # turned off for good by an out-of-memory in a fused pass
 
     @property
     def tensor_names(self) -> list[str]:
@@ -161,8 +162,21 @@ class CAD:
         groups: dict[int, list[int]] = {}
         for sample in samples:
             groups.setdefault(sample // self.batch, []).append(sample)
+
+        def add_gradients():
+            for name, p in self.parameters:
+                if p.grad is not None:  # None: the tensor does not influence J
+                    sums[name].add_(p.grad)  # float64 += float32, exact promotion, no temporary
+                    p.grad = None
+
         with gradients_for(params):
             for group in groups.values():
+                if self._fuses(concept, group):
+                    value = self._fused(concept, group)
+                    if value is not None:
+                        objective_sum += value
+                        add_gradients()
+                        continue
                 points = self._fitting(partial(self.objective.points, self.model, concept, group, self.seed))
                 weight = points.weights()
                 start = 0
@@ -171,16 +185,56 @@ class CAD:
                     done, value = self._fitting(partial(self._backward, concept, points, weight, start))
                     start += done
                     objective_sum += value
-                    for name, p in self.parameters:
-                        if p.grad is not None:  # None: the tensor does not influence J
-                            sums[name].add_(p.grad)  # float64 += float32, exact promotion, no temporary
-                            p.grad = None
+                    add_gradients()
         for name, total in sums.items():
             # one check at the end suffices: a NaN or inf in any chunk's gradient leaves the sum non-finite
             if not torch.isfinite(total).all():
                 raise CadRayError(f"non-finite gradient (NaN or inf) in tensor {name} for concept "
                                   f"{concept.name!r}; check the model weights and the objective")
         return GradientSum({n: v.cpu() for n, v in sums.items()}, len(samples), objective_sum)
+
+    def _fuses(self, concept: Concept, group: list[int]) -> bool:
+        """Whether the group's points take their forward pass from the sampler (`EraseObjective.fused_backward`):
+        an objective that asks for it (`fused`), a base prompt that is the sampler's negative prompt, no
+        text-encoder components (their gradient flows through an encoding the sampler made without one), and at
+        most a chunk of rows per pass."""
+        return (self.fuse and self.objective.fusable(concept, group) and not self.reads_text
+                and len(group) <= self.chunk_size)
+
+    def _fused(self, concept: Concept, group: list[int]) -> float | None:
+        """The group's weighted sum of J, its gradients accumulated in p.grad across the sampler's steps; None
+        after a CUDA out-of-memory, with nothing left in p.grad (the caller then runs the separate passes, and
+        so do later groups). The steps' points wait for one backward pass until a chunk is full: one pass per
+        step would pay the autograd engine's fixed cost once per step."""
+        total, waiting = 0.0, []
+
+        def flush() -> None:
+            nonlocal total
+            if waiting:
+                with torch.enable_grad():  # the last flush comes after the sampler's no_grad
+                    weighted = torch.cat([v.double() * w.to(v.device) for v, w in waiting]).sum()
+                    weighted.backward()
+                total += float(weighted.detach())
+                waiting.clear()
+
+        def backward(values: torch.Tensor, weights: torch.Tensor) -> None:
+            if sum(len(v) for v, _ in waiting) + len(values) > self.chunk_size:
+                flush()
+            waiting.append((values, weights))
+
+        try:
+            self.objective.fused_backward(self.model, concept, group, self.seed, backward)
+            flush()
+            return total
+        except OUT_OF_MEMORY:
+            waiting.clear()  # outside the except clause, the failed pass's frames (and tensors) are released
+        for _, p in self.parameters:
+            p.grad = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning("out of device memory in the sampler's fused passes; using separate passes")
+        self.fuse = False
+        return None
 
     def _backward(self, concept: Concept, points: Points, weight: torch.Tensor, start: int,
                   size: int) -> tuple[int, float]:

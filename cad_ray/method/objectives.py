@@ -89,9 +89,13 @@ class Points:
 def point_values(model, points: Points, target: torch.Tensor | None = None) -> torch.Tensor:
     """sign * ||eps - target||^2 (mean over elements) for each point; differentiable in the weights."""
     eps = model.predict_noise(points.x, points.t, points.cond)
-    target = points.target if target is None else target
+    return squared_errors(eps, points.target if target is None else target, points.sign)
+
+
+def squared_errors(eps: torch.Tensor, target: torch.Tensor, sign: float) -> torch.Tensor:
+    """sign * ||eps - target||^2 (mean over elements) per row."""
     dtype = torch.promote_types(eps.dtype, torch.float32)  # half-precision models: compare in float32
-    return points.sign * (eps.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(dim=1)
+    return sign * (eps.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(dim=1)
 
 
 def denoising_target(kind: str, x0: torch.Tensor, noise: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
@@ -106,18 +110,20 @@ def denoising_target(kind: str, x0: torch.Tensor, noise: torch.Tensor, alphas: t
 
 
 def concept_trajectories(model, concept: Concept, prompts: list[str], samples: list[int], seed: int,
-                         guidance: float | None, steps: int | None, keep_unguided: bool = False):
+                         guidance: float | None, steps: int | None, keep_unguided: bool = False, gradient_rows=None):
     """Guided trajectories of a concept's samples; sample s starts from noise seeded by (seed, concept, s)."""
     return model.sample(prompts, seed=derive_seed(seed, concept.name, "trajectory"), guidance=guidance, steps=steps,
-                        ids=samples, keep_unguided=keep_unguided)
+                        ids=samples, keep_unguided=keep_unguided, gradient_rows=gradient_rows)
 
 
 class EraseObjective:
     name = "erase"
     sign = 1.0
 
-    def __init__(self, guidance: float | None = None, steps: int | None = None, points_per_sample: int | None = None):
+    def __init__(self, guidance: float | None = None, steps: int | None = None, points_per_sample: int | None = None,
+                 fused: bool = False):
         self.guidance, self.steps, self.points_per_sample = guidance, steps, points_per_sample
+        self.fused = fused  # the CAD estimator takes the points' forward pass from the sampler (`fused_backward`)
 
     @torch.no_grad()
     def points(self, model, concept: Concept, samples: list[int], seed: int, chunk_size: int = 256) -> Points:
@@ -128,16 +134,13 @@ class EraseObjective:
         prompts, bases = map(list, zip(*(concept.prompt(s) for s in samples)))
         # the base prompt is the sampler's negative prompt (""): the target, the UNet's output for it at each
         # point, was already computed by the guidance of that step
-        reuse = all(b == "" for b in bases)
+        reuse = self.fusable(concept, samples)
         traj = concept_trajectories(model, concept, prompts, samples, seed, self.guidance, self.steps,
                                     keep_unguided=reuse)
         inputs = traj.model_inputs
         xs, ts, rows, targets = [], [], [], []
         for row, s in enumerate(samples):
-            keep = np.arange(len(traj.timesteps))
-            if self.points_per_sample and self.points_per_sample < len(keep):
-                keep = np.sort(numpy_rng(seed, concept.name, s, "steps").choice(keep, self.points_per_sample,
-                                                                                 replace=False))
+            keep = self.kept_steps(concept, s, seed, len(traj.timesteps))
             xs.append(inputs[keep, row])
             if reuse:
                 targets.append(traj.unguided[keep, row])
@@ -151,6 +154,50 @@ class EraseObjective:
             target = torch.cat([model.predict_noise(x[i:i + chunk_size], t[i:i + chunk_size],
                                                     base_cond[i:i + chunk_size]) for i in range(0, len(t), chunk_size)])
         return Points(x, t, cond, target, torch.tensor(samples)[rows], self.sign, base_cond)
+
+    def kept_steps(self, concept: Concept, sample: int, seed: int, steps: int) -> np.ndarray:
+        """The sampler steps of `sample`'s trajectory that are points: all of them, or a seeded subset."""
+        keep = np.arange(steps)
+        if self.points_per_sample and self.points_per_sample < steps:
+            keep = np.sort(numpy_rng(seed, concept.name, sample, "steps").choice(keep, self.points_per_sample,
+                                                                                 replace=False))
+        return keep
+
+    @staticmethod
+    def fusable(concept: Concept, samples: list[int]) -> bool:
+        """Whether every sample's base prompt is the sampler's negative prompt (""), so that the target at each
+        point is the unguided half of the sampler's own step."""
+        return all(concept.prompt(s)[1] == "" for s in samples)
+
+    @torch.no_grad()
+    def fused_backward(self, model, concept: Concept, samples: list[int], seed: int, backward) -> None:
+        """The points that `points` makes, with their forward pass fused into the sampler's: at each point, the
+        conditional half of the guided step is computed with gradients, and `backward(values, weights)` gets the
+        points' J (`squared_errors` against the step's own unguided half, the target `points` would give) and
+        their weights (1 / points of their sample). The same points and J as `points` + `point_values`, up to
+        float rounding (the conditional outputs are computed in other batches), with one forward pass fewer per
+        point. Needs `fusable`."""
+        prompts = [concept.prompt(s)[0] for s in samples]
+        concept_trajectories(model, concept, prompts, samples, seed, self.guidance, self.steps,
+                             gradient_rows=_FusedPoints(self, concept, samples, seed, backward))
+
+
+class _FusedPoints:
+    """The sampler's view of the fused erase points (`TextToImageModel.sample`'s `gradient_rows`)."""
+
+    def __init__(self, objective: EraseObjective, concept: Concept, samples: list[int], seed: int, backward):
+        self.objective, self.concept, self.samples, self.seed = objective, concept, samples, seed
+        self._backward, self._kept = backward, None
+
+    def rows(self, step: int, steps: int) -> torch.Tensor:
+        if self._kept is None:  # the sampler's step count is known once its scheduler is set
+            self._kept = [set(self.objective.kept_steps(self.concept, s, self.seed, steps).tolist())
+                          for s in self.samples]
+        return torch.tensor([row for row, kept in enumerate(self._kept) if step in kept], dtype=torch.long)
+
+    def backward(self, step: int, rows: torch.Tensor, out_c: torch.Tensor, out_u: torch.Tensor) -> None:
+        weights = torch.tensor([1.0 / len(self._kept[row]) for row in rows.tolist()], dtype=torch.float64)
+        self._backward(squared_errors(out_c, out_u, self.objective.sign), weights)
 
 
 class AmplifyObjective:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -175,13 +176,19 @@ class TextToImageModel:
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int = 0, guidance: float | None = None, steps: int | None = None,
                negative_prompt: str = "", ids: Sequence[int] | None = None, progress: bool = False,
-               keep_unguided: bool = False) -> Trajectory:
+               keep_unguided: bool = False, gradient_rows=None) -> Trajectory:
         """Sample one image per prompt with classifier-free guidance, keeping every x_t on the way.
 
         Image k's starting noise, and the step noise of a stochastic sampler, come from (seed, ids[k])
         alone, so an image is the same whatever else is in the batch. Each step is diffusers'
         `StableDiffusionPipeline` step: the UNet on `scale_model_input(x_t, t)`, guidance on its outputs
-        (linear, so right for every prediction type), the guided output to `scheduler.step`."""
+        (linear, so right for every prediction type), the guided output to `scheduler.step`.
+
+        `gradient_rows` (the erase objective's fused points, `EraseObjective.fused_backward`): an object with
+        `rows(k, steps)`, the batch rows whose step k is a point, and `backward(k, rows, out_c, out_u)`. For those
+        rows the conditional output is computed with gradients (outside this no_grad) and handed over with the
+        unconditional one before the step goes on with it detached: the points' forward pass is the sampler's
+        own, not a second one."""
         check_scheduler(self.scheduler)
         guidance = self.default_guidance if guidance is None else guidance
         steps = self.default_steps if steps is None else steps
@@ -201,12 +208,17 @@ class TextToImageModel:
             from tqdm.auto import tqdm
 
             iterator = tqdm(timesteps, desc="sampling", unit="step", leave=False)
-        for t in iterator:
+        for k, t in enumerate(iterator):
             kept.append(x)
             # once per step: Euler-type schedulers look their sigma up by step index, not by t
             x_in = scheduler.scale_model_input(x, t)
             inputs.append(x_in)
-            out_u, out_c = self.predict_noise(torch.cat([x_in, x_in]), t, torch.cat([uncond, cond])).chunk(2)
+            rows = None if gradient_rows is None else gradient_rows.rows(k, len(timesteps))
+            if rows is None or not len(rows):
+                out_u, out_c = self.predict_noise(torch.cat([x_in, x_in]), t, torch.cat([uncond, cond])).chunk(2)
+            else:
+                out_u, out_c = self._step_with_gradients(x_in, t, uncond, cond, rows,
+                                                         partial(gradient_rows.backward, k))
             guided = out_u + guidance * (out_c - out_u)
             if keep_unguided:
                 unguided.append(out_u)
@@ -217,6 +229,22 @@ class TextToImageModel:
         return Trajectory(list(prompts), torch.stack(kept), timesteps.detach().cpu(), self.decode(x), guidance,
                           inputs=None if same else torch.stack(inputs),
                           unguided=torch.stack(unguided) if keep_unguided else None)
+
+    def _step_with_gradients(self, x_in, t, uncond, cond, rows: torch.Tensor, backward):
+        """One guided step's two outputs, the conditional one of `rows` computed with gradients and given to
+        `backward(rows, out_c, out_u)` first; the others in one pass without them."""
+        n = x_in.shape[0]
+        rest = torch.ones(n, dtype=torch.bool, device=x_in.device)
+        rest[rows] = False
+        out = self.predict_noise(torch.cat([x_in, x_in[rest]]), t, torch.cat([uncond, cond[rest]]))
+        out_u = out[:n]
+        with torch.enable_grad():  # the objective and its backward pass too
+            out_rows = self.predict_noise(x_in[rows], t, cond[rows])
+            backward(rows, out_rows, out_u[rows])
+        out_c = torch.empty_like(out_u)
+        out_c[rest] = out[n:]
+        out_c[rows] = out_rows.detach()
+        return out_u, out_c
 
     @property
     def default_guidance(self) -> float:
