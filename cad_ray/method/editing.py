@@ -266,24 +266,26 @@ def selection_masks(scores_of, target: str, others: list[str], selection: Select
     if selection.also is not None:
         raise CadRayError(f"selection {selection}: a union of parts is made by ScoreStore.masks, part by part")
     inside = scope_matcher(selection.scope)
-    own = {n: s for n, s in scores_of(target).items() if inside(n, torch.empty(s.shape, device="meta"))}
+    target_scores = scores_of(target)
+    own = {n: s for n, s in target_scores.items() if inside(n, torch.empty(s.shape, device="meta"))}
     if not own:
         raise CadRayError(f"selection scope {selection.scope!r} holds none of the run's scored tensors")
     if selection == PRESETS["conceptprune"]:
         from cad_ray.method.baselines import conceptprune_masks
 
         masks = conceptprune_masks(own, ratio)
-        return {n: masks.get(n, np.zeros(s.shape, dtype=bool)) for n, s in scores_of(target).items()}
+        return {n: masks.get(n, np.zeros(s.shape, dtype=bool)) for n, s in target_scores.items()}
     ranked = own
     if selection.contrast != "none":
         if not others:
             raise CadRayError(f"a specific selection of {target!r} needs other concepts' scores of the same objective "
                               "in the run; it has none")
-        ranked = specific_scores(own, [{n: scores_of(o)[n] for n in own} for o in others], selection.aggregate,
-                                 largest)
+        # each other concept's table read once, not once per tensor
+        ranked = specific_scores(own, [{n: table[n] for n in own} for table in map(scores_of, others)],
+                                 selection.aggregate, largest)
     masks = select(ranked, ratio=ratio, granularity=selection.granularity, largest=largest,
                    rounding=selection.rounding)
-    return {n: masks.get(n, np.zeros(s.shape, dtype=bool)) for n, s in scores_of(target).items()}
+    return {n: masks.get(n, np.zeros(s.shape, dtype=bool)) for n, s in target_scores.items()}
 
 
 def union_masks(masks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
