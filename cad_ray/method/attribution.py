@@ -3,7 +3,9 @@
 One trajectory per sample: the objective makes each sample's points once (every kept x_t of one guided
 trajectory), then batched forward/backward passes over those points, in chunks that fit memory, accumulate
 dJ/dw in float64. Partial sums over blocks of samples (`GradientSum`) add up in a fixed order, so a
-sharded run gives the same scores as an in-process one.
+sharded run gives the same scores as an in-process one. With an erase objective that asks for it (`fused`), the
+points' forward pass is the sampler's own guided step instead (`EraseObjective.fused_backward`): one forward
+pass fewer per point, which pays where the UNet's arithmetic dominates its calls (docs/benchmarks.md).
 
 The chunk size that fits: `chunk_size="auto"` starts at `AUTO_CHUNK_START` points on a CUDA device
 (`DEFAULT_CHUNK` elsewhere), and a CUDA out-of-memory in a chunk halves the chunk and carries on from that
