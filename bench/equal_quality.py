@@ -230,7 +230,7 @@ def label(key: tuple, steps: int) -> str:
 
 
 def curves(records) -> dict:
-    """(method, points, batch, trajectory steps) -> [(n, least seconds, mean r)] over repeats (least: the repeat
+    """(method, points, batch, trajectory steps, fused) -> [(n, least seconds, mean r)] over repeats (least: the repeat
     least slowed by other jobs, as attribution_speed.py takes the best of two runs; the same rule for both)."""
     groups: dict = {}
     for rec in records:

@@ -32,7 +32,9 @@ class EraseOptions(Strict):
     fused: bool = Field(False, description="compute the points' forward pass inside the sampler's guided step "
                         "instead of a second pass: 1.35x faster where the UNet's arithmetic dominates (tiny SD at "
                         "32x32 latents, CPU), slower for small models in small batches (the digits model: 1.7x); "
-                        "docs/benchmarks.md")
+                        "docs/benchmarks.md. Runs separate passes where it cannot fuse: a concept whose base prompt "
+                        "is not the empty prompt (colours), a scope in the text encoder, a batch larger than "
+                        "chunk_size; the option still counts in the config hash")
 
 
 class AmplifyOptions(Strict):

@@ -233,7 +233,7 @@ class TextToImageModel:
     def _step_with_gradients(self, x_in, t, uncond, cond, rows: torch.Tensor, backward):
         """One guided step's two outputs, the conditional one of `rows` computed with gradients and given to
         `backward(rows, out_c, out_u)` first; the others in one pass without them."""
-        n = x_in.shape[0]
+        n, rows = x_in.shape[0], rows.to(x_in.device)
         rest = torch.ones(n, dtype=torch.bool, device=x_in.device)
         rest[rows] = False
         out = self.predict_noise(torch.cat([x_in, x_in[rest]]), t, torch.cat([uncond, cond[rest]]))
