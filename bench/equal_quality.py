@@ -250,8 +250,8 @@ def summarise(records, extra_targets, steps: int = 50) -> dict:
         out["fits"][label(k, steps)] = {
             "A": A, "B": B, "ceiling_r": A ** -0.5 if A > 0 else None, "t0": t0, "seconds_per_sample": c}
     for target in targets:
-        if target <= pub[0][2]:  # the published algorithm's least work is one sample (T trajectories)
-            tp, xp = pub[0][1], "its first point (one sample) already reaches r"
+        if target <= pub[0][2]:  # the least work measured (one sample, T trajectories, unless --published skips it)
+            tp, xp = pub[0][1], f"at most: its first point ({pub[0][0]} samples) already reaches r"
         else:
             tp, xp = seconds_to_reach(pub, target - 1e-12)
         best = None

@@ -31,7 +31,9 @@ class EraseOptions(Strict):
                                           "(docs/benchmarks.md, speed at equal quality)")
     fused: bool = Field(False, description="compute the points' forward pass inside the sampler's guided step "
                         "instead of a second pass: 1.35x faster where the UNet's arithmetic dominates (tiny SD at "
-                        "32x32 latents, CPU), slower for small models in small batches (the digits model: 1.7x); "
+                        "32x32 latents, CPU) or where every step is a point (tiny SD at 8x8 with steps 15 and "
+                        "points_per_sample null: 20% less time at equal quality), slower for small models in small "
+                        "batches (the digits model: 1.7x); "
                         "docs/benchmarks.md. Runs separate passes where it cannot fuse: a concept whose base prompt "
                         "is not the empty prompt (colours), a scope in the text encoder, a batch larger than "
                         "chunk_size; the option still counts in the config hash")
