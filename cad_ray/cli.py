@@ -41,6 +41,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if out.suffix.lower() not in (".png", ".npz"):
         raise CadRayError(f"--out must end in .png (image grid) or .npz (array 'images'), got {args.out!r}")
     from cad_ray.models import load_model
+    from cad_ray.store.root import check_output
+
+    check_output(args.out)  # before sampling: a run root's files, a folder, a place that cannot be written
 
     model = load_model(args.model, device=args.device)
     prompts = [args.prompt] * args.n
@@ -68,7 +71,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_quality(args: argparse.Namespace) -> None:
     from cad_ray.models import load_model
     from cad_ray.digits.quality import digits_quality, meets_quality_bar, quality_summary
+    from cad_ray.store.root import check_output
 
+    if args.out:
+        check_output(args.out)
     model = load_model(args.model, device=args.device)
     if model.kind != "digits":
         raise CadRayError("quality judges exist for the digits model only")
@@ -274,7 +280,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_report(args: argparse.Namespace) -> None:
     from cad_ray.stages.report import write_report
+    from cad_ray.store import RunRoot
+    from cad_ray.store.root import check_output
 
+    if args.out:
+        run = RunRoot(args.root)
+        check_output(args.out, allowed=() if run.is_s3 else (run.join("report.html"),))
     print(f"report: {write_report(args.root, args.out)}")
 
 
@@ -294,11 +305,12 @@ def cmd_edit(args: argparse.Namespace) -> None:
         raise CadRayError("give --ratio or --count")
     if args.ratio is not None:
         check_ratio(args.ratio)
+    from cad_ray.store.root import check_output
+
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CadRayError(f"{out} is a file; --out names a new folder for the edited model")
-    if out.exists() and any(out.iterdir()):
-        raise CadRayError(f"{out} exists and is not empty; choose a new folder for the edited model")
+    check_output(args.out, folder=True)  # not a file, not a folder that holds anything, not inside a run root
+    if not Path(os.path.realpath(out)).name:
+        raise CadRayError(f"--out {args.out} names no new folder for the edited model")
     store = ScoreStore(args.root)
     model = load_model(args.model if args.model else store.manifest["config"].get("model"))
     check_fingerprint(model, store.fingerprint)
@@ -319,11 +331,12 @@ def cmd_edit(args: argparse.Namespace) -> None:
     else:
         masks = store.masks(args.target, selection, args.ratio, objective, largest)
         zeroed = zero_components(model, masks)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    target = Path(os.path.realpath(out))  # '.' or 'x/..' has no name to put a temporary folder beside
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp)
-    if out.exists():
-        out.rmdir()  # empty, checked above
-    os.replace(tmp, out)
+    if target.exists():
+        target.rmdir()  # empty, checked above
+    os.replace(tmp, target)
     what = f"{zeroed} components zeroed ({selection})" if args.edit != "uce" else \
         f"{zeroed} cross-attention key/value projections rewritten"
     print(f"wrote {out}: {args.edit} of {args.target!r}, {what}; load it with --model {out}")

@@ -3,6 +3,7 @@ roots, and the wrong answers that used to pass silently: each through the `cad-r
 (or a correct repair), and earlier results byte-identical where refused."""
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -298,3 +299,112 @@ def test_a_run_refused_by_its_config_check_does_not_block_the_corrected_run(tmp_
                            config_file(tmp_path, "good", samples=2, block=2, batch=2, erase={"steps": 3},
                                        concepts=[{"name": "seven"}])], capsys)
     assert status == 0, err
+
+
+def test_no_command_writes_into_a_run_root_but_its_own_tables(small_run, tmp_path, capsys, monkeypatch):
+    """Issue 26: report/edit/sample/quality --out onto a run root's manifest, part files or tables is refused before
+    any work; the root's own report.html stays writable; '.' as edit's new folder works."""
+    root = tmp_path / "run"
+    shutil.copytree(small_run, root)
+    edit = ["edit", "--root", str(root), "--edit", "cad-erase", "--target", "seven", "--ratio", "0.1", "--out"]
+    inside = [["report", "--root", str(root), "--out", str(root / "_manifest.json")],
+              ["report", "--root", str(root), "--out", str(root / SCORES)],
+              ["report", "--root", str(tmp_path / "elsewhere"), "--out", str(root / "report.html")],
+              [*edit, str(root / "scores" / "edited")],
+              [*edit, str(root / "edits" / "mine")],
+              ["sample", "--prompt", "seven", "--n", "1", "--out", str(root / "scores" / "x.png")],
+              ["quality", "--n", "1", "--out", str(root / "_manifest.json")]]
+    for argv in inside:
+        _one_line_refusal(argv, "lies inside the run root", capsys, str(root))
+    (tmp_path / "grid.png").mkdir()
+    for argv, message in ((["sample", "--prompt", "seven", "--n", "1", "--out", str(tmp_path / "grid.png")],
+                           "is a folder"),
+                          (["sample", "--prompt", "seven", "--n", "1", "--out", "/proc/x.png"], "cannot write"),
+                          (["report", "--root", str(root), "--out", str(tmp_path)], "is a folder")):
+        _one_line_refusal(argv, message, capsys, str(root))
+    assert _run(["report", "--root", str(root), "--out", str(root / "report.html")], capsys)[0] == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    status, _, err = _run([*edit, "."], capsys)
+    assert status == 0, err
+    assert (empty / "model_index.json").exists()
+
+
+def test_an_s3_root_without_a_valid_bucket_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = config_file(tmp_path, "small")
+    for root, message in (("s3://", "names no bucket"), ("s3:///run", "names no bucket"),
+                          ("s3://a bucket/run", "not a valid S3 bucket name")):
+        _one_line_refusal(["attribute", "--config", config, "--root", root, "--local", "--quiet"], message, capsys)
+        _one_line_refusal(["top", "--root", root, "--concept", "seven"], message, capsys)
+    assert list(tmp_path.iterdir()) == [Path(config)]  # no local folder 's3:'
+
+
+def _take_lock(root, barrier, won):
+    from cad_ray.errors import CadRayError
+    from cad_ray.store import RunRoot
+
+    barrier.wait()
+    try:
+        with RunRoot(root).locked("attribution"):
+            won.put(1)
+            barrier.wait()  # hold it until the other has tried
+    except CadRayError:
+        won.put(0)
+        barrier.wait()
+
+
+def test_two_drivers_starting_together_never_both_take_the_lock(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for trial in range(11):
+        root = str(tmp_path / f"r{trial}")
+        barrier, won = context.Barrier(2), context.Queue()
+        takers = [context.Process(target=_take_lock, args=(root, barrier, won)) for _ in range(2)]
+        for p in takers:
+            p.start()
+        for p in takers:
+            p.join(30)
+        assert sorted(won.get(timeout=5) for _ in takers) == [0, 1], trial
+        assert not Path(root, "_lock.json").exists()
+
+
+def test_a_broken_lock_is_one_line_and_never_taken_over(small_run, tmp_path, capsys):
+    import socket
+
+    root = tmp_path / "run"
+    shutil.copytree(small_run, root)
+    argv = ["validate", "--root", str(root), "--local", "--quiet", "--ablations", "6"]
+    for lock, message in (([1, 2], "is not a lock written by cad-ray"), ({"stage": "validation"}, "needs a pid"),
+                          ({"pid": "12", "host": socket.gethostname()}, "needs a pid"), ("{not json", "is corrupt")):
+        (root / "_lock.json").write_text(lock if isinstance(lock, str) else json.dumps(lock))
+        _one_line_refusal(argv, f"_lock.json .*{message}.*remove it", capsys, str(root))
+    # a pid no process can have is a driver that is gone: taken over
+    from cad_ray.store import RunRoot
+
+    (root / "_lock.json").write_text(json.dumps({"pid": 10 ** 30, "host": socket.gethostname()}))
+    with RunRoot(str(root)).locked("attribution"):
+        assert json.loads((root / "_lock.json").read_text())["pid"] == os.getpid()
+    assert not (root / "_lock.json").exists()
+
+
+def test_the_s3_lock_is_a_conditional_put(s3_endpoint):
+    import pytest
+
+    from cad_ray.errors import CadRayError
+    from cad_ray.store import RunRoot
+    from cad_ray.models.loading import s3_filesystem
+
+    s3_filesystem().mkdir("lock-bucket")
+    run = RunRoot("s3://lock-bucket/run")
+    assert run.create_exclusively(b"{}", "x.json") and not run.create_exclusively(b"[]", "x.json")
+    assert run.read_bytes("x.json") == b"{}"
+    with run.locked("attribution"):
+        holder = json.loads(run.read_bytes("_lock.json"))
+        holder["pid"] = 1  # as a live driver of this host: the next taker refuses
+        run.fs.pipe_file(run.join("_lock.json"), json.dumps(holder).encode())
+        with pytest.raises(CadRayError, match="another cad-ray attribution"):
+            with RunRoot("s3://lock-bucket/run").locked("validation"):
+                pass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import time
 import uuid
@@ -30,13 +31,15 @@ def _lock_is_stale(holder: dict) -> bool:
 
     if holder.get("host") != socket.gethostname():
         return False  # another machine's driver: nothing here can tell whether it still runs
-    pid = int(holder.get("pid", -1))
+    pid = holder["pid"]
     if pid == os.getpid():
         return True
+    if pid <= 0:
+        return False  # kill(0 or negative) signals process groups: it says nothing about one driver
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
+    except (ProcessLookupError, OverflowError):
+        return True  # gone, or a pid no process can have
     except PermissionError:
         return False
     return False
@@ -59,6 +62,12 @@ def filesystem(root: str):
     """(fsspec filesystem, path without protocol) for a local path or an s3:// URI."""
     if str(root).startswith("s3://"):
         from cad_ray.models.loading import s3_filesystem
+
+        bucket = str(root)[len("s3://"):].split("/")[0]
+        if not bucket:
+            raise CadRayError(f"{root!r} names no bucket; an S3 root is s3://bucket/prefix")
+        if not re.fullmatch(r"[a-zA-Z0-9.\-_]{1,255}", bucket):  # botocore's own check, made before any request
+            raise CadRayError(f"{bucket!r} is not a valid S3 bucket name (letters, digits, '.', '-', '_')")
 
         return s3_filesystem(), str(root)[len("s3://"):].rstrip("/")
     import fsspec
@@ -88,12 +97,55 @@ def atomic_local_file(target: str):
             os.unlink(tmp)
 
 
+ROOT_MARKERS = ("_manifest.json", LOCK)  # a folder holding either is a run root (the lock: one being started)
+
+
+def run_root_above(path: str) -> str | None:
+    """The local run root that `path` lies in (or is), None if it lies in none."""
+    here = os.path.realpath(os.path.expanduser(str(path)))
+    while True:
+        if os.path.isdir(here) and any(os.path.exists(os.path.join(here, m)) for m in ROOT_MARKERS):
+            return here
+        parent = os.path.dirname(here)
+        if parent == here:
+            return None
+        here = parent
+
+
+def check_output(out: str, folder: bool = False, allowed: tuple[str, ...] = (), option: str = "--out") -> None:
+    """Refuse, before any work, a local output that would land in a run root (its manifest, part files, tables:
+    no command writes into a run root except its own tables; `allowed` names the exceptions, such as the root's
+    own report.html), a file where a folder is asked for and a folder where a file is, and a place that cannot
+    be written (a probe file is created and removed beside it)."""
+    path = os.path.realpath(os.path.expanduser(str(out)))
+    root = run_root_above(path)
+    if root is not None and path not in {os.path.realpath(a) for a in allowed}:
+        raise CadRayError(f"{option} {out} lies inside the run root {root}; a run root holds only its own tables: "
+                          "choose a place outside it")
+    if folder:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise CadRayError(f"{out} is a file; {option} names a new folder")
+        if os.path.isdir(path) and os.listdir(path):
+            raise CadRayError(f"{out} exists and is not empty; {option} names a new folder")
+        return
+    if os.path.isdir(path):
+        raise CadRayError(f"{out} is a folder; {option} names a file")
+    parent = os.path.dirname(path)
+    probe = hidden_temporary(path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        open(probe, "xb").close()
+        os.unlink(probe)
+    except OSError as e:
+        raise CadRayError(f"cannot write {out}: {e.strerror or e}") from None
+
+
 class RunRoot:
     """Reading and writing the files of one run root."""
 
     def __init__(self, root: str):
+        self.fs, self.path = filesystem(str(root))  # before the slashes go: "s3://" is no local folder "s3:"
         self.uri = str(root).rstrip("/")
-        self.fs, self.path = filesystem(self.uri)
         self.is_s3 = self.uri.startswith("s3://")
 
     def join(self, *parts: str) -> str:
@@ -213,27 +265,124 @@ class RunRoot:
                 return False
             raise CadRayError(f"cannot read {self.uri_under(*parts)}: {type(e).__name__}: {e}") from None
 
+    def create_exclusively(self, data: bytes, *parts: str) -> bool:
+        """Write the file `parts` only if it does not exist, in one step that no other writer can interleave with:
+        True if this call created it, False if it existed. Local: a complete temporary file hard-linked onto the
+        name (link fails if the name exists; a reader never sees a half-written file), or where the filesystem has
+        no hard links an O_EXCL create. S3: a conditional put (If-None-Match: *), which AWS S3, MinIO and moto
+        honour; an endpoint that ignores the condition makes it an ordinary put, which `locked` then catches by
+        reading the file back."""
+        target = self.join(*parts)
+        if self.is_s3:
+            try:
+                self.fs.pipe_file(target, data, mode="create")
+                return True
+            except FileExistsError:
+                return False
+            except OSError as e:
+                if "PreconditionFailed" in repr(e.__cause__) or "412" in str(e) or "Precondition" in str(e):
+                    return False
+                raise
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = hidden_temporary(target)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, target)
+                return True
+            except FileExistsError:
+                return False
+            except OSError:  # no hard links here (some FUSE and SMB mounts): an exclusive create
+                try:
+                    with open(target, "xb") as f:
+                        f.write(data)
+                    return True
+                except FileExistsError:
+                    return False
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def _lock_holder(self) -> dict | None:
+        """The driver holding the root's lock, None if there is no lock; a lock that is not ours to read is
+        refused in one line (it may be held: it is never taken over)."""
+        try:
+            holder = json.loads(self.read_bytes(LOCK))
+        except FileNotFoundError:
+            return None  # none, or released between the look and the read
+        except ValueError as e:
+            problem = f"is corrupt ({e})"
+        else:
+            if isinstance(holder, dict) and isinstance(holder.get("host"), str) \
+                    and isinstance(holder.get("pid"), int) and not isinstance(holder.get("pid"), bool):
+                return holder
+            problem = "is not a lock written by cad-ray (it needs a pid and a host)"
+        raise CadRayError(f"{self.uri_under(LOCK)} {problem}; if no cad-ray command is writing to this root, "
+                          "remove it")
+
+    def _take_over(self, stale: dict) -> None:
+        """Remove a stale lock, but only that one: locally it is first renamed aside (one renamer wins) and put back
+        if what was moved is not the lock judged stale (another driver's new lock). On S3 there is no rename: the
+        stale lock is deleted, and two drivers taking over the same stale lock at the same moment can both
+        succeed (a live lock is never removed unless it appeared between the read and the delete)."""
+        target = self.join(LOCK)
+        if self.is_s3:
+            self.fs.rm_file(target)
+            return
+        aside = hidden_temporary(target)
+        try:
+            os.rename(target, aside)
+        except FileNotFoundError:
+            return  # another driver took it over first
+        try:
+            with open(aside, "rb") as f:
+                moved = json.loads(f.read())
+        except ValueError:
+            moved = None
+        if moved != stale:  # a new lock: put it back where it was (unless yet another one appeared)
+            try:
+                os.link(aside, target)
+            except FileExistsError:
+                pass
+        os.unlink(aside)
+
     @contextmanager
     def locked(self, stage: str):
         """Hold the root's lock while a stage writes to it, so that a second driver on the same root refuses at
-        once instead of computing everything twice. A lock left by a driver that died (same host, process gone)
-        is taken over; so is one this process holds."""
+        once instead of computing everything twice. The lock is taken by an exclusive create
+        (`create_exclusively`), so two drivers starting at the same moment never both hold it. A lock left by a
+        driver that died (same host, process gone) is taken over; so is one this process holds."""
         import socket
 
         me = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage, "token": uuid.uuid4().hex,
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        holder = self.read_manifest(LOCK) if self.exists(LOCK) else None
-        if holder is not None and not _lock_is_stale(holder):
-            raise CadRayError(f"another cad-ray {holder.get('stage', 'command')} (pid {holder.get('pid')} on "
-                              f"{holder.get('host')}, since {holder.get('started')}) is writing to {self.uri}; wait "
-                              f"for it to finish, or remove {self.uri_under(LOCK)} if it is gone")
-        self.write_manifest(me, LOCK)
-        if (self.read_manifest(LOCK) or {}).get("token") != me["token"]:  # S3: another driver's write won
+        data = (json.dumps(me, indent=1, sort_keys=True) + "\n").encode()
+        for attempt in range(3):
+            if self.create_exclusively(data, LOCK):
+                break
+            holder = self._lock_holder()
+            if holder is None:
+                continue  # released meanwhile: try again
+            if not _lock_is_stale(holder):
+                raise CadRayError(f"another cad-ray {holder.get('stage', 'command')} (pid {holder.get('pid')} on "
+                                  f"{holder.get('host')}, since {holder.get('started')}) is writing to {self.uri}; "
+                                  f"wait for it to finish, or remove {self.uri_under(LOCK)} if it is gone")
+            self._take_over(holder)
+        else:
+            raise CadRayError(f"another cad-ray command took the lock on {self.uri} at the same moment; wait for it")
+        if (self._lock_holder() or {}).get("token") != me["token"]:  # an S3 endpoint that ignores If-None-Match
             raise CadRayError(f"another cad-ray command took the lock on {self.uri} at the same moment; wait for it")
         try:
             yield
         finally:
-            if (self.read_manifest(LOCK) or {}).get("token") == me["token"]:
+            try:
+                mine = (self._lock_holder() or {}).get("token") == me["token"]
+            except CadRayError:
+                mine = False  # replaced by something that is not ours to remove
+            if mine:
                 self.fs.rm_file(self.join(LOCK))
 
     def remove(self, *parts: str) -> None:
