@@ -196,6 +196,10 @@ def cmd_overlap(args: argparse.Namespace) -> None:
     methods = args.method if not args.method_b else f"{args.method} against {args.method_b}"
     print(f"top-{args.k} {'negative' if args.negative else 'positive'} components of {args.a!r} and {args.b!r} "
           f"({args.objective}, {methods}): {result['shared']} shared, Jaccard {result['jaccard']:.3f}")
+    short = [f"{name!r} has {size}" for name, size in ((args.a, result["size_a"]), (args.b, result["size_b"]))
+             if size < args.k]
+    if short:
+        print(f"(only components of the sign asked for are counted: {', '.join(short)})")
 
 
 def stage_config(root: str, config_file: str | None, section: str, overrides: dict):

@@ -408,3 +408,16 @@ def test_the_s3_lock_is_a_conditional_put(s3_endpoint):
         with pytest.raises(CadRayError, match="another cad-ray attribution"):
             with RunRoot("s3://lock-bucket/run").locked("validation"):
                 pass
+
+
+def test_overlap_beyond_the_positive_scores_counts_only_positive_ones(small_run, capsys):
+    store = ScoreStore(small_run)
+    red = store.scores("red")
+    positive = {frozenset(zip(f["tensor"], f["index"])) for f in [red[red["score"] > 0]]}.pop()
+    status, out, _ = _run(["overlap", "--root", small_run, "--a", "red", "--b", "red", "--method-b", "cad",
+                           "--k", str(len(red))], capsys)
+    assert status == 0 and f"{len(positive)} shared, Jaccard 1.000" in out and "only components" in out, out
+    seven = store.scores("seven")
+    both = positive & set(zip(seven[seven["score"] > 0]["tensor"], seven[seven["score"] > 0]["index"]))
+    result = store.overlap("red", "seven", len(red))
+    assert result["shared"] == len(both) < len(red)

@@ -391,12 +391,18 @@ class ScoreStore:
                 negative: bool = False, method: str = "cad", method_b: str | None = None) -> dict:
         """Overlap of two concepts' top-k component sets: shared count and Jaccard index. With `method_b`, the
         second set is ranked by another method (the same concept twice: how far two methods agree)."""
-        a = self.top(concept_a, k, negative, objective, method)
-        b = self.top(concept_b, k, negative, objective, method_b or method)
+        def signed(rows: pd.DataFrame, ranked_by: str) -> pd.DataFrame:
+            # CAD's top-k beyond the scores of the sign asked for would count zero and opposite scores as shared
+            if ranked_by != "cad":
+                return rows
+            return rows[rows["score"] < 0] if negative else rows[rows["score"] > 0]
+
+        a = signed(self.top(concept_a, k, negative, objective, method), method)
+        b = signed(self.top(concept_b, k, negative, objective, method_b or method), method_b or method)
         sa, sb = set(zip(a["tensor"], a["index"])), set(zip(b["tensor"], b["index"]))
         shared = len(sa & sb)
-        return {"concept_a": concept_a, "concept_b": concept_b, "k": k, "shared": shared,
-                "jaccard": shared / len(sa | sb) if sa | sb else 0.0}
+        return {"concept_a": concept_a, "concept_b": concept_b, "k": k, "shared": shared, "size_a": len(sa),
+                "size_b": len(sb), "jaccard": shared / len(sa | sb) if sa | sb else 0.0}
 
     def metadata(self, concept: str, objective: str = "erase") -> dict:
         """The metadata stored in a score table (fingerprint, objective, config hash, code version)."""
