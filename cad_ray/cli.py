@@ -319,6 +319,9 @@ def cmd_edit(args: argparse.Namespace) -> None:
     model = load_model(args.model if args.model else store.manifest["config"].get("model"))
     check_fingerprint(model, store.fingerprint)
     objective, largest = ZEROING_EDITS.get(args.edit, ZEROING_EDITS["cad-erase"])
+    from cad_ray.config import check_selection_prefixes
+
+    check_selection_prefixes(args.selection)
     selection = Selection.parse(args.selection)
     if args.edit == "conceptprune":
         selection = Selection.parse("conceptprune")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -61,13 +62,38 @@ class ConceptPruneOptions(Strict):
     steps: int | None = Field(None, ge=1, description="sampling steps (default: the model's)")
 
 
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _no_duplicates(values, what: str):
+    seen = [v for i, v in enumerate(values) if v in values[:i]]
+    if seen:
+        raise ValueError(f"{what} lists {seen[0]!r} twice")
+    return values
+
+
 class ConceptSpec(Strict):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.\-]+$")
     prompts: list[str] | None = None
     base_prompt: str | list[str] | None = None
     objectives: list[ScoredName] = Field(default_factory=lambda: ["erase"], min_length=1,
                                          description="erase, amplify, prior, residual (CAD), conceptprune "
                                                      "(the baseline's Wanda scores, docs/editing.md)")
+
+    @field_validator("name")
+    @classmethod
+    def _partition_value(cls, v):
+        # the name is a hive partition value (scores/concept=<name>/): readers would type '1' or '01' as numbers
+        # (and then '1' beside '01' as one), and read this one as null
+        if NUMBER.fullmatch(v) or v == "__HIVE_DEFAULT_PARTITION__":
+            raise ValueError(f"concept name {v!r} would be read back as a number or null from the tables' folder "
+                             "names; give a name with a letter, e.g. 'digit-1'")
+        return v
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives_once(cls, v):
+        return _no_duplicates(v, "objectives")
 
     @field_validator("prompts")
     @classmethod
@@ -93,6 +119,11 @@ class ValidationOptions(Strict):
                                                  "the second-order sketch (null: all)")
     coar_train_fraction: float = Field(0.5, gt=0, lt=1, description="share of the ablations COAR is fit on")
     block: int = Field(50, ge=1, description="ablations per shard")
+
+    @field_validator("concepts")
+    @classmethod
+    def _concepts_once(cls, v):
+        return v if v is None else _no_duplicates(v, "validation.concepts")
 
     @field_validator("fractions")
     @classmethod
@@ -149,10 +180,31 @@ class UceOptions(Strict):
 DEFAULT_SEARCH_RATIOS = [0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2]
 
 
+def check_selection_prefixes(text: str) -> None:
+    """Refuse a selection part with two objective prefixes or two method prefixes (`erase:amplify:ff/...`): the
+    parser would silently keep one of them."""
+    from cad_ray.method.objectives import OBJECTIVES
+
+    for part in str(text).split("|"):
+        prefixes, rest = [], part
+        while True:
+            head, colon, tail = rest.partition(":")
+            if not colon or "/" in head or tail.startswith("/"):
+                break
+            prefixes.append(head)
+            rest = tail
+        for kind, names in (("objective", [p for p in prefixes if p in OBJECTIVES]),
+                            ("method", [p for p in prefixes if p not in OBJECTIVES])):
+            if len(names) > 1:
+                raise CadRayError(f"selection {text!r}: more than one {kind} prefix ({', '.join(names)}); write "
+                                  "[objective:][method:]scope/granularity/contrast")
+
+
 def _check_selection(text: str) -> str:
     from cad_ray.method.editing import Selection
 
     try:
+        check_selection_prefixes(text)
         Selection.parse(text)
     except Exception as e:
         raise ValueError(str(e)) from None
@@ -244,6 +296,11 @@ class EvaluationOptions(Strict):
     def _selection(cls, v):
         return _check_selection(v)
 
+    @field_validator("targets", "edits")
+    @classmethod
+    def _once(cls, v, info):
+        return _no_duplicates(v, info.field_name)
+
     @field_validator("edits")
     @classmethod
     def _known_edits(cls, v):
@@ -256,11 +313,11 @@ class EvaluationOptions(Strict):
 
     @field_validator("ratios", "recovery_ratios")
     @classmethod
-    def _ratio_range(cls, v):
+    def _ratio_range(cls, v, info):
         bad = [r for r in v if not 0 < r <= 1]
         if bad:
             raise ValueError(f"edit ratios must be in (0, 1], got {bad}")
-        return sorted(v)
+        return sorted(_no_duplicates(v, info.field_name))
 
     def options_hash(self) -> str:
         unused = set() if "uce" in self.edits else {"uce"}  # evaluations made before UCE keep their hash
@@ -372,12 +429,38 @@ def parse_config(data, source: str = "config") -> AttributionConfig:
         raise CadRayError(f"invalid {source}: {_one_line(e)}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                twice = key in seen
+            except TypeError:
+                continue  # an unhashable key: the base constructor says what is wrong with it
+            if twice:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+CONFIG_LIMIT = 1 << 20  # 1 MiB: far above any config; /dev/zero or a data file is refused, not read to the end
+
+
 def load_config(path: str | Path, overrides: dict | None = None) -> AttributionConfig:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        with open(path, "rb") as f:
+            raw = f.read(CONFIG_LIMIT + 1)
+        if len(raw) > CONFIG_LIMIT:
+            raise CadRayError(f"config {path} is larger than {CONFIG_LIMIT >> 20} MiB; it is no cad-ray config")
+        data = yaml.load(raw.decode("utf-8"), Loader=_UniqueKeyLoader)
     except OSError as e:
         raise CadRayError(f"cannot read config {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise CadRayError(f"config {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise CadRayError(f"malformed YAML in {path}: {' '.join(str(e).split())}") from None
     data = dict(data or {}) if isinstance(data, dict) or data is None else data

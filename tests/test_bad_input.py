@@ -8,6 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from conftest import SMALL
@@ -132,3 +133,51 @@ def test_each_bad_input_is_one_line_exit_one_and_loses_nothing(small_run, tmp_pa
     assert len(store.top("seven", 5)) == 5
     new_manifest = Path(new) / "_manifest.json"
     assert not new_manifest.exists() or '"complete": false' in new_manifest.read_text()
+
+
+def _refused(argv, message, capsys):
+    status = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert status == 1 and "\n" not in err and err.startswith(f"cad-ray {argv[0]}: error:"), err
+    assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("concept, message", [
+    ({"name": "1"}, "read back as a number"), ({"name": "01"}, "read back as a number"),
+    ({"name": "1.5e3"}, "read back as a number"), ({"name": "__HIVE_DEFAULT_PARTITION__"}, "or null"),
+    ({"name": "a/b"}, "pattern"), ({"name": "a=b"}, "pattern"), ({"name": "x" * 101}, "at most 100"),
+    ({"name": "seven", "objectives": ["erase", "erase"]}, "objectives lists 'erase' twice")])
+def test_concept_names_that_the_tables_cannot_hold_are_refused_at_config_time(concept, message, tmp_path, capsys):
+    config = config_file(tmp_path, "names", concepts=[concept, {"name": "red"}])
+    _refused(["attribute", "--config", config, "--root", str(tmp_path / "r"), "--local", "--quiet"], message, capsys)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("samples: 4\nseed: 1\nsamples: 8\n", "key 'samples' given twice"),
+    (b"samples: 4\n# caf\xe9\n", "not UTF-8 text"),
+    ("/dev/zero", "larger than 1 MiB")])
+def test_a_config_file_that_is_not_one_config_is_refused(text, message, tmp_path, capsys):
+    path = text if text == "/dev/zero" else tmp_path / "c.yaml"
+    if text != "/dev/zero":
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    _refused(["attribute", "--config", str(path), "--root", str(tmp_path / "r"), "--local", "--quiet"], message,
+             capsys)
+
+
+def test_duplicates_in_stage_options_are_refused(small_run, tmp_path, capsys):
+    root = str(tmp_path / "run")
+    shutil.copytree(small_run, root)
+    before = snapshot(root)
+    edit = ["edit", "--root", root, "--edit", "cad-erase", "--target", "seven", "--ratio", "0.1", "--out",
+            str(tmp_path / "e")]
+    for argv, message in ((["evaluate", "--ratios", "0.05", "0.05"], "ratios lists 0.05 twice"),
+                          (["evaluate", "--targets", "seven", "seven"], "targets lists 'seven' twice"),
+                          (["validate", "--concepts", "seven", "seven"], "concepts lists 'seven' twice"),
+                          (["evaluate", "--config", config_file(tmp_path, "s", evaluation={
+                              "selection": "erase:amplify:ff/global/none"})], "more than one objective prefix"),
+                          ([*edit, "--selection", "prior:erase:ff/global/none"], "more than one objective prefix")):
+        if argv[0] != "edit":
+            argv = [*argv, "--root", root, "--local", "--quiet"]
+        _refused(argv, message, capsys)
+        assert snapshot(root) == before
