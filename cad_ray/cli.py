@@ -20,9 +20,22 @@ MODEL_HELP = ("model folder in diffusers layout or s3://bucket/prefix (default: 
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
 
 
@@ -419,7 +432,7 @@ RAY = [("--address", {"default": None, "help": "Ray cluster address (e.g. auto);
        ("--quiet", {"action": "store_true", "help": "no progress bars, no tables printed"})]
 GENERATION = [("--model", {"default": None, "help": MODEL_HELP}),
               ("--seed", {"type": int, "default": 0, "help": "seed of the starting noise (default: 0)"}),
-              ("--guidance", {"type": float, "default": None,
+              ("--guidance", {"type": _finite_float, "default": None,
                               "help": "classifier-free guidance scale (default: the model's, 3.0 for digits)"}),
               ("--steps", {"type": _positive_int, "default": None, "help": "sampling steps (default: the model's)"}),
               ("--device", {"default": None, "help": "torch device, e.g. cuda or cpu (default: cpu)"})]

@@ -21,7 +21,8 @@ LATER_STAGES = ("validation", "evaluation")  # sections read by later stages; th
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # no NaN or infinity in any number of a config (a NaN guidance made NaN images, judged as digits)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class EraseOptions(Strict):

@@ -181,3 +181,22 @@ def test_duplicates_in_stage_options_are_refused(small_run, tmp_path, capsys):
             argv = [*argv, "--root", root, "--local", "--quiet"]
         _refused(argv, message, capsys)
         assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("change", [{"erase": {"guidance": float("nan")}}, {"amplify": {"guidance": float("inf")}},
+                                    {"evaluation": {"amplify_guidance": float("-inf")}}])
+def test_nan_or_infinite_numbers_in_a_config_are_refused(change, tmp_path, capsys):
+    _refused(["attribute", "--config", config_file(tmp_path, "nan", **change), "--root", str(tmp_path / "r"),
+              "--local", "--quiet"], "finite number", capsys)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--prompt", "seven", "--guidance", "nan", "--out", "x.png"], "--guidance: must be a finite number"),
+    (["sample", "--prompt", "seven", "--guidance", "inf", "--out", "x.png"], "--guidance: must be a finite number"),
+    (["sample", "--prompt", "seven", "--n", "abc", "--out", "x.png"], "--n: must be a whole number, got 'abc'"),
+    (["quality", "--steps", "0"], "--steps: must be at least 1")])
+def test_bad_numbers_on_the_command_line_say_what_is_wrong(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and message in err and "_positive_int" not in err, err
