@@ -200,3 +200,26 @@ def test_bad_numbers_on_the_command_line_say_what_is_wrong(argv, message, capsys
         main(argv)
     err = capsys.readouterr().err
     assert exit.value.code == 2 and message in err and "_positive_int" not in err, err
+
+
+def test_the_digits_judge_reads_a_label_in_any_case_or_spacing():
+    from cad_ray.digits import DIGIT_WORDS, real_digits, render
+    from cad_ray.judges.digits import DigitsJudge
+
+    images, digits = real_digits()
+    images, digits = render(images[:40], "red"), digits[:40]
+    judge = DigitsJudge()
+    exact = judge.judge(images, [DIGIT_WORDS[d] for d in digits])["correct"]
+    loose = judge.judge(images, [f" {DIGIT_WORDS[d].title()} " for d in digits])["correct"]
+    assert loose == exact and sum(exact) > 30
+
+
+def test_a_prompt_label_that_is_no_digit_is_refused_before_any_image(small_run, tmp_path, capsys):
+    root = str(tmp_path / "run")
+    shutil.copytree(small_run, root)
+    before = snapshot(root)
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt,evaluation_seed,class\nseven,1,Seven\na cat,2,cat\n")
+    _refused(["evaluate", "--root", root, "--prompts", str(prompts), "--local", "--quiet"], "label 'cat' is no digit",
+             capsys)
+    assert snapshot(root) == before

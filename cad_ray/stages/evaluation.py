@@ -142,6 +142,20 @@ def label_key(text) -> str:
     return str(text).strip().lower().replace(" ", "_")
 
 
+def check_prompt_labels(prompts: pd.DataFrame, options: EvaluationOptions, store: ScoreStore) -> None:
+    """A prompt CSV judged by the built-in digits judges labels its rows with digits (case and spaces aside,
+    `label_key`): any other label would be judged wrong on every image, with no word."""
+    from cad_ray.digits import DIGIT_WORDS
+
+    if not options.prompts or options.judge or store.manifest["config"].get("model") is not None:
+        return
+    known = {label_key(w) for w in DIGIT_WORDS}
+    bad = sorted({str(l) for l in prompts["label"] if l != "" and label_key(l) not in known})
+    if bad:
+        raise CadRayError(f"prompt set {options.prompts}: label {bad[0]!r} is no digit; the digits judges judge "
+                          f"{', '.join(DIGIT_WORDS)}")
+
+
 def names_label(labels: pd.Series, concept: str) -> pd.Series:
     """Which labels a concept name stands for (`label_key`)."""
     return labels.map(label_key) == label_key(concept)
@@ -758,6 +772,7 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
         raise CadRayError(f"--config describes another attribution run than the one in {root}")
     check_targets(options, store, root)
     prompts = prompt_panels(options)
+    check_prompt_labels(prompts, options, store)
     started = time.time()
     guidance = executor.first(EditWorker, "default_guidance")
     if options.guidance is None:
