@@ -39,6 +39,15 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _device(text: str) -> str:
+    from cad_ray.config import check_device
+
+    try:
+        return check_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def write_atomically(path: Path, write) -> None:
     """`write(tmp)` to a temporary sibling, renamed onto `path` only when complete (cad_ray.store's writer)."""
     from cad_ray.store import atomic_local_file
@@ -427,7 +436,7 @@ OVERWRITE = ("--overwrite", {"action": "store_true", "help": "replace what this 
 RAY = [("--address", {"default": None, "help": "Ray cluster address (e.g. auto); default: start a local Ray"}),
        ("--workers", {"type": _positive_int, "default": None,
                       "help": "number of workers (default: one per GPU, else one per CPU)"}),
-       ("--device", {"default": None, "help": "torch device for the workers (default: cuda if present)"}),
+       ("--device", {"type": _device, "default": None, "help": "torch device for the workers (default: cuda if present)"}),
        ("--local", {"action": "store_true", "help": "run in this process without Ray (debugging)"}),
        ("--quiet", {"action": "store_true", "help": "no progress bars, no tables printed"})]
 GENERATION = [("--model", {"default": None, "help": MODEL_HELP}),
@@ -435,7 +444,7 @@ GENERATION = [("--model", {"default": None, "help": MODEL_HELP}),
               ("--guidance", {"type": _finite_float, "default": None,
                               "help": "classifier-free guidance scale (default: the model's, 3.0 for digits)"}),
               ("--steps", {"type": _positive_int, "default": None, "help": "sampling steps (default: the model's)"}),
-              ("--device", {"default": None, "help": "torch device, e.g. cuda or cpu (default: cpu)"})]
+              ("--device", {"type": _device, "default": None, "help": "torch device, e.g. cuda or cpu (default: cpu)"})]
 METHOD = ("--method", {"default": "cad", "choices": ["cad", "gradient", "magnitude", "conceptprune"],
                       "help": "the scores ranked: cad (w * dJ/dw, default), gradient (|dJ/dw|), magnitude (|w|), "
                               "conceptprune (its Wanda ranks; the concept must list it among its objectives)"})

@@ -20,6 +20,16 @@ ScoredName = Literal["erase", "amplify", "prior", "residual", "conceptprune"]
 LATER_STAGES = ("validation", "evaluation")  # sections read by later stages; they do not change the score tables
 
 
+DEVICE = re.compile(r"(cpu|cuda|mps|xpu)(:\d+)?")
+
+
+def check_device(value: str | None) -> str | None:
+    """A torch device a worker can compute on: cpu, cuda, cuda:<n>, mps, xpu (not 'meta', which holds no numbers)."""
+    if value is not None and not DEVICE.fullmatch(str(value)):
+        raise ValueError(f"unknown device {value!r}; use cpu, cuda, cuda:<n>, mps or xpu")
+    return value
+
+
 class Strict(BaseModel):
     # no NaN or infinity in any number of a config (a NaN guidance made NaN images, judged as digits)
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -355,6 +365,11 @@ class AttributionConfig(Strict):
                               "are written; by default they are removed then")
     validation: ValidationOptions = Field(default_factory=ValidationOptions)
     evaluation: EvaluationOptions = Field(default_factory=EvaluationOptions)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        return check_device(v)
 
     @field_validator("chunk_size", mode="before")
     @classmethod

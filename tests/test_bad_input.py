@@ -223,3 +223,52 @@ def test_a_prompt_label_that_is_no_digit_is_refused_before_any_image(small_run, 
     _refused(["evaluate", "--root", root, "--prompts", str(prompts), "--local", "--quiet"], "label 'cat' is no digit",
              capsys)
     assert snapshot(root) == before
+
+
+@pytest.mark.parametrize("rows, message", [
+    ("seven,,seven", r"line 3: evaluation_seed \(empty\) is not a whole number"),
+    ("seven,abc,seven", "evaluation_seed 'abc' is not"), ("seven,1e23,seven", "'1e\\+23' is not"),
+    ("seven,1.7,seven", "'1.7' is not"), (",4,seven", "line 3: the prompt is empty")])
+def test_a_prompt_set_row_that_cannot_be_read_is_named(rows, message, tmp_path):
+    from cad_ray.errors import CadRayError
+    from cad_ray.stages.evaluation import read_prompt_set
+
+    path = tmp_path / "p.csv"
+    path.write_text(f"prompt,evaluation_seed,class\none,1,one\n{rows}\n")
+    with pytest.raises(CadRayError, match=message):
+        read_prompt_set(str(path))
+    path.write_text("prompt,evaluation_seed,seed\none,1,2\n")
+    with pytest.raises(CadRayError, match="column 'seed' beside evaluation_seed"):
+        read_prompt_set(str(path))
+
+
+@pytest.mark.parametrize("manifest, message", [([1, 2], "holds a list, not a mapping"),
+                                               ({"complete": True}, "lacks config, config_hash, fingerprint")])
+def test_a_manifest_that_is_no_manifest_is_one_line(manifest, message, small_run, tmp_path, capsys):
+    root = tmp_path / "run"
+    shutil.copytree(small_run, root)
+    (root / "_manifest.json").write_text(json.dumps(manifest))
+    before = snapshot(str(root))
+    for argv in (["top", "--root", str(root), "--concept", "seven"], ["status", "--root", str(root)],
+                 ["validate", "--root", str(root), "--local", "--quiet"], ["report", "--root", str(root)],
+                 ["attribute", "--config", config_file(tmp_path, "small"), "--root", str(root), "--local", "--quiet"]):
+        _refused(argv, f"_manifest.json is corrupt: it {message}", capsys)
+    assert snapshot(str(root)) == before
+
+
+@pytest.mark.parametrize("config, message", [({"max_length": 1}, "max_length, a whole number of at least 3"),
+                                             ({"max_length": "ten"}, "max_length"), ([], "max_length")])
+def test_a_malformed_digits_tokenizer_is_one_line(config, message, tmp_path, capsys):
+    folder = tmp_path / "digits"
+    shutil.copytree(DIGITS_MODEL, folder)
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
+    _refused(["sample", "--prompt", "seven", "--model", str(folder), "--out", str(tmp_path / "x.png")], message, capsys)
+
+
+@pytest.mark.parametrize("device", ["foo", "meta"])
+def test_a_device_that_cannot_compute_is_refused(device, tmp_path, capsys):
+    _refused(["attribute", "--config", config_file(tmp_path, "d", device=device), "--root", str(tmp_path / "r"),
+              "--local", "--quiet"], f"unknown device '{device}'", capsys)
+    with pytest.raises(SystemExit):
+        main(["sample", "--prompt", "seven", "--device", device, "--out", str(tmp_path / "x.png")])
+    assert f"unknown device '{device}'" in capsys.readouterr().err

@@ -143,7 +143,14 @@ class DigitsTokenizer:
             vocabulary = tuple(json.loads((folder / "vocab.json").read_text()))
         except (OSError, ValueError) as e:
             raise CadRayError(f"cannot read the digits tokenizer in {folder}: {e}") from None
-        return cls(vocabulary, int(config["max_length"]))
+        length = config.get("max_length") if isinstance(config, dict) else None
+        missing = [t for t in SPECIAL_TOKENS if t not in vocabulary]
+        if not isinstance(length, int) or isinstance(length, bool) or length < 3 or missing \
+                or not all(isinstance(w, str) for w in vocabulary):
+            raise CadRayError(f"malformed digits tokenizer in {folder}: tokenizer_config.json needs max_length, a "
+                              "whole number of at least 3 (<bos>, one word, <eos>), and vocab.json a list of words "
+                              f"with {', '.join(SPECIAL_TOKENS)}")
+        return cls(vocabulary, length)
 
 
 def training_batch(rng: np.random.Generator, batch_size: int, indices: np.ndarray,

@@ -59,10 +59,21 @@ def read_prompt_set(path: str) -> pd.DataFrame:
     if table.empty:
         raise CadRayError(f"prompt set {path} has a header but no prompts")
     table = table.drop(columns=[c for c in table.columns if str(c).startswith("Unnamed")])
+    if "seed" in table.columns:
+        raise CadRayError(f"prompt set {path} has a column 'seed' beside evaluation_seed; rename or remove it")
+    seeds = pd.to_numeric(table["evaluation_seed"], errors="coerce")
+    bad = seeds.isna() | (seeds != np.floor(seeds)) | (seeds.abs() >= 2 ** 63)
+    if bad.any():
+        value = table["evaluation_seed"].iloc[int(np.flatnonzero(bad)[0])]
+        raise CadRayError(f"prompt set {path}, line {int(np.flatnonzero(bad)[0]) + 2}: evaluation_seed "
+                          f"{'(empty)' if pd.isna(value) else repr(str(value))} is not a whole number (64-bit)")
+    empty = table["prompt"].isna() | (table["prompt"].astype(str).str.strip() == "")
+    if empty.any():
+        raise CadRayError(f"prompt set {path}, line {int(np.flatnonzero(empty)[0]) + 2}: the prompt is empty")
     label = next((c for c in LABEL_COLUMNS if c in table.columns), None)
     out = table.rename(columns={"evaluation_seed": "seed"})
     out["label"] = table[label].astype(str) if label else ""
-    out["seed"] = out["seed"].astype(np.int64)
+    out["seed"] = seeds.astype(np.int64) if seeds.dtype != np.int64 else out["seed"].astype(np.int64)
     return out
 
 

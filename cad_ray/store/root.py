@@ -97,6 +97,7 @@ def atomic_local_file(target: str):
             os.unlink(tmp)
 
 
+MANIFEST_KEYS = ("config", "config_hash", "fingerprint")  # what every reader of a run's _manifest.json needs
 ROOT_MARKERS = ("_manifest.json", LOCK)  # a folder holding either is a run root (the lock: one being started)
 
 
@@ -406,9 +407,15 @@ class RunRoot:
         if not self.exists(*parts):
             return None
         try:
-            return json.loads(self.read_bytes(*parts))
+            manifest = json.loads(self.read_bytes(*parts))
         except ValueError as e:
             raise CadRayError(f"{self.uri_under(*parts)} is corrupt: {e}") from None
+        needed = MANIFEST_KEYS if parts == ("_manifest.json",) else ()
+        if not isinstance(manifest, dict) or any(k not in manifest for k in needed):
+            what = f"lacks {', '.join(k for k in needed if k not in manifest)}" if isinstance(manifest, dict) else \
+                f"holds a {type(manifest).__name__}, not a mapping"
+            raise CadRayError(f"{self.uri_under(*parts)} is corrupt: it {what}; was it edited by hand?")
+        return manifest
 
     def write_manifest(self, manifest: dict, *parts: str) -> None:
         self.write_bytes((json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode(), *(parts or ("_manifest.json",)))

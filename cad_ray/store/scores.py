@@ -40,7 +40,7 @@ class ScoreStore:
             raise CadRayError(f"no score tables under {root}: run 'cad-ray attribute' with this --root first")
         if not manifest.get("complete") and not allow_incomplete:
             raise CadRayError(f"the run in {root} did not complete; re-run 'cad-ray attribute' with the same "
-                              "config to finish it, or pass allow_incomplete / --allow-incomplete")
+                              "config to finish it (top, layers and overlap read it as it is with --allow-incomplete)")
         self.manifest = manifest
 
     @property
