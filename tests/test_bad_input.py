@@ -222,6 +222,9 @@ def test_a_prompt_label_that_is_no_digit_is_refused_before_any_image(small_run, 
     prompts.write_text("prompt,evaluation_seed,class\nseven,1,Seven\na cat,2,cat\n")
     _refused(["evaluate", "--root", root, "--prompts", str(prompts), "--local", "--quiet"], "label 'cat' is no digit",
              capsys)
+    prompts.write_text("prompt,evaluation_seed,class\nseven,1,seven\nthe digit seven,2,Seven\n")
+    _refused(["evaluate", "--root", root, "--prompts", str(prompts), "--local", "--quiet"],
+             r"every row asks for a target \(seven\)", capsys)
     assert snapshot(root) == before
 
 

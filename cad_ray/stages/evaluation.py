@@ -154,11 +154,17 @@ def label_key(text) -> str:
 
 
 def check_prompt_labels(prompts: pd.DataFrame, options: EvaluationOptions, store: ScoreStore) -> None:
-    """A prompt CSV judged by the built-in digits judges labels its rows with digits (case and spaces aside,
-    `label_key`): any other label would be judged wrong on every image, with no word."""
+    """A prompt CSV has rows of other labels than the targets' (what an edit must keep), and one judged by the
+    built-in digits judges labels its rows with digits (case and spaces aside, `label_key`): any other label would
+    be judged wrong on every image, with no word."""
     from cad_ray.digits import DIGIT_WORDS
 
-    if not options.prompts or options.judge or store.manifest["config"].get("model") is not None:
+    if not options.prompts:
+        return
+    if np.logical_or.reduce([target_rows(prompts, t).to_numpy() for t in options.targets]).all():
+        raise CadRayError(f"prompt set {options.prompts}: every row asks for a target ({', '.join(options.targets)});"
+                          " an edit is judged on what must stay as well: add rows of other labels")
+    if options.judge or store.manifest["config"].get("model") is not None:
         return
     known = {label_key(w) for w in DIGIT_WORDS}
     bad = sorted({str(l) for l in prompts["label"] if l != "" and label_key(l) not in known})
