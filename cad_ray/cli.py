@@ -597,6 +597,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cad-ray {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # S3 unreachable or refused (no credentials, a closed endpoint): botocore's own words
+        if not type(e).__module__.startswith(("botocore", "aiobotocore")):
+            raise
+        print(f"cad-ray {args.command}: error: S3: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -275,3 +275,17 @@ def test_a_device_that_cannot_compute_is_refused(device, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--prompt", "seven", "--device", device, "--out", str(tmp_path / "x.png")])
     assert f"unknown device '{device}'" in capsys.readouterr().err
+
+
+def test_s3_without_credentials_is_one_line_and_never_read_as_a_missing_bucket(tmp_path, capsys, monkeypatch):
+    from conftest import _free_port
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # closed: nothing must reach it
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    _refused(["attribute", "--config", config_file(tmp_path, "c"), "--root", "s3://bucket/run", "--local", "--quiet"],
+             "cannot write to s3://bucket/run: NoCredentialsError", capsys)
+    _refused(["top", "--root", "s3://bucket/run", "--concept", "seven"], "S3: NoCredentialsError", capsys)

@@ -166,8 +166,10 @@ class RunRoot:
         try:
             if self.is_s3:
                 bucket = self.path.split("/")[0]
-                if not self.fs.exists(bucket):
-                    raise CadRayError(f"cannot write to {self.uri}: bucket {bucket!r} does not exist")
+                try:
+                    self.fs.info(bucket)  # raises what went wrong (exists() says False for no credentials too)
+                except FileNotFoundError:
+                    raise CadRayError(f"cannot write to {self.uri}: bucket {bucket!r} does not exist") from None
             else:
                 self.fs.makedirs(self.path, exist_ok=True)
             self.fs.pipe_file(probe, b"")
