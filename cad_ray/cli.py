@@ -52,8 +52,11 @@ def write_atomically(path: Path, write) -> None:
     """`write(tmp)` to a temporary sibling, renamed onto `path` only when complete (cad_ray.store's writer)."""
     from cad_ray.store import atomic_local_file
 
-    with atomic_local_file(str(path)) as tmp:
-        write(Path(tmp))
+    try:
+        with atomic_local_file(str(path)) as tmp:
+            write(Path(tmp))
+    except OSError as e:  # a full disk, a quota: nothing half-written is left (the temporary file is removed)
+        raise CadRayError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -312,7 +315,11 @@ def cmd_report(args: argparse.Namespace) -> None:
     if args.out:
         run = RunRoot(args.root)
         check_output(args.out, allowed=() if run.is_s3 else (run.join("report.html"),))
-    print(f"report: {write_report(args.root, args.out)}")
+    try:
+        where = write_report(args.root, args.out)
+    except OSError as e:  # a full disk: the report is written to a temporary file first, removed on failure
+        raise CadRayError(f"cannot write the report: {e.strerror or e}") from None
+    print(f"report: {where}")
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
@@ -331,6 +338,9 @@ def cmd_edit(args: argparse.Namespace) -> None:
         raise CadRayError("give --ratio or --count")
     if args.ratio is not None:
         check_ratio(args.ratio)
+    from cad_ray.config import check_selection_prefixes
+
+    check_selection_prefixes(args.selection)  # before any reading: a selection the parser would misread
     from cad_ray.store.root import check_output
 
     out = Path(args.out)
@@ -341,9 +351,6 @@ def cmd_edit(args: argparse.Namespace) -> None:
     model = load_model(args.model if args.model else store.manifest["config"].get("model"))
     check_fingerprint(model, store.fingerprint)
     objective, largest = ZEROING_EDITS.get(args.edit, ZEROING_EDITS["cad-erase"])
-    from cad_ray.config import check_selection_prefixes
-
-    check_selection_prefixes(args.selection)
     selection = Selection.parse(args.selection)
     if args.edit == "conceptprune":
         selection = Selection.parse("conceptprune")

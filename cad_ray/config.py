@@ -204,6 +204,9 @@ def check_selection_prefixes(text: str) -> None:
                 break
             prefixes.append(head)
             rest = tail
+        if "re" in prefixes:
+            raise CadRayError(f"selection {text!r}: a selection's scope is a part of the run's scope (ff, attn2, "
+                              "tokens, ...), not a pattern; 're:' patterns belong to the config's scope")
         for kind, names in (("objective", [p for p in prefixes if p in OBJECTIVES]),
                             ("method", [p for p in prefixes if p not in OBJECTIVES])):
             if len(names) > 1:

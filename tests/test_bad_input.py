@@ -289,3 +289,23 @@ def test_s3_without_credentials_is_one_line_and_never_read_as_a_missing_bucket(t
     _refused(["attribute", "--config", config_file(tmp_path, "c"), "--root", "s3://bucket/run", "--local", "--quiet"],
              "cannot write to s3://bucket/run: NoCredentialsError", capsys)
     _refused(["top", "--root", "s3://bucket/run", "--concept", "seven"], "S3: NoCredentialsError", capsys)
+
+
+def test_a_full_disk_while_writing_a_sample_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import numpy as np
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "savez_compressed", full)
+    assert main(["sample", "--prompt", "seven", "--n", "1", "--steps", "2", "--out", str(tmp_path / "x.npz")]) == 1
+    err = capsys.readouterr().err.split("\r")[-1].strip()  # after the progress bar
+    assert re.fullmatch(r"cad-ray sample: error: cannot write .*x.npz: No space left on device", err), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pattern_as_a_selection_scope_says_where_patterns_go(tmp_path, capsys):
+    _refused(["edit", "--root", str(tmp_path), "--edit", "cad-erase", "--target", "seven", "--ratio", "0.1",
+              "--selection", "re:ff.*/global/none", "--out", str(tmp_path / "e")], "not a pattern", capsys)
