@@ -273,19 +273,25 @@ class RunRoot:
         True if this call created it, False if it existed. Local: a complete temporary file hard-linked onto the
         name (link fails if the name exists; a reader never sees a half-written file), or where the filesystem has
         no hard links an O_EXCL create. S3: a conditional put (If-None-Match: *), which AWS S3, MinIO and moto
-        honour; an endpoint that ignores the condition makes it an ordinary put, which `locked` then catches by
-        reading the file back."""
+        honour; on an endpoint that ignores the condition (or refuses it as NotImplemented: then a look and a plain
+        put) two writers can both succeed, which `locked` then catches by reading the file back."""
         target = self.join(*parts)
         if self.is_s3:
             try:
                 self.fs.pipe_file(target, data, mode="create")
                 return True
-            except FileExistsError:
+            except FileExistsError:  # s3fs's word for PreconditionFailed
                 return False
             except OSError as e:
-                if "PreconditionFailed" in repr(e.__cause__) or "412" in str(e) or "Precondition" in str(e):
+                if "PreconditionFailed" in repr(e.__cause__):
                     return False
-                raise
+                if "NotImplemented" not in repr(e.__cause__):
+                    raise CadRayError(f"cannot write {self.uri_under(*parts)}: {type(e).__name__}: {e}") from None
+                # an endpoint without conditional writes: look, then put (the caller reads the file back)
+                if self.fs.exists(target):
+                    return False
+                self.fs.pipe_file(target, data)
+                return True
         os.makedirs(os.path.dirname(target), exist_ok=True)
         tmp = hidden_temporary(target)
         try:
