@@ -10,6 +10,7 @@ dead workers and shows progress.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import defaultdict, deque
 
@@ -294,7 +295,12 @@ class Executor:
 def run_stage(stage, config: AttributionConfig, root: str, address: str | None = None, local: bool = False,
               progress: bool = True, **options) -> dict:
     """Run one stage (a `cad_ray.stages` module) on Ray actors, or in this process with `local`."""
+    from cad_ray.store.root import run_root_above
+
     run = RunRoot(root)
+    above = None if run.is_s3 else run_root_above(os.path.dirname(run.path))
+    if above is not None:  # a root inside another root's tables would break every reader of that root
+        raise CadRayError(f"--root {root} lies inside the run root {above}; choose a place outside it")
     run.check_writable()
     executor = Executor(config, root, address, local, progress)
     try:

@@ -314,6 +314,10 @@ def test_no_command_writes_into_a_run_root_but_its_own_tables(small_run, tmp_pat
               [*edit, str(root / "edits" / "mine")],
               ["sample", "--prompt", "seven", "--n", "1", "--out", str(root / "scores" / "x.png")],
               ["quality", "--n", "1", "--out", str(root / "_manifest.json")]]
+    inside += [["attribute", "--config", config_file(tmp_path, "small"), "--root", str(root / "scores" / "run"),
+                "--local", "--quiet"],
+               ["validate", "--root", str(root / "validation"), "--config", config_file(tmp_path, "small"), "--local",
+                "--quiet"]]
     for argv in inside:
         _one_line_refusal(argv, "lies inside the run root", capsys, str(root))
     (tmp_path / "grid.png").mkdir()
