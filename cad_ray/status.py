@@ -37,9 +37,11 @@ def root_status(root: str) -> pd.DataFrame:
                           "by another version of cad-ray?") from None
     shards = plan_shards(config)
     damaged = damaged_tables(run, config, manifest) if manifest.get("complete") else []
+    # the shards of a pair are removed once its tables are written: name the folder that holds what is counted
+    where = "_shards/" if any(p.startswith(run.join("_shards") + "/") for p in present) else "scores/"
     rows = [{"stage": "attribution", "complete": bool(manifest.get("complete")) and not damaged,
              "done": sum(shard_done(s) for s in shards), "total": len(shards),
-             "where": f"_shards/; missing or damaged: {', '.join(damaged[:3])}" if damaged else "_shards/"}]
+             "where": f"{where}; missing or damaged: {', '.join(damaged[:3])}" if damaged else where}]
     if run.exists(VALIDATION_MANIFEST):
         validation = json.loads(run.read_bytes(VALIDATION_MANIFEST))
         options = ValidationOptions.model_validate(validation["options"])

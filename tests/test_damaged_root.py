@@ -335,6 +335,12 @@ def test_no_command_writes_into_a_run_root_but_its_own_tables(small_run, tmp_pat
     assert (empty / "model_index.json").exists()
 
 
+def test_status_names_the_folder_that_holds_what_it_counts(small_run, capsys):
+    status, out, _ = _run(["status", "--root", small_run], capsys)
+    attribution = out.splitlines()[1]
+    assert status == 0 and "scores/" in attribution and "_shards/" not in attribution, out
+
+
 def test_an_s3_root_without_a_valid_bucket_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = config_file(tmp_path, "small")
