@@ -340,7 +340,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
         check_ratio(args.ratio)
     from cad_ray.config import check_selection_prefixes
 
-    check_selection_prefixes(args.selection)  # before any reading: a selection the parser would misread
+    if args.selection is not None:
+        check_selection_prefixes(args.selection)  # before any reading: a selection the parser would misread
     from cad_ray.store.root import check_output
 
     out = Path(args.out)
@@ -351,6 +352,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
     model = load_model(args.model if args.model else store.manifest["config"].get("model"))
     check_fingerprint(model, store.fingerprint)
     objective, largest = ZEROING_EDITS.get(args.edit, ZEROING_EDITS["cad-erase"])
+    if args.selection is None:  # the root's own: its config's evaluation.selection (the evaluation's, where it ran)
+        args.selection = stage_config(args.root, None, "evaluation", {}).evaluation.selection
     selection = Selection.parse(args.selection)
     if args.edit == "conceptprune":
         selection = Selection.parse("conceptprune")
@@ -541,13 +544,14 @@ def build_parser() -> argparse.ArgumentParser:
                 ("--ratio", {"type": float, "default": None, "help": "share of each unit's components, in (0, 1]"}),
                 ("--count", {"type": int, "default": None, "help": "number of components per unit instead of a "
                                                                    "ratio"}),
-                ("--selection", {"default": "all/global/none",
+                ("--selection", {"default": None,
                                  "help": "scope/granularity/contrast[/floor]: a part of the run's scope, the unit "
                                          "ranked in (global, tensor, row), the contrast (none; kind: against the "
                                          "other concepts of its kind; others: against every other; -mean or -max), "
                                          "floor for the published rounding; or 'published' (ff/row/none/floor). "
                                          "An objective prefix ranks another objective's scores (prior:ff/global/"
-                                         "kind-max); parts joined by | are a union. Default: all/global/none"}),
+                                         "kind-max); parts joined by | are a union. Default: the root's "
+                                         "evaluation.selection (its config's; all/global/none where it names none)"}),
                 ("--model", {"default": None, "help": "model to edit (default: the run's)"}),
                 ("--out", {"required": True, "help": "new folder for the edited model"})])
     command("run", cmd_run, "the whole pipeline: attribute, validate, evaluate, report",

@@ -205,8 +205,10 @@ def check_selection_prefixes(text: str) -> None:
             prefixes.append(head)
             rest = tail
         if "re" in prefixes:
-            raise CadRayError(f"selection {text!r}: a selection's scope is a part of the run's scope (ff, attn2, "
-                              "tokens, ...), not a pattern; 're:' patterns belong to the config's scope")
+            # docs/editing.md lists re:... scopes, but Selection.parse (cad_ray/method/editing.py) takes 're' for a
+            # method and says "unknown attribution method"; until it reads them, say so plainly
+            raise CadRayError(f"selection {text!r}: a 're:' scope is not read in a selection yet; name the part "
+                              "with a glob (e.g. '*attn2*'), a scope name (ff, attn2, tokens) or 'a+b'")
         for kind, names in (("objective", [p for p in prefixes if p in OBJECTIVES]),
                             ("method", [p for p in prefixes if p not in OBJECTIVES])):
             if len(names) > 1:

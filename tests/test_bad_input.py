@@ -306,6 +306,6 @@ def test_a_full_disk_while_writing_a_sample_is_one_line_and_leaves_nothing(tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_pattern_as_a_selection_scope_says_where_patterns_go(tmp_path, capsys):
+def test_a_re_scope_in_a_selection_is_not_called_an_unknown_method(tmp_path, capsys):
     _refused(["edit", "--root", str(tmp_path), "--edit", "cad-erase", "--target", "seven", "--ratio", "0.1",
-              "--selection", "re:ff.*/global/none", "--out", str(tmp_path / "e")], "not a pattern", capsys)
+              "--selection", "re:ff.*/global/none", "--out", str(tmp_path / "e")], "'re:' scope is not read", capsys)

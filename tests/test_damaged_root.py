@@ -431,3 +431,19 @@ def test_overlap_beyond_the_positive_scores_counts_only_positive_ones(small_run,
     both = positive & set(zip(seven[seven["score"] > 0]["tensor"], seven[seven["score"] > 0]["index"]))
     result = store.overlap("red", "seven", len(red))
     assert result["shared"] == len(both) < len(red)
+
+
+def test_edit_without_a_selection_uses_the_roots_own(small_run, tmp_path, capsys):
+    """Issue 26: `cad-ray edit` without --selection zeroed all/global/none (noise); it takes the root's
+    evaluation.selection, as the configs say ("used where no search runs (cad-ray edit, ...)")."""
+    root = tmp_path / "run"
+    shutil.copytree(small_run, root)
+    manifest = json.loads((root / "_manifest.json").read_text())
+    manifest["stage_options"]["evaluation"]["selection"] = "ff/row/none"
+    (root / "_manifest.json").write_text(json.dumps(manifest))
+    edit = ["edit", "--root", str(root), "--edit", "cad-erase", "--target", "seven", "--ratio", "0.1"]
+    status, default, err = _run([*edit, "--out", str(tmp_path / "a")], capsys)
+    assert status == 0, err
+    status, explicit, err = _run([*edit, "--selection", "ff/row/none", "--out", str(tmp_path / "b")], capsys)
+    assert status == 0, err
+    assert "(ff/row/none)" in default and default.split(";")[0].split(":")[1] == explicit.split(";")[0].split(":")[1]
