@@ -90,7 +90,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
         judges = builtin_judges()
         verdicts = [f"{d}/{COLOUR_NAMES[c]}" for d, c in zip(judges.digits(images), judges.colours(images))]
-        print("judged (digit/colour):", " ".join(verdicts))
+        if len(verdicts) <= 16:
+            print("judged (digit/colour):", " ".join(verdicts))
+        else:  # a hundred verdicts on one line read as none: how many of each
+            from collections import Counter
+
+            counts = Counter(verdicts).most_common()
+            print(f"judged (digit/colour) of {len(verdicts)} images:", ", ".join(f"{n} {v}" for v, n in counts))
 
 
 def cmd_quality(args: argparse.Namespace) -> None:

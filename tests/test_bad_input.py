@@ -309,3 +309,11 @@ def test_a_full_disk_while_writing_a_sample_is_one_line_and_leaves_nothing(tmp_p
 def test_a_re_scope_in_a_selection_is_not_called_an_unknown_method(tmp_path, capsys):
     _refused(["edit", "--root", str(tmp_path), "--edit", "cad-erase", "--target", "seven", "--ratio", "0.1",
               "--selection", "re:ff.*/global/none", "--out", str(tmp_path / "e")], "'re:' scope is not read", capsys)
+
+
+def test_many_sample_verdicts_are_summarised(tmp_path, capsys):
+    assert main(["sample", "--prompt", "a red seven", "--n", "20", "--steps", "2", "--out", str(tmp_path / "x.npz")]) == 0
+    judged = capsys.readouterr().out.strip().splitlines()[-1]
+    assert judged.startswith("judged (digit/colour) of 20 images: ") and len(judged) < 200, judged
+    counts = [int(part.split()[0]) for part in judged.split(": ", 1)[1].split(", ")]
+    assert sum(counts) == 20
