@@ -118,23 +118,18 @@ def cmd_quality(args: argparse.Namespace) -> None:
         write_atomically(Path(args.out), lambda p: p.write_text(text + "\n"))
 
 
-def _short_tensor(name: str) -> str:
-    return name.replace("transformer_blocks.", "tb.").replace("attentions.", "attn.")
-
-
 def print_top(store, concept: str, k: int, negative: bool, objective: str, method: str = "cad") -> None:
     import pandas as pd
 
     top = store.top(concept, k, negative=negative, objective=objective, method=method)
     top = top[top["score"] < 0] if negative else top[top["score"] > 0]  # only the sign asked for
-    top["tensor"] = top["tensor"].map(_short_tensor)
     kind = "most negative (inhibiting)" if negative else "top positive (inducing)"
     source = {"cad": f"under the {objective} objective", "conceptprune": "by ConceptPrune's Wanda ranks",
               "gradient": f"by |dJ/dw| of the {objective} objective", "magnitude": "by |w|"}[method]
     print(f"\n{kind} components of {concept!r} {source}:")
     if len(top) < k:
         print(f"(only {len(top)} component(s) have a {'negative' if negative else 'positive'} score)")
-    with pd.option_context("display.width", 200, "display.max_colwidth", 80, "display.float_format", "{:.4g}".format):
+    with pd.option_context("display.width", 200, "display.max_colwidth", 120, "display.float_format", "{:.4g}".format):
         print(top.to_string(index=False))
 
 
@@ -142,9 +137,8 @@ def print_layers(store, concept: str, objective: str) -> None:
     import pandas as pd
 
     layers = store.layers(concept, objective)[["tensor", "shape", "sum", "sum_positive", "sum_negative", "count"]]
-    layers["tensor"] = layers["tensor"].map(_short_tensor)
     print(f"\nper-layer score summary of {concept!r} ({objective}):")
-    with pd.option_context("display.width", 200, "display.max_colwidth", 80, "display.float_format", "{:.4g}".format):
+    with pd.option_context("display.width", 200, "display.max_colwidth", 120, "display.float_format", "{:.4g}".format):
         print(layers.to_string(index=False))
 
 
@@ -204,12 +198,11 @@ def cmd_top(args: argparse.Namespace) -> None:
     if args.method != "cad":
         raise CadRayError("--specific ranks CAD's scores; leave out --method, or --specific")
     top = store.specific(args.concept, args.against, args.objective, args.k, args.aggregate, args.negative)
-    top["tensor"] = top["tensor"].map(_short_tensor)
     against = ", ".join(args.against) if args.against else "every other concept"
     print(f"\ncomponents most specific to {args.concept!r} ({args.objective}, against {against}, {args.aggregate}):")
     if len(top) < args.k:
         print(f"(only {len(top)} component(s) are specific to it)")
-    with pd.option_context("display.width", 200, "display.max_colwidth", 80, "display.float_format", "{:.4g}".format):
+    with pd.option_context("display.width", 200, "display.max_colwidth", 120, "display.float_format", "{:.4g}".format):
         print(top.to_string(index=False))
 
 

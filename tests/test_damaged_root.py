@@ -121,7 +121,7 @@ def test_top_beyond_the_positive_scores_lists_only_positive_ones(small_run, caps
     status, out, _ = _run(["top", "--root", small_run, "--concept", "red", "--k", str(len(scores))], capsys)
     assert status == 0
     assert f"only {positive} component(s) have a positive score" in out
-    assert len([l for l in out.splitlines() if re.match(r"\s*\d+\s+\S*tb\.", l)]) == positive
+    assert len([l for l in out.splitlines() if re.match(r"\s*\d+\s+\S*transformer_blocks\.", l)]) == positive
 
 
 def test_a_stage_defaults_to_the_options_the_root_was_made_with(small_run, tmp_path, capsys):
@@ -333,6 +333,17 @@ def test_no_command_writes_into_a_run_root_but_its_own_tables(small_run, tmp_pat
     status, _, err = _run([*edit, "."], capsys)
     assert status == 0, err
     assert (empty / "model_index.json").exists()
+
+
+def test_the_cli_prints_the_tables_own_tensor_names(small_run, capsys):
+    """A tensor name copied from `top` or `layers` matches the tables (they used to print tb./attn.)."""
+    names = set(ScoreStore(small_run).layers("seven")["tensor"])
+    for argv in (["top", "--concept", "seven", "--k", "3"], ["layers", "--concept", "seven"],
+                 ["top", "--concept", "seven", "--k", "3", "--specific"]):
+        status, out, err = _run([*argv, "--root", small_run], capsys)
+        assert status == 0, err
+        printed = {w for line in out.splitlines() for w in line.split() if w.endswith(".weight")}
+        assert printed and printed <= names, (argv, printed - names)
 
 
 def test_status_names_the_folder_that_holds_what_it_counts(small_run, capsys):
