@@ -445,7 +445,8 @@ OVERWRITE = ("--overwrite", {"action": "store_true", "help": "replace what this 
 RAY = [("--address", {"default": None, "help": "Ray cluster address (e.g. auto); default: start a local Ray"}),
        ("--workers", {"type": _positive_int, "default": None,
                       "help": "number of workers (default: one per GPU, else one per CPU)"}),
-       ("--device", {"type": _device, "default": None, "help": "torch device for the workers (default: cuda if present)"}),
+       ("--device", {"type": _device, "default": None,
+                     "help": "torch device for the workers (default: cuda if present)"}),
        ("--local", {"action": "store_true", "help": "run in this process without Ray (debugging)"}),
        ("--quiet", {"action": "store_true", "help": "no progress bars, no tables printed"})]
 GENERATION = [("--model", {"default": None, "help": MODEL_HELP}),

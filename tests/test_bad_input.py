@@ -312,7 +312,8 @@ def test_a_re_scope_in_a_selection_is_not_called_an_unknown_method(tmp_path, cap
 
 
 def test_many_sample_verdicts_are_summarised(tmp_path, capsys):
-    assert main(["sample", "--prompt", "a red seven", "--n", "20", "--steps", "2", "--out", str(tmp_path / "x.npz")]) == 0
+    out = str(tmp_path / "x.npz")
+    assert main(["sample", "--prompt", "a red seven", "--n", "20", "--steps", "2", "--out", out]) == 0
     judged = capsys.readouterr().out.strip().splitlines()[-1]
     assert judged.startswith("judged (digit/colour) of 20 images: ") and len(judged) < 200, judged
     counts = [int(part.split()[0]) for part in judged.split(": ", 1)[1].split(", ")]
