@@ -2,7 +2,12 @@
 
     python jobs/train_digits.py --seed 0 --steps 6000 --out cad_ray/assets/digits-model
 
-reproduces the shipped weights (same seed, same torch build, same thread count). Training data are the
+reproduces the shipped weights (same seed, same torch build, same thread count).
+
+    python jobs/train_digits.py --exclude three --out runs/never-three
+
+trains a reference that never saw a three (its images are left out of the data, its words stay in the vocabulary
+with their untrained embeddings): the completeness probes' "as erased as never learned" line (docs/editing.md). Training data are the
 real scikit-learn digits in four colours with prompts from the digits grammar (cad_ray.digits); the judges
 are trained separately (jobs/train_judges.py) and never see generated images.
 """
@@ -30,12 +35,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (part of what makes a run reproducible)")
     parser.add_argument("--out", default="cad_ray/assets/digits-model", help="folder to write the model to")
     parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="DIGIT",
+                        help="digits (words: three) whose images are left out of training: a never-learned reference")
     args = parser.parse_args(argv)
 
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
-    from cad_ray.digits import real_digits, training_batch
+    from cad_ray.digits import DIGIT_WORDS, real_digits, training_batch
     from cad_ray.models.digits import SCHEDULER_CONFIG, DigitsModel
 
     torch.set_num_threads(args.threads)
@@ -55,7 +62,12 @@ def main(argv: list[str] | None = None) -> None:
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup))) * 0.95 + 0.05
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    indices = np.arange(len(real_digits()[1]))
+    unknown = sorted(set(args.exclude) - set(DIGIT_WORDS))
+    if unknown:
+        parser.error(f"--exclude takes digit words ({', '.join(DIGIT_WORDS)}), not {', '.join(unknown)}")
+    labels = real_digits()[1]
+    excluded = [DIGIT_WORDS.index(word) for word in args.exclude]
+    indices = np.flatnonzero(~np.isin(labels, excluded))
     alphas = noise_scheduler.alphas_cumprod
     log, running, start = [], [], time.time()
     for step in tqdm(range(args.steps), desc="training", unit="step", mininterval=5):
@@ -91,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     model.save_pretrained(out)
     summary = {"seed": args.seed, "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-               "ema": args.ema, "threads": args.threads, "torch": torch.__version__,
+               "ema": args.ema, "threads": args.threads, "exclude": sorted(args.exclude), "torch": torch.__version__,
                "wall_seconds": round(time.time() - start, 1), "final_loss": log[-1]["loss"] if log else None,
                "fingerprint": model.fingerprint()}
     (out / "training.json").write_text(json.dumps({"summary": summary, "log": log}, indent=1) + "\n")

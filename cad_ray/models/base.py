@@ -176,7 +176,8 @@ class TextToImageModel:
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int = 0, guidance: float | None = None, steps: int | None = None,
                negative_prompt: str = "", ids: Sequence[int] | None = None, progress: bool = False,
-               keep_unguided: bool = False, gradient_rows=None) -> Trajectory:
+               keep_unguided: bool = False, gradient_rows=None, start: torch.Tensor | None = None,
+               start_step: int = 0, conditioning: torch.Tensor | None = None) -> Trajectory:
         """Sample one image per prompt with classifier-free guidance, keeping every x_t on the way.
 
         Image k's starting noise, and the step noise of a stochastic sampler, come from (seed, ids[k])
@@ -188,21 +189,33 @@ class TextToImageModel:
         `rows(k, steps)`, the batch rows whose step k is a point, and `backward(k, rows, out_c, out_u)`. For those
         rows the conditional output is computed with gradients (outside this no_grad) and handed over with the
         unconditional one before the step goes on with it detached: the points' forward pass is the sampler's
-        own, not a second one."""
+        own, not a second one.
+
+        `start` and `start_step` (diffusion completion, as diffusers' img2img pipeline does): sampling begins at
+        step `start_step` of the `steps` with `start` as its state, already noised to that step's timestep
+        (`noised_to_step`); `start_step == steps` returns `start` as the final sample. `conditioning` (N, L, D)
+        replaces the prompts' encoding (a soft prompt); `prompts` then only label the images."""
         check_scheduler(self.scheduler)
         guidance = self.default_guidance if guidance is None else guidance
         steps = self.default_steps if steps is None else steps
         scheduler = self.new_scheduler(steps)
-        cond = self.encode(list(prompts))
+        cond = self.encode(list(prompts)) if conditioning is None else conditioning.to(self.device, self.dtype)
         uncond = self.encode([negative_prompt] * len(prompts))
-        x = self.initial_noise(len(prompts), seed, ids, scheduler=scheduler)
+        if start is None:
+            x = self.initial_noise(len(prompts), seed, ids, scheduler=scheduler)
+        else:
+            if not 0 <= start_step <= steps:
+                raise CadRayError(f"a completion starts at a step from 0 to {steps}, got {start_step}")
+            x = start.to(self.device, self.dtype)
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(start_step * scheduler.order)
         # stochastic samplers draw their step noise from one generator per image, seeded by (seed, id)
         ids = range(len(prompts)) if ids is None else ids
         step_kwargs = {}
         if "generator" in inspect.signature(scheduler.step).parameters:
             step_kwargs["generator"] = [torch.Generator().manual_seed(derive_seed(seed, int(k), "steps")) for k in ids]
         kept, inputs, unguided = [], [], []
-        timesteps = scheduler.timesteps
+        timesteps = scheduler.timesteps[start_step * scheduler.order:] if start is not None else scheduler.timesteps
         iterator = timesteps
         if progress:
             from tqdm.auto import tqdm
@@ -229,6 +242,17 @@ class TextToImageModel:
         return Trajectory(list(prompts), torch.stack(kept), timesteps.detach().cpu(), self.decode(x), guidance,
                           inputs=None if same else torch.stack(inputs),
                           unguided=torch.stack(unguided) if keep_unguided else None)
+
+    def noised_to_step(self, x0: torch.Tensor, steps: int, start_step: int, seed: int,
+                       ids: Sequence[int] | None = None) -> torch.Tensor:
+        """`x0` (final latents) noised to the timestep at which step `start_step` of a `steps`-step sampling
+        begins: the state `sample(start=..., start_step=...)` takes. Image k's noise comes from (seed, ids[k])."""
+        if start_step >= steps:
+            return x0.clone()
+        scheduler = self.new_scheduler(steps)
+        t = scheduler.timesteps[start_step * scheduler.order]
+        noise = self.initial_noise(len(x0), seed, ids) / self.scheduler.init_noise_sigma
+        return scheduler.add_noise(x0.to(self.device, self.dtype), noise, t.reshape(1).expand(len(x0)))
 
     def _step_with_gradients(self, x_in, t, uncond, cond, rows: torch.Tensor, backward):
         """One guided step's two outputs, the conditional one of `rows` computed with gradients and given to
