@@ -322,7 +322,9 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
-    from cad_ray.method.editing import ZEROING_EDITS, Selection, check_fingerprint, check_ratio, select, zero_components
+    from cad_ray.method.editing import (ZEROING_EDITS, Selection, check_fingerprint, check_ratio, select, unselectable,
+                                        zero_components)
+    from cad_ray.method.scopes import never_selected
     from cad_ray.models import load_model
     from cad_ray.store import ScoreStore
 
@@ -363,11 +365,12 @@ def cmd_edit(args: argparse.Namespace) -> None:
     elif args.count is not None:  # a count per unit: the plain ranking of the run's scores
         if selection.also is not None:
             raise CadRayError(f"--count ranks one table; selection {selection} is a union: give --ratio")
-        masks = select(store.tensor_scores(args.target, objective, selection.method), count=args.count,
+        masks = select(unselectable(store.tensor_scores(args.target, objective, selection.method), never_selected(model)),
+                       count=args.count,
                        granularity=selection.granularity, largest=largest)
         zeroed = zero_components(model, masks)
     else:
-        masks = store.masks(args.target, selection, args.ratio, objective, largest)
+        masks = store.masks(args.target, selection, args.ratio, objective, largest, protected=never_selected(model))
         zeroed = zero_components(model, masks)
     target = Path(os.path.realpath(out))  # '.' or 'x/..' has no name to put a temporary folder beside
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")

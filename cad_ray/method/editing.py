@@ -257,10 +257,12 @@ def contrast_concepts(target: str, concepts: list[str], contrast: str) -> list[s
 
 
 def selection_masks(scores_of, target: str, others: list[str], selection: Selection, ratio: float,
-                    largest: bool = True) -> dict[str, np.ndarray]:
+                    largest: bool = True, protected: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The masks of one zeroing edit: `scores_of(concept)` gives a concept's tensor scores over the run's scope;
     `others` are the concepts a contrast ranks against (`contrast_concepts`; ignored without contrast). One part
-    of a selection: a union's parts may rank other objectives' scores, which `ScoreStore.masks` reads."""
+    of a selection: a union's parts may rank other objectives' scores, which `ScoreStore.masks` reads.
+    `protected` (`scopes.never_selected`): components that are never taken, whatever their score; the
+    ratio's count goes to the next ones."""
     from cad_ray.method.scopes import scope_matcher
 
     if selection.also is not None:
@@ -270,11 +272,13 @@ def selection_masks(scores_of, target: str, others: list[str], selection: Select
     own = {n: s for n, s in target_scores.items() if inside(n, torch.empty(s.shape, device="meta"))}
     if not own:
         raise CadRayError(f"selection scope {selection.scope!r} holds none of the run's scored tensors")
+    protected = protected or {}
     if selection == PRESETS["conceptprune"]:
         from cad_ray.method.baselines import conceptprune_masks
 
         masks = conceptprune_masks(own, ratio)
-        return {n: masks.get(n, np.zeros(s.shape, dtype=bool)) for n, s in target_scores.items()}
+        return {n: masks.get(n, np.zeros(s.shape, dtype=bool)) & ~protected.get(n, False)
+                for n, s in target_scores.items()}
     ranked = own
     if selection.contrast != "none":
         if not others:
@@ -283,9 +287,22 @@ def selection_masks(scores_of, target: str, others: list[str], selection: Select
         # each other concept's table read once, not once per tensor
         ranked = specific_scores(own, [{n: table[n] for n in own} for table in map(scores_of, others)],
                                  selection.aggregate, largest)
+    ranked = unselectable(ranked, protected)
     masks = select(ranked, ratio=ratio, granularity=selection.granularity, largest=largest,
                    rounding=selection.rounding)
     return {n: masks.get(n, np.zeros(s.shape, dtype=bool)) for n, s in target_scores.items()}
+
+
+def unselectable(scores: dict[str, np.ndarray], protected: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """`scores` with the protected components' set to 0: no sign, so neither an erase nor an amplify takes
+    them (`select` takes only scores of the edit's sign)."""
+    if not protected:
+        return scores
+    out = dict(scores)
+    for name, rows in protected.items():
+        if name in out:
+            out[name] = np.where(rows, 0, out[name]).astype(out[name].dtype, copy=False)
+    return out
 
 
 def union_masks(masks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -29,10 +29,10 @@ import torch
 
 from cad_ray.errors import CadRayError
 from cad_ray.method.objectives import denoising_target
+from cad_ray.method.scopes import special_token_ids
 from cad_ray.seeds import derive_seed, torch_generator
 
 PROBES = ("inversion", "completion", "soft-prompt")
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<|startoftext|>", "<|endoftext|>")
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,6 @@ def token_embedding(model) -> torch.nn.Embedding:
     if encoder is None:
         raise CadRayError(f"the {model.kind} model has no text encoder: the inversion probe learns a word for it")
     return encoder.get_input_embeddings()
-
-
-def special_token_ids(model) -> list[int]:
-    """Ids of the tokens that frame every prompt (start, end, padding): never a concept's, never selected."""
-    tokenizer = model.tokenizer
-    vocabulary = tokenizer.ids if hasattr(tokenizer, "ids") else tokenizer.get_vocab()
-    return sorted({int(vocabulary[t]) for t in SPECIAL_TOKENS if t in vocabulary})
 
 
 def word_id(model, word: str) -> int:

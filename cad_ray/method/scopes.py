@@ -14,6 +14,7 @@ from __future__ import annotations
 import fnmatch
 import re
 
+import numpy as np
 import torch
 
 from cad_ray.errors import CadRayError
@@ -61,6 +62,32 @@ def select_parameters(named_parameters, scope: str = "ff") -> list[tuple[str, to
         raise CadRayError(f"scope {scope!r} matches no parameter of the model; use one of "
                           f"{', '.join(NAMED_SCOPES)}, a glob or re:REGEX over names such as {examples}")
     return selected
+
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<|startoftext|>", "<|endoftext|>")
+
+
+def special_token_ids(model) -> list[int]:
+    """Ids of the tokens that frame every prompt (start, end, padding): no concept's word."""
+    tokenizer = model.tokenizer
+    vocabulary = tokenizer.ids if hasattr(tokenizer, "ids") else tokenizer.get_vocab()
+    ids = {int(vocabulary[t]) for t in SPECIAL_TOKENS if t in vocabulary}
+    ids |= {int(i) for i in getattr(tokenizer, "all_special_ids", [])}
+    return sorted(ids)
+
+
+def never_selected(model) -> dict[str, np.ndarray]:
+    """Components no selection may take, as boolean masks by tensor name: the token table's rows of the special
+    tokens. They are in every prompt, the empty one used for guidance included, so zeroing them changes every
+    image, not a concept's."""
+    ids = special_token_ids(model)
+    protected = {}
+    for name, p in model.named_parameters():
+        if NAMED_SCOPES["tokens"](name, p) and ids:
+            rows = np.zeros(p.shape, dtype=bool)
+            rows[[i for i in ids if i < p.shape[0]]] = True
+            protected[name] = rows
+    return protected
 
 
 def reads_text_encoder(names) -> bool:

@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from cad_ray import __version__
 from cad_ray.method.attribution import CAD, GradientSum
+from cad_ray.method.scopes import never_selected
 from cad_ray.config import LATER_STAGES, AttributionConfig
 from cad_ray.errors import CadRayError
 from cad_ray.store import (METADATA_KEY, SCORE_SCHEMA, WEIGHT_SCHEMA, RunRoot, aggregate_tables, is_damage, partition,
@@ -133,7 +134,8 @@ class AttributionWorker:
         if concept not in self.first_edits:  # read once per concept: every shard and the reduce need it
             residual = self.estimator(objective).objective
             store = ScoreStore(self.run.uri, allow_incomplete=True)
-            self.first_edits[concept] = store.masks(concept, residual.after, residual.after_ratio)
+            self.first_edits[concept] = store.masks(concept, residual.after, residual.after_ratio,
+                                                    protected=never_selected(self.model))
         return edited(self.model, self.first_edits[concept])
 
     def partial_sum(self, shard: Shard) -> GradientSum:

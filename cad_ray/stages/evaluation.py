@@ -32,6 +32,7 @@ import pandas as pd
 from cad_ray.config import AttributionConfig, EvaluationOptions, SearchOptions
 from cad_ray.digits import DIGIT_WORDS, canonical_prompt
 from cad_ray.method.editing import ZEROING_EDITS, check_fingerprint, random_like, union_masks
+from cad_ray.method.scopes import never_selected
 from cad_ray.errors import CadRayError
 from cad_ray.seeds import derive_seed
 from cad_ray.judges import judge_batch, load_judge, reference_features
@@ -281,7 +282,7 @@ class EditWorker:
         ft = self.options.finetune
         masks = None
         if edit == "cad-finetune":
-            masks = self.store.masks(target, self.options.selection, ft.ratio)
+            masks = self.store.masks(target, self.options.selection, ft.ratio, protected=never_selected(self.model))
         objective = objective_for(self.config, "erase")
         weights = finetune(self.model, concept, objective, self.config.scope, list(range(ft.samples)),
                            self.config.seed, ft.steps, ft.lr, masks, self.config.chunk_size, ft.negative_guidance)
@@ -379,7 +380,8 @@ class ImageJudge:
                                       "re-run 'cad-ray evaluate' with --overwrite")
                 # the recovery's scores are the target's alone, on the erased model: no other concept to contrast
                 parts = [selection_masks(lambda c: store.tensor_scores(c, "amplify"), target, [],
-                                         replace(part, contrast="none", objective=""), ratio, largest=False)
+                                         replace(part, contrast="none", objective=""), ratio, largest=False,
+                                         protected=never_selected(self.model))
                          for part in chosen.parts]
                 self.cache[key] = union_masks(parts)
             elif edit == "random":  # as many components in each unit of each part's scope as cad-erase's part
@@ -394,7 +396,8 @@ class ImageJudge:
                 if edit in FOLLOWERS:  # |w| is every concept's: nothing to contrast
                     chosen = chosen.with_method(FOLLOWERS[edit], "none" if edit == "magnitude" else None)
                 objective, largest = ZEROING_EDITS.get(edit, ZEROING_EDITS["cad-erase"])
-                self.cache[key] = self.store.masks(target, chosen, ratio, objective, largest, self._scores)
+                self.cache[key] = self.store.masks(target, chosen, ratio, objective, largest, self._scores,
+                                                   never_selected(self.model))
         return self.cache[key]
 
     def _finetuned(self, edit: str, target: str):

@@ -249,11 +249,11 @@ class ScoreStore:
         return rows
 
     def masks(self, target: str, selection, ratio: float, objective: str = "erase", largest: bool = True,
-              scores_of=None) -> dict[str, np.ndarray]:
+              scores_of=None, protected: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
         """The components a zeroing edit of `target` takes by `selection` (a `Selection` or its text): its scores,
         and for a contrast those of the other concepts of the objective in this run; for a union, each part's
         (of its own objective, `objective` where it names none), joined. `scores_of(concept, objective,
-        method)` may supply cached tensor scores."""
+        method)` may supply cached tensor scores; `protected` (`scopes.never_selected(model)`) is never taken."""
         from cad_ray.method.editing import contrast_concepts, selection_masks, union_masks
 
         scores_of = scores_of or self.tensor_scores
@@ -264,7 +264,8 @@ class ScoreStore:
             stored = scored_partition(own, part.method)
             concepts = [c for c, o in pairs if o == stored]
             picked.append(selection_masks(lambda c: scores_of(c, own, part.method), target,
-                                          contrast_concepts(target, concepts, part.contrast), part, ratio, largest))
+                                          contrast_concepts(target, concepts, part.contrast), part, ratio, largest,
+                                          protected))
         return union_masks(picked)
 
     def edit_parts(self, selection, ratio: float) -> list:
