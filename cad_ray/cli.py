@@ -303,7 +303,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                "worst_other_retained", "brightness_kept", "fd_rise", "best"]
     with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
         print(summary[columns].to_string(index=False))
-    print(f"\ntables: {args.root}/evaluation (one row per image), {args.root}/evaluation_summary")
+        probes = result.get("probes")
+        if probes:
+            print(f"\nprobes: {probes['units']} units ({probes['units_computed']} computed), "
+                  f"{probes['seconds']:.1f} s; recovery of the target beside the never-learned level:")
+            shown = probes["summary"][["edit", "target", "probe", "setting", "recovery", "unedited",
+                                       "never_learned", "within"]]
+            print(shown.to_string(index=False))
+            print(probes["verdicts"].to_string(index=False))
+    print(f"\ntables: {args.root}/evaluation (one row per image), {args.root}/evaluation_summary"
+          + (f", {args.root}/probes, {args.root}/probe_summary, {args.root}/probe_verdicts"
+             if result.get("probes") else ""))
 
 
 def cmd_report(args: argparse.Namespace) -> None:

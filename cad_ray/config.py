@@ -176,6 +176,32 @@ class FinetuneOptions(Strict):
     negative_guidance: float = Field(1.0, ge=0, description="ESD's eta: the target is base - eta*(concept - base)")
 
 
+class ProbeOptions(Strict):
+    """How the completeness probes attack an edited model (`cad_ray.method.probes`, docs/editing.md)."""
+
+    steps: int = Field(200, ge=1, description="Adam steps of a learned embedding (inversion, soft-prompt)")
+    lr: float = Field(0.02, gt=0, description="Adam's learning rate of the learned embedding")
+    batch: int = Field(32, ge=1, description="images per Adam step")
+    images: int = Field(128, ge=1, description="the unedited model's images of the target the attacks learn from")
+    samples: int = Field(64, ge=1, description="images judged per probe setting, on seeds the attacks never saw")
+    strengths: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75],
+                                   description="completion: the shares of the sampling steps re-run from the "
+                                               "noised image (0: the image itself, 1: pure noise)")
+    references: dict[str, str] = Field(default_factory=dict,
+                                       description="target -> folder of a model trained without it (jobs/"
+                                                   "train_digits.py --exclude): the never-learned level")
+    margin: float = Field(0.1, ge=0, le=1, description="clean under the probes: recovery at most the never-learned "
+                                                       "level plus this")
+
+    @field_validator("strengths")
+    @classmethod
+    def _strengths(cls, v):
+        bad = [s for s in v if not 0 <= s <= 1]
+        if bad:
+            raise ValueError(f"a completion strength is a share of the sampling steps from 0 to 1, got {bad[0]}")
+        return sorted(set(v))
+
+
 class UceOptions(Strict):
     """UCE's closed-form edit (cad_ray.method.baselines.uce_weights); defaults as the paper's code."""
 
@@ -290,6 +316,10 @@ class EvaluationOptions(Strict):
                                "digits judges for the digits model (see docs/editing.md)")
     finetune: FinetuneOptions = Field(default_factory=FinetuneOptions)
     uce: UceOptions = Field(default_factory=UceOptions)
+    probes: list[Literal["inversion", "completion", "soft-prompt"]] = Field(
+        default_factory=list, description="completeness probes of every erasing edit (docs/editing.md): is the "
+                                          "concept gone from the model, or only from its words")
+    probe: ProbeOptions = Field(default_factory=ProbeOptions)
 
     @field_validator("judge")
     @classmethod
@@ -312,7 +342,7 @@ class EvaluationOptions(Strict):
     def _selection(cls, v):
         return _check_selection(v)
 
-    @field_validator("targets", "edits")
+    @field_validator("targets", "edits", "probes")
     @classmethod
     def _once(cls, v, info):
         return _no_duplicates(v, info.field_name)
@@ -339,7 +369,8 @@ class EvaluationOptions(Strict):
         unused = set() if "uce" in self.edits else {"uce"}  # evaluations made before UCE keep their hash
         if self.random_draws == 1 or "random" not in self.edits:  # and those made before random draws
             unused.add("random_draws")
-        fields = self.model_dump(exclude={"batch_size", *unused}, mode="json")
+        # the probes have their own hash (stages/probing.py): adding them re-makes no evaluation image
+        fields = self.model_dump(exclude={"batch_size", "probes", "probe", *unused}, mode="json")
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 

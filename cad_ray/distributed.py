@@ -325,7 +325,11 @@ def run_validation(config: AttributionConfig, root: str, **options) -> dict:
 
 
 def run_evaluation(config: AttributionConfig, root: str, **options) -> dict:
-    """Edits judged by images (config.evaluation says which): evaluation/ and evaluation_summary/."""
-    from cad_ray.stages import evaluation
+    """Edits judged by images (config.evaluation says which): evaluation/ and evaluation_summary/; then, where
+    evaluation.probes names any, the probes of the judged edits: probes/, probe_summary/, probe_verdicts/."""
+    from cad_ray.stages import evaluation, probing
 
-    return run_stage(evaluation, config, root, **options)
+    result = run_stage(evaluation, config, root, **options)
+    if config.evaluation.probes:
+        result["probes"] = run_stage(probing, config, root, **options)
+    return result

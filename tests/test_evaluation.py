@@ -226,7 +226,10 @@ def test_stable_diffusion_edit_judged_by_a_pluggable_classifier(tiny_sd_folder, 
         "evaluation": {"targets": ["tench"], "edits": ["cad-erase", "random"], "ratios": [0.1], "steps": 4,
                        "prompts": str(tmp_path / "prompts.csv"),
                        "judge": {"model_file": str(tmp_path / "classifier.pt"), "classes": str(tmp_path / "classes.txt"),
-                                 "size": 32}}})
+                                 "size": 32},
+                       # the completeness probes run from the same recipe on Stable Diffusion
+                       "probes": ["inversion", "completion", "soft-prompt"],
+                       "probe": {"steps": 2, "images": 2, "samples": 2, "strengths": [0.5]}}})
     root = str(tmp_path / "sd-run")
     run_attribution(config, root, local=True, progress=False)
     result = run_evaluation(config, root, local=True, progress=False)
@@ -237,6 +240,12 @@ def test_stable_diffusion_edit_judged_by_a_pluggable_classifier(tiny_sd_folder, 
     assert list(table[table["edit"] == "none"]["seed"]) == list(prompts.sort_values(["class", "prompt",
                                                                                        "evaluation_seed"])["evaluation_seed"])
     assert result["summary"]["fd"].isna().all()  # no reference set for this model: no Frechet distance
+    probes = pd.read_parquet(os.path.join(root, "probe_summary"))
+    assert set(probes["edit"]) == {"cad-erase", "random", "none"}
+    assert set(probes["probe"]) == {"inversion", "completion", "soft-prompt"}
+    assert (probes["images"] == 2).all() and probes["never_learned"].isna().all()  # no reference named
+    judged = pd.read_parquet(os.path.join(root, "probes"))
+    assert (judged["recovered"] == (judged["predicted"] == "tench")).all()
 
 
 def test_rerun_skips_judged_blocks_and_other_options_are_refused(evaluated, tmp_path):

@@ -86,3 +86,49 @@ def test_special_tokens_are_never_selected(digits_model):
         assert masks[table].sum() > 0
     unprotected = selection_masks(lambda c: scores, "three", [], Selection.parse("tokens/neuron/none"), 0.2)
     assert set(np.flatnonzero(unprotected[table].any(axis=1))) >= set(special)  # the test can fail
+
+
+PROBE_EVALUATION = {"targets": ["seven"], "edits": ["cad-erase"], "ratios": [0.05], "images_per_prompt": 1,
+                    "prompt_panel": "canonical", "selection": "ff/global/none", "steps": 6, "batch_size": 16,
+                    "probes": ["inversion", "completion"],
+                    "probe": {"steps": 5, "images": 8, "samples": 4, "strengths": [0.0, 0.5],
+                              "references": {"seven": str(NEVER_THREE)}}}
+
+
+def test_probe_blocks_are_judged_beside_their_ceiling_and_resume(small_run, tmp_path):
+    """The probing stage after an evaluation: every unit's images judged (the edit's, the unedited model's, the
+    never-learned reference's), summarised beside the ceiling and the reference; a second run computes nothing,
+    and a lost part is all that is made again, equal to the first time."""
+    import shutil
+
+    import pandas as pd
+    from conftest import small_config
+
+    from cad_ray.distributed import run_evaluation
+
+    root = str(tmp_path / "run")
+    shutil.copytree(small_run, root)
+    config = small_config(evaluation=PROBE_EVALUATION)
+    first = run_evaluation(config, root, local=True, progress=False)["probes"]
+    assert first["units"] == first["units_computed"] == 3 * 2  # cad-erase, none, never-learned; two probes
+    summary = pd.read_parquet(Path(root) / "probe_summary")
+    assert set(summary["edit"]) == {"cad-erase", "none", "never-learned"}
+    assert set(summary[summary["probe"] == "completion"]["setting"]) == {"0/own", "0/empty", "0.5/own", "0.5/empty"}
+    assert set(summary[summary["probe"] == "inversion"]["setting"]) == {"learned", "untrained"}
+    erased = summary[summary["edit"] == "cad-erase"].set_index(["probe", "setting"])
+    unedited = summary[summary["edit"] == "none"].set_index(["probe", "setting"])["recovery"]
+    assert (erased["unedited"] == unedited.reindex(erased.index)).all()
+    # strength 0 returns the unedited model's own sevens, whatever the edit
+    assert erased.loc[("completion", "0/empty"), "recovery"] == unedited[("completion", "0/empty")]
+    images = pd.read_parquet(Path(root) / "probes")
+    assert len(images) == 3 * (2 * 4 + 4 * 4)
+    verdicts = pd.read_parquet(Path(root) / "probe_verdicts")
+    assert list(verdicts["edit"]) == ["cad-erase"]
+
+    again = run_evaluation(config, root, local=True, progress=False)["probes"]
+    assert again["units_computed"] == 0
+    parts = sorted((Path(root) / "_probes").glob("*.parquet"))
+    parts[0].unlink()
+    third = run_evaluation(config, root, local=True, progress=False)["probes"]
+    assert third["units_computed"] == 1
+    pd.testing.assert_frame_equal(pd.read_parquet(Path(root) / "probes"), images)

@@ -167,11 +167,16 @@ class TextualInversion:
         with torch.enable_grad():
             return _fit(model, x0, conditioning, self.initial(model), self.settings, seed, self._project)
 
+    def asked(self, n: int) -> list[str]:
+        """The prompts of n sampled images: the concept's wordings in turn, its word reading the vector."""
+        return [self.prompts[k % len(self.prompts)] for k in range(n)]
+
     @torch.no_grad()
-    def sample(self, model, vector: torch.Tensor, n: int, seed: int, steps: int | None = None):
-        chosen = [self.prompts[k % len(self.prompts)] for k in range(n)]
+    def sample(self, model, vector: torch.Tensor, n: int, seed: int, steps: int | None = None,
+               guidance: float | None = None):
         with learned_word(model, self.token_id, vector):
-            return model.sample(chosen, seed=derive_seed(seed, "probe-sample"), steps=steps)
+            return model.sample(self.asked(n), seed=derive_seed(seed, "probe-sample"), steps=steps,
+                                guidance=guidance)
 
 
 class SoftPrompt:
@@ -181,14 +186,22 @@ class SoftPrompt:
     def __init__(self, settings: ProbeSettings = ProbeSettings()):
         self.settings = settings
 
+    @torch.no_grad()
+    def initial(self, model) -> torch.Tensor:
+        """The floor's sequence: the empty prompt's encoding."""
+        return model.encode([""])[0].detach()
+
     def fit(self, model, x0: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        start = model.encode([""])[0].detach()
         with torch.enable_grad():
-            return _fit(model, x0, lambda seq, n: seq.expand(n, *seq.shape), start, self.settings, seed)
+            return _fit(model, x0, lambda seq, n: seq.expand(n, *seq.shape), self.initial(model), self.settings, seed)
+
+    def asked(self, n: int) -> list[str]:
+        return ["<soft prompt>"] * n
 
     @torch.no_grad()
-    def sample(self, model, sequence: torch.Tensor, n: int, seed: int, steps: int | None = None):
-        return model.sample(["<soft prompt>"] * n, seed=derive_seed(seed, "probe-sample"), steps=steps,
+    def sample(self, model, sequence: torch.Tensor, n: int, seed: int, steps: int | None = None,
+               guidance: float | None = None):
+        return model.sample(self.asked(n), seed=derive_seed(seed, "probe-sample"), steps=steps, guidance=guidance,
                             conditioning=sequence.expand(n, *sequence.shape))
 
 
@@ -201,11 +214,12 @@ def completion_step(steps: int, strength: float) -> int:
 
 
 @torch.no_grad()
-def complete(model, x0: torch.Tensor, prompts: list[str], strength: float, seed: int, steps: int | None = None):
+def complete(model, x0: torch.Tensor, prompts: list[str], strength: float, seed: int, steps: int | None = None,
+             guidance: float | None = None):
     """The `completion` probe: `x0` noised to the step that `strength` says, then denoised by `model` with
     `prompts` (the concept's own, or the empty prompt); image k's noise comes from (seed, k)."""
     steps = model.default_steps if steps is None else steps
     start_step = completion_step(steps, strength)
     seed = derive_seed(seed, "probe-completion")
     start = model.noised_to_step(x0, steps, start_step, seed)
-    return model.sample(list(prompts), seed=seed, steps=steps, start=start, start_step=start_step)
+    return model.sample(list(prompts), seed=seed, steps=steps, start=start, start_step=start_step, guidance=guidance)

@@ -1,0 +1,219 @@
+"""The probing stage: is an erased concept gone from the model, or only from the words that ask for it?
+
+Runs after the evaluation (it reads evaluation_summary/, the settings each edit was judged at) when the config's
+`evaluation.probes` names probes (`cad_ray.method.probes`). Units: (edit setting, target, probe), on actors that
+hold the model; each unit's judged images are written as one part file under `_probes/` as it finishes, named by
+a hash of the unit and of everything its images depend on, so that a killed driver resumes and a part from other
+options is never taken. Every probe also runs on the unedited model (`none`: the ceiling) and, where
+`evaluation.probe.references` names one, on a model trained without the target (`never-learned`: the level an
+erasure can at best reach). Writes probes/ (one row per image) and probe_summary/ (one row per edit setting,
+target, probe and probe setting: the share of images that show the target beside its ceiling and never-learned
+level, and whether it is within the level plus `probe.margin`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import pandas as pd
+
+from cad_ray.config import AttributionConfig
+from cad_ray.errors import CadRayError
+from cad_ray.method.concepts import build_concept
+from cad_ray.method.probes import ProbeSettings, SoftPrompt, TextualInversion, complete, concept_images
+from cad_ray.models import load_model
+from cad_ray.seeds import derive_seed
+from cad_ray.stages.evaluation import RECOVERY, ImageJudge, target_kind
+from cad_ray.store import RunRoot, ScoreStore
+
+UNIT_KEY = ["edit", "target", "selection", "ratio", "guidance", "probe"]
+AMPLIFYING = ("cad-amplify", RECOVERY)  # they bring a concept back: nothing to probe
+NEVER_LEARNED = "never-learned"
+RULED = ("inversion", "completion")  # the probes of the extended clean rule (docs/editing.md)
+
+
+def probe_settings(options) -> ProbeSettings:
+    probe = options.probe
+    return ProbeSettings(steps=probe.steps, lr=probe.lr, batch=probe.batch, images=probe.images,
+                         strengths=tuple(probe.strengths))
+
+
+def probe_units(summary: pd.DataFrame, options) -> list[dict]:
+    """Every erasing edit setting the evaluation judged, the unedited model and the never-learned references,
+    times every probe."""
+    guidance = float(summary["guidance"].iloc[0]) if len(summary) else float("nan")
+    settings = [(r.edit, r.target, r.selection, float(r.ratio), float(r.guidance))
+                for r in summary.itertuples() if r.edit not in AMPLIFYING and r.edit != "none"]
+    settings += [("none", t, "", 0.0, guidance) for t in options.targets]
+    settings += [(NEVER_LEARNED, t, options.probe.references[t], 0.0, guidance)
+                 for t in options.targets if t in options.probe.references]
+    return [dict(zip(UNIT_KEY, (*s, probe))) for s in settings for probe in options.probes]
+
+
+class ProbeWorker(ImageJudge):
+    """Runs probe units: the edit applied as for the evaluation's images (ImageJudge's edits), the attack, the
+    images judged by the evaluation's judges. The attacks learn from the unedited model's images of the target,
+    the same for every edit (seeded by the target), and are sampled on seeds they never saw."""
+
+    def _start_images(self, target: str):
+        """(images the attacks learn from, images completion starts from): the unedited model's."""
+        key = ("probe-images", target)
+        if key not in self.cache:
+            probe = self.options.probe
+            prompts = list(self._concept(target).prompts)
+            x0 = concept_images(self.model, prompts, probe.images + probe.samples,
+                                derive_seed(self.options.seed, "probe-images", target), steps=self.options.steps)
+            self.cache[key] = (x0[:probe.images], x0[probe.images:])
+        return self.cache[key]
+
+    def _concept(self, target: str):
+        key = ("concept", target)
+        if key not in self.cache:
+            spec = next((c for c in self.config.concepts if c.name == target), None)
+            if spec is None:
+                raise CadRayError(f"probe target {target!r} is no concept of the run")
+            self.cache[key] = build_concept(spec, self.model)
+        return self.cache[key]
+
+    def _reference(self, folder: str):
+        key = ("reference", folder)
+        if key not in self.cache:
+            self.cache[key] = load_model(folder, device=str(self.model.device))
+        return self.cache[key]
+
+    def probe(self, unit: dict) -> pd.DataFrame:
+        edit, target, name = unit["edit"], unit["target"], unit["probe"]
+        learn, start = self._start_images(target)  # before any edit is applied
+        prompts = list(self._concept(target).prompts)
+        guidance = None if np.isnan(unit["guidance"]) else float(unit["guidance"])
+        n, steps, seed = self.options.probe.samples, self.options.steps, derive_seed(self.options.seed, "probe", target)
+        model = self._reference(unit["selection"]) if edit == NEVER_LEARNED else self.model
+        applied = nullcontext() if edit == NEVER_LEARNED else \
+            self._applied(edit, target, unit["selection"], unit["ratio"])
+        results = []  # (setting, prompts, images)
+        with applied:
+            if name == "completion":
+                for strength in self.options.probe.strengths:
+                    for wording, asked in (("own", [prompts[k % len(prompts)] for k in range(n)]), ("empty", [""] * n)):
+                        images = complete(model, start, asked, strength, seed, steps=steps, guidance=guidance).images
+                        results.append((f"{strength:g}/{wording}", asked, images))
+            else:
+                attack = TextualInversion(model, _word(target), prompts, probe_settings(self.options)) \
+                    if name == "inversion" else SoftPrompt(probe_settings(self.options))
+                learned = attack.fit(model, learn, seed=seed)
+                floor = attack.initial(model)
+                for setting, value in (("learned", learned), ("untrained", floor)):
+                    images = attack.sample(model, value, n, seed, steps=steps, guidance=guidance).images
+                    results.append((setting, attack.asked(n), images))
+        frames = []
+        for setting, asked, images in results:
+            rows = pd.DataFrame({"prompt": asked, "seed": np.arange(len(asked)), "label": target})
+            judged = self.judge(images, rows)
+            rows = rows.assign(**{k: v for k, v in judged.items() if k != "features"})
+            shown = rows["predicted_colour"] == target if target_kind(target) == "colour" else rows["correct"]
+            frames.append(rows.assign(setting=setting, recovered=shown.astype(bool)))
+        return pd.concat(frames, ignore_index=True).assign(**unit)
+
+
+def _word(target: str) -> str:
+    """The word the inversion probe learns: the concept's name as a prompt writes it."""
+    return target.replace("_", " ").split()[0]
+
+
+def probe_meta(config: AttributionConfig, store: ScoreStore) -> dict:
+    """What every probe image depends on besides its unit (in each part's name)."""
+    options = config.evaluation
+    return {"fingerprint": store.fingerprint, "config_hash": store.manifest["config_hash"],
+            "evaluation": options.options_hash(), "probe": options.probe.model_dump(mode="json")}
+
+
+def part_name(unit: dict, meta: dict) -> str:
+    text = json.dumps({"unit": unit, "meta": meta}, sort_keys=True, default=str)
+    return f"unit-{hashlib.sha256(text.encode()).hexdigest()[:20]}.parquet"
+
+
+def summarize_probes(table: pd.DataFrame, margin: float) -> pd.DataFrame:
+    """One row per (edit setting, target, probe, setting): `recovery` (share of images showing the target),
+    `unedited` (the same on the unedited model: the ceiling), `never_learned` (on a model trained without the
+    target; where the target has none, the mean over the references of the same probe setting, and
+    `never_learned_from` says which), `within` (recovery <= never_learned + margin; NaN without a reference)."""
+    keys = ["edit", "target", "selection", "ratio", "guidance", "probe", "setting"]
+    summary = table.groupby(keys, dropna=False, sort=True)["recovered"].agg(["mean", "size"]).reset_index()
+    summary = summary.rename(columns={"mean": "recovery", "size": "images"})
+    at = ["target", "probe", "setting"]
+    ceiling = summary[summary["edit"] == "none"].set_index(at)["recovery"]
+    reference = summary[summary["edit"] == NEVER_LEARNED]
+    own_level = reference.set_index(at)["recovery"]
+    pooled = reference.groupby(["probe", "setting"])["recovery"].mean()
+    references = ", ".join(sorted(reference["target"].unique()))
+    index = pd.MultiIndex.from_frame(summary[at])
+    summary["unedited"] = ceiling.reindex(index).to_numpy()
+    own = own_level.reindex(index).to_numpy()
+    proxy = pooled.reindex(pd.MultiIndex.from_frame(summary[["probe", "setting"]])).to_numpy()
+    summary["never_learned"] = np.where(np.isnan(own), proxy, own)
+    summary["never_learned_from"] = np.where(~np.isnan(own), summary["target"],
+                                             np.where(np.isnan(proxy), "", f"mean of {references}"))
+    within = summary["recovery"] <= summary["never_learned"] + margin + 1e-9
+    summary["within"] = within.where(summary["never_learned"].notna())
+    return summary
+
+
+def probe_verdicts(summary: pd.DataFrame, evaluation: pd.DataFrame) -> pd.DataFrame:
+    """Per judged edit setting: the evaluation's clean verdict, the worst recovery over the ruled probes'
+    settings above its never-learned level, and `clean_under_probes`: clean and every ruled probe within."""
+    keys = ["edit", "target", "selection", "ratio", "guidance"]
+    ruled = summary[summary["probe"].isin(RULED) & ~summary["edit"].isin(["none", NEVER_LEARNED])
+                    & (summary["setting"] != "untrained")]
+    if ruled.empty:
+        return pd.DataFrame(columns=keys + ["clean", "worst_over_never_learned", "clean_under_probes"])
+    out = ruled.assign(over=ruled["recovery"] - ruled["never_learned"]).groupby(keys, dropna=False).agg(
+        worst_over_never_learned=("over", "max"), within=("within", lambda v: bool(v.all()) if v.notna().all()
+                                                          else np.nan)).reset_index()
+    clean = evaluation.set_index(keys)["clean"]
+    out["clean"] = clean.reindex(pd.MultiIndex.from_frame(out[keys])).to_numpy()
+    out["clean_under_probes"] = [bool(c) and bool(w) if w == w else np.nan for c, w in zip(out["clean"], out["within"])]
+    return out.drop(columns=["within"])
+
+
+def run(config: AttributionConfig, root: str, executor, overwrite: bool = False) -> dict:
+    """The stage: every pending unit on ProbeWorker actors, each written as it finishes; then probes/ and
+    probe_summary/."""
+    import pyarrow as pa
+
+    options = config.evaluation
+    if not options.probes:
+        return {"units": 0}
+    run_root = RunRoot(root)
+    store = ScoreStore(root)
+    if not run_root.exists("evaluation_summary", "part-0.parquet"):
+        raise CadRayError(f"{root} has no evaluation_summary/: the probes attack the edits it judged; run "
+                          "'cad-ray evaluate' first")
+    missing = [p for t, p in options.probe.references.items() if t in options.targets
+               and not (RunRoot(p).is_s3 or RunRoot(p).exists("model_index.json"))]
+    if missing:
+        raise CadRayError(f"evaluation.probe.references: {missing[0]} holds no model (model_index.json)")
+    started = time.time()
+    evaluation = run_root.read_table("evaluation_summary", "part-0.parquet").to_pandas()
+    meta = probe_meta(config, store)
+    units = probe_units(evaluation, options)
+    if overwrite:
+        run_root.remove("_probes")
+    names = {part_name(u, meta): u for u in units}
+    pending = [u for n, u in names.items() if run_root.footer("_probes", n) is None]
+    for unit, rows in executor.map(ProbeWorker, "probe", pending, "probes", total=len(units)):
+        run_root.write_table(pa.Table.from_pandas(rows, preserve_index=False), "_probes", part_name(unit, meta),
+                             metadata=meta)
+    executor.close_pool(ProbeWorker)
+    table = pd.concat([run_root.read_table("_probes", n).to_pandas() for n in names], ignore_index=True)
+    table = table.sort_values(UNIT_KEY + ["setting", "seed"], kind="stable").reset_index(drop=True)
+    summary = summarize_probes(table, options.probe.margin)
+    verdicts = probe_verdicts(summary, evaluation)
+    for name, frame in (("probes", table), ("probe_summary", summary), ("probe_verdicts", verdicts)):
+        run_root.write_table(pa.Table.from_pandas(frame, preserve_index=False), name, "part-0.parquet",
+                             metadata=meta)
+    return {"units": len(units), "units_computed": len(pending), "seconds": time.time() - started,
+            "verdicts": verdicts, "summary": summary}
