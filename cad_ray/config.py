@@ -168,12 +168,41 @@ class ValidationOptions(Strict):
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class UnlearningOptions(Strict):
+    """cad-finetune as adversarial unlearning (cad_ray.method.unlearning): rounds of an inversion attack, then
+    Adam steps on the selected components against it, with a retain loss on the other concepts."""
+
+    rounds: int = Field(3, ge=1, description="attack-then-unlearn rounds (the first without an attack)")
+    steps: int = Field(100, ge=1, description="Adam steps per round")
+    lr: float = Field(3e-3, gt=0)
+    images: int = Field(64, ge=1, description="the unedited model's images of the target the steps noise")
+    retain_images: int = Field(16, ge=1, description="images of each other concept kept")
+    eta: float = Field(1.0, ge=0, description="how far the prediction is pushed beyond the target")
+    target: Literal["nearest", "esd"] = Field(
+        "nearest", description="nearest: the nearest other concept's prediction (a never-learned model's); "
+                               "esd: the empty prompt's, pushed from the concept's (leaves completion alone)")
+    attack_steps: int = Field(100, ge=1, description="Adam steps of each round's inversion attack")
+
+
 class FinetuneOptions(Strict):
     steps: int = Field(100, ge=1, description="Adam steps of the finetune baselines")
     lr: float = Field(3e-3, gt=0)
     samples: int = Field(8, ge=1, description="trajectories whose points the fine-tuning fits")
     ratio: float = Field(0.01, gt=0, le=1, description="share of components cad-finetune may move")
     negative_guidance: float = Field(1.0, ge=0, description="ESD's eta: the target is base - eta*(concept - base)")
+    selection: str | None = Field(None, description="the components cad-finetune moves (default: evaluation."
+                                                    "selection)")
+    unlearning: UnlearningOptions | None = Field(None, description="cad-finetune as adversarial unlearning "
+                                                 "(null: ESD's steps on the selected components)")
+
+    @field_validator("selection")
+    @classmethod
+    def _selection(cls, v):
+        return v if v is None else _check_selection(v)
+
+    def key(self) -> dict:
+        """The fields an edit depends on; the new ones only where set, so that edits made before keep theirs."""
+        return self.model_dump(mode="json", exclude={k for k in ("selection", "unlearning") if getattr(self, k) is None})
 
 
 class ProbeOptions(Strict):
@@ -370,7 +399,8 @@ class EvaluationOptions(Strict):
         if self.random_draws == 1 or "random" not in self.edits:  # and those made before random draws
             unused.add("random_draws")
         # the probes have their own hash (stages/probing.py): adding them re-makes no evaluation image
-        fields = self.model_dump(exclude={"batch_size", "probes", "probe", *unused}, mode="json")
+        fields = self.model_dump(exclude={"batch_size", "probes", "probe", "finetune", *unused}, mode="json")
+        fields["finetune"] = self.finetune.key()
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -132,3 +132,26 @@ def test_probe_blocks_are_judged_beside_their_ceiling_and_resume(small_run, tmp_
     third = run_evaluation(config, root, local=True, progress=False)["probes"]
     assert third["units_computed"] == 1
     pd.testing.assert_frame_equal(pd.read_parquet(Path(root) / "probes"), images)
+
+
+def test_adversarial_unlearning_moves_only_the_selected_components(digits_model):
+    """cad-finetune as adversarial unlearning: the components outside the selection keep their values, the
+    selected ones move, and the model is handed back as it was."""
+    from cad_ray.digits.concepts import digits_concept
+    from cad_ray.method.objectives import Concept
+    from cad_ray.method.unlearning import UnlearningSettings, adversarial_finetune
+
+    prompts, bases, _ = digits_concept("three")
+    concept = Concept("three", tuple(prompts), tuple(bases), None)
+    before = {n: p.detach().clone() for n, p in digits_model.named_parameters()}
+    name = next(n for n in before if n.endswith("attn2.to_k.weight"))
+    masks = {name: np.zeros(tuple(before[name].shape), dtype=bool)}
+    masks[name][:4] = True
+    settings = UnlearningSettings(rounds=2, steps=2, images=4, retain_images=2, batch=4,
+                                  attack=ProbeSettings(steps=2, batch=4), sampling_steps=4)
+    weights = adversarial_finetune(digits_model, concept, "three", {"eight": all_prompts(8, None)}, "attn2", masks,
+                                   settings, seed=0)
+    moved = (weights[name] != before[name]).cpu().numpy()
+    assert moved[:4].any() and not moved[4:].any()
+    assert all(torch.equal(weights[n], before[n]) for n in weights if n != name)
+    assert all(torch.equal(p, before[n]) for n, p in digits_model.named_parameters())

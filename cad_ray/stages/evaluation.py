@@ -282,10 +282,14 @@ class EditWorker:
         ft = self.options.finetune
         masks = None
         if edit == "cad-finetune":
-            masks = self.store.masks(target, self.options.selection, ft.ratio, protected=never_selected(self.model))
-        objective = objective_for(self.config, "erase")
-        weights = finetune(self.model, concept, objective, self.config.scope, list(range(ft.samples)),
-                           self.config.seed, ft.steps, ft.lr, masks, self.config.chunk_size, ft.negative_guidance)
+            masks = self.store.masks(target, ft.selection or self.options.selection, ft.ratio,
+                                     protected=never_selected(self.model))
+        if edit == "cad-finetune" and ft.unlearning is not None:
+            weights = self._unlearned(concept, masks)
+        else:
+            objective = objective_for(self.config, "erase")
+            weights = finetune(self.model, concept, objective, self.config.scope, list(range(ft.samples)),
+                               self.config.seed, ft.steps, ft.lr, masks, self.config.chunk_size, ft.negative_guidance)
         self.run.remove(*edit_folder(edit, target))  # a half-written or stale edit is made anew
         with weights_replaced(self.model, weights):
             self._save_model(edit, target)
@@ -293,6 +297,24 @@ class EditWorker:
                 self._attribute_amplify(edit, target, concept)
         self.run.write_manifest(finetune_key(self.options, self.store), *edit_folder(edit, target), EDIT_MARKER)
         return {"edit": edit, "target": target, "seconds": time.time() - start}
+
+    def _unlearned(self, concept, masks) -> dict:
+        """Adversarial unlearning of `concept` on the masked components; the other concepts of its kind kept
+        (every other concept where it has no kind)."""
+        from cad_ray.method.editing import contrast_concepts
+        from cad_ray.method.probes import ProbeSettings
+        from cad_ray.method.unlearning import UnlearningSettings, adversarial_finetune
+
+        u = self.options.finetune.unlearning
+        names = [c.name for c in self.config.concepts]
+        kept = contrast_concepts(concept.name, names, "kind") or [n for n in names if n != concept.name]
+        others = {n: list(self.build_concept(next(c for c in self.config.concepts if c.name == n), self.model).prompts)
+                  for n in kept}
+        settings = UnlearningSettings(rounds=u.rounds, steps=u.steps, lr=u.lr, images=u.images,
+                                      retain_images=u.retain_images, eta=u.eta, target=u.target,
+                                      attack=ProbeSettings(steps=u.attack_steps), sampling_steps=self.options.steps)
+        return adversarial_finetune(self.model, concept, concept.name.replace("_", " ").split()[0], others,
+                                    self.config.scope, masks, settings, self.config.seed)
 
     def make_edit(self, work: tuple[str, str]) -> dict:
         return self.make(*work)
@@ -716,7 +738,7 @@ EDIT_MARKER = "_complete.json"
 def finetune_key(options: EvaluationOptions, store: ScoreStore) -> dict:
     """What a fine-tuned edit depends on; written last into its folder, so a half-written or stale edit is
     made again."""
-    return {"finetune": options.finetune.model_dump(mode="json"), "selection": options.selection,
+    return {"finetune": options.finetune.key(), "selection": options.finetune.selection or options.selection,
             "recovery": RECOVERY in options.edits, "fingerprint": store.fingerprint,
             "config_hash": store.manifest["config_hash"]}
 

@@ -1,0 +1,151 @@
+"""Erasure that lives in the weights: a few gradient steps on the components CAD selects, against the attacks
+that bring a word-deep erasure back (core, no Ray).
+
+Zeroing the components that carry a concept's *words* leaves every weight that draws it: one learned word
+(textual inversion) or a noised image of it (diffusion completion) brings it back (`cad_ray.method.probes`).
+`adversarial_finetune` moves only the components a CAD selection names (`masks`), as adversarial unlearning
+does (AdvUnlearn, Zhang et al., 2024), in rounds:
+
+1. attack: learn a word embedding that draws the concept on the model as it now is (the inversion probe);
+2. unlearn: on the unedited model's images of the concept, noised at random timesteps, the edited model's
+   prediction under the concept's prompts, the empty prompt and the attack's word is pulled to a target that
+   does not draw it, while other concepts' images under their prompts and the empty prompt keep the unedited
+   model's predictions (the retain loss: what the edit must not change).
+
+The target (`target`): `esd` is ESD's, the unedited empty-prompt prediction pushed away from the concept's,
+`base - eta * (concept - base)`; it leaves the empty prompt's own denoising of the concept as it was, so a
+noised image of the concept is still completed. `nearest` is what a model that never learned the concept would
+predict there: the unedited prediction under the nearest other concept's prompt (per image, the one whose
+prediction is closest to the concept's), pushed away from the concept's by `eta`; the empty prompt learns it
+too, so completion of a noised image goes to another concept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cad_ray.errors import CadRayError
+from cad_ray.method.probes import ProbeSettings, TextualInversion, _noised, concept_images, learned_word
+from cad_ray.method.scopes import select_parameters
+from cad_ray.seeds import derive_seed, torch_generator
+
+TARGETS = ("esd", "nearest")
+
+
+@dataclass(frozen=True)
+class UnlearningSettings:
+    rounds: int = 3  # attack-then-unlearn rounds; the first unlearns without an attack's word
+    steps: int = 100  # Adam steps per round
+    lr: float = 3e-3
+    batch: int = 32  # images of the concept per step
+    images: int = 64  # the unedited model's images of the concept the steps noise
+    retain_images: int = 16  # of each other concept
+    eta: float = 1.0  # how far beyond the target the prediction is pushed from the concept's
+    target: str = "nearest"
+    attack: ProbeSettings = ProbeSettings(steps=100)
+    sampling_steps: int | None = None  # of the images made for the steps (default: the model's)
+
+
+def _aligned(prompts: list[str], n: int) -> list[str]:
+    """Image k was drawn from prompts[k % len]: other concepts' prompts at the same index word the same thing
+    otherwise (a colour's "a red seven" beside "a blue seven")."""
+    return [prompts[k % len(prompts)] for k in range(n)]
+
+
+def adversarial_finetune(model, concept, word: str, others: dict[str, list[str]], scope: str,
+                         masks: dict | None, settings: UnlearningSettings = UnlearningSettings(),
+                         seed: int = 0, progress=None) -> dict[str, torch.Tensor]:
+    """New values of the scoped tensors (only `masks`' components move; all of them without masks) that make
+    the model unable to draw `concept`, whatever the words, while it keeps drawing `others` (name -> prompts).
+    The model itself is left as it was."""
+    if settings.target not in TARGETS:
+        raise CadRayError(f"unknown unlearning target {settings.target!r}; choose one of {', '.join(TARGETS)}")
+    if not others:
+        raise CadRayError("adversarial fine-tuning needs other concepts to keep (the retain loss)")
+    parameters = dict(select_parameters(model.named_parameters(), scope))
+    grad_masks = {n: torch.ones_like(p) if masks is None else torch.as_tensor(masks[n], device=p.device).to(p.dtype)
+                  for n, p in parameters.items() if masks is None or (n in masks and masks[n].any())}
+    if not grad_masks:
+        raise CadRayError(f"the selection takes no component in scope {scope!r}: nothing to fine-tune")
+    moving = {n: parameters[n] for n in grad_masks}
+    original = {n: p.detach().clone() for n, p in moving.items()}
+    prompts = list(concept.prompts)
+    steps = settings.sampling_steps
+    with torch.no_grad():
+        x0 = concept_images(model, prompts, settings.images, derive_seed(seed, "unlearn", concept.name), steps)
+        kept = {name: concept_images(model, p, settings.retain_images, derive_seed(seed, "retain", name), steps)
+                for name, p in others.items()}
+        empty = model.encode([""])
+    attack = TextualInversion(model, word, prompts, settings.attack)
+    generator = torch_generator(seed, "unlearn-steps", concept.name)
+    optimizer = torch.optim.Adam(list(moving.values()), lr=settings.lr)
+    names = list(kept)
+
+    def unedited(fn):
+        """`fn()` on the unedited weights (the targets), the moving ones put back after."""
+        now = {n: p.detach().clone() for n, p in moving.items()}
+        with torch.no_grad():
+            for n, p in moving.items():
+                p.copy_(original[n])
+            try:
+                return fn()
+            finally:
+                for n, p in moving.items():
+                    p.copy_(now[n])
+
+    try:
+        for round_ in range(settings.rounds):
+            vector = attack.fit(model, x0, seed=derive_seed(seed, "attack", round_)) if round_ else None
+            for p in moving.values():
+                p.requires_grad_(True)
+            for step in range(settings.steps):
+                rows = torch.randperm(len(x0), generator=generator)[:settings.batch]
+                x_t, t, _ = _noised(model, x0[rows], generator)
+                asked = [prompts[int(r) % len(prompts)] for r in rows]
+                with torch.no_grad():
+                    conditions = [model.encode(asked), empty.expand(len(rows), *empty.shape[1:])]
+                    if vector is not None:
+                        with learned_word(model, attack.token_id, vector):
+                            conditions.append(model.encode(asked))
+                    target = unedited(lambda: _target(model, x_t, t, conditions, rows, others, settings))
+                loss = sum((model.predict_noise(x_t, t, c) - target).pow(2).mean() for c in conditions)
+                name = names[step % len(names)]  # one other concept a step, in turn
+                images = kept[name]
+                y_t, s, _ = _noised(model, images, generator)
+                keep = [model.encode(_aligned(others[name], len(images))), empty.expand(len(images), *empty.shape[1:])]
+                with torch.no_grad():
+                    kept_targets = unedited(lambda: [model.predict_noise(y_t, s, c) for c in keep])
+                loss = loss + sum((model.predict_noise(y_t, s, c) - k).pow(2).mean()
+                                  for c, k in zip(keep, kept_targets))
+                optimizer.zero_grad()
+                loss.backward()
+                for n, p in moving.items():
+                    p.grad *= grad_masks[n]
+                optimizer.step()
+                if progress is not None:
+                    progress()
+            for p in moving.values():
+                p.requires_grad_(False)
+                p.grad = None
+        return {n: p.detach().clone() for n, p in parameters.items()}
+    finally:
+        with torch.no_grad():
+            for n, p in moving.items():
+                p.requires_grad_(False)
+                p.grad = None
+                p.copy_(original[n])
+
+
+def _target(model, x_t, t, conditions, rows, others, settings: UnlearningSettings) -> torch.Tensor:
+    """What the edited model should predict at (x_t, t) under every condition (on the unedited weights)."""
+    own = model.predict_noise(x_t, t, conditions[0])
+    if settings.target == "esd":
+        base = model.predict_noise(x_t, t, conditions[1])
+        return base - settings.eta * (own - base)
+    candidates = torch.stack([model.predict_noise(x_t, t, model.encode([p[int(r) % len(p)] for r in rows]))
+                              for p in others.values()])
+    distance = (candidates - own[None]).pow(2).flatten(2).mean(-1)
+    nearest = candidates[distance.argmin(0), torch.arange(len(rows))]
+    return nearest - settings.eta * (own - nearest)
