@@ -318,3 +318,28 @@ def test_many_sample_verdicts_are_summarised(tmp_path, capsys):
     assert judged.startswith("judged (digit/colour) of 20 images: ") and len(judged) < 200, judged
     counts = [int(part.split()[0]) for part in judged.split(": ", 1)[1].split(", ")]
     assert sum(counts) == 20
+
+
+def test_model_folders_and_caches_that_name_nothing_are_refused(tmp_path, monkeypatch):
+    """Issue 26: sampling steps 0 in a model's index, a cache that is a file, a '..' in an s3:// model key."""
+    import json
+    import shutil
+
+    from cad_ray.errors import CadRayError
+    from cad_ray.models import load_model
+    from cad_ray.models.loading import BUILTIN_DIGITS, cache_dir, fetch_s3_folder
+
+    folder = tmp_path / "digits"
+    shutil.copytree(BUILTIN_DIGITS, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    for bad in ({"guidance": 3.0, "steps": 0}, {"guidance": float("nan"), "steps": 20}):
+        index["sampling"] = bad
+        (folder / "model_index.json").write_text(json.dumps(index))
+        with pytest.raises(CadRayError, match="steps a whole number >= 1"):
+            load_model(str(folder))
+    (tmp_path / "cache").write_text("")
+    monkeypatch.setenv("CAD_RAY_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(CadRayError, match="is a file"):
+        cache_dir()
+    with pytest.raises(CadRayError, match="'..' parts"):
+        fetch_s3_folder("s3://bucket/models/../secret")

@@ -129,4 +129,8 @@ class DigitsModel(TextToImageModel):
                                          and all(isinstance(v, (int, float)) for v in sampling.values())):
             raise CadRayError(f"malformed {folder / 'model_index.json'}: 'sampling' must be a mapping such as "
                               f'{{"guidance": 3.0, "steps": 50}}, got {sampling!r}')
+        if sampling is not None and not (int(sampling.get("steps", 1)) == sampling.get("steps", 1) >= 1
+                                         and np.isfinite(sampling.get("guidance", 0.0))):
+            raise CadRayError(f"malformed {folder / 'model_index.json'}: 'sampling' needs steps a whole number >= 1 "
+                              f"and a finite guidance, got {sampling!r}")
         return cls(unet, text_encoder, tokenizer, scheduler, sampling, source=source)

@@ -34,13 +34,19 @@ def s3_filesystem():
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("CAD_RAY_CACHE", Path.home() / ".cache" / "cad-ray"))
+    folder = Path(os.environ.get("CAD_RAY_CACHE", Path.home() / ".cache" / "cad-ray"))
+    if folder.exists() and not folder.is_dir():
+        raise CadRayError(f"CAD_RAY_CACHE={folder} is a file; point it at a folder (or unset it for ~/.cache/cad-ray)")
+    return folder
 
 
 def fetch_s3_folder(uri: str) -> Path:
     """Copy an `s3://` model folder to the local cache (once per content version) and return its path."""
-    fs = s3_filesystem()
     key = uri.rstrip("/")
+    if any(part in ("..", ".") for part in key.removeprefix("s3://").split("/")):
+        raise CadRayError(f"{uri}: an s3:// model key with '.' or '..' parts names no folder of a bucket; "
+                          "write the key in full")
+    fs = s3_filesystem()
     try:
         listing = fs.find(key, detail=True)
     except Exception as e:  # botocore/aiobotocore raise many types; all mean "cannot read this URI"
