@@ -534,7 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
             "finetune, cad-finetune, finetune+cad-amplify), generate images of every prompt with the same seeds "
             "before and after, judge them with Ray Data actors and write evaluation/ (one row per image) and "
             "evaluation_summary/ (accuracy of the target and of the others, Frechet distance, best ratio) under "
-            "--root.", [root_config, overwrite, ray], [
+            "--root. With evaluation.probes (inversion, completion, soft-prompt), every erasing edit is then "
+            "attacked: is the concept gone from the model or only from its words (probes/, probe_summary/, "
+            "probe_verdicts/; docs/editing.md).", [root_config, overwrite, ray], [
                 ("--targets", {"nargs": "+", "default": None, "help": "concepts to edit"}),
                 ("--edits", {"nargs": "+", "default": None, "help": "edits: cad-erase random cad-amplify finetune "
                                                                     "cad-finetune finetune+cad-amplify"}),

@@ -149,9 +149,13 @@ def test_adversarial_unlearning_moves_only_the_selected_components(digits_model)
     masks[name][:4] = True
     settings = UnlearningSettings(rounds=2, steps=2, images=4, retain_images=2, batch=4,
                                   attack=ProbeSettings(steps=2, batch=4), sampling_steps=4)
-    weights = adversarial_finetune(digits_model, concept, "three", {"eight": all_prompts(8, None)}, "attn2", masks,
-                                   settings, seed=0)
+    other = next(n for n in before if n.endswith("ff.net.2.weight"))
+    masks[other] = np.zeros(tuple(before[other].shape), dtype=bool)
+    masks[other][:, :3] = True
+    weights = adversarial_finetune(digits_model, concept, "three", {"eight": all_prompts(8, None)}, "ff+attn2",
+                                   masks, settings, seed=0)
     moved = (weights[name] != before[name]).cpu().numpy()
     assert moved[:4].any() and not moved[4:].any()
-    assert all(torch.equal(weights[n], before[n]) for n in weights if n != name)
+    assert (weights[other] != before[other]).any() and torch.equal(weights[other][:, 3:], before[other][:, 3:])
+    assert all(torch.equal(weights[n], before[n]) for n in weights if n not in (name, other))
     assert all(torch.equal(p, before[n]) for n, p in digits_model.named_parameters())

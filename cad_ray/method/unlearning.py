@@ -104,19 +104,22 @@ def adversarial_finetune(model, concept, word: str, others: dict[str, list[str]]
                 rows = torch.randperm(len(x0), generator=generator)[:settings.batch]
                 x_t, t, _ = _noised(model, x0[rows], generator)
                 asked = [prompts[int(r) % len(prompts)] for r in rows]
+                name = names[step % len(names)]  # one other concept a step, in turn
+                images = kept[name]
+                y_t, s, _ = _noised(model, images, generator)
                 with torch.no_grad():
                     conditions = [model.encode(asked), empty.expand(len(rows), *empty.shape[1:])]
                     if vector is not None:
                         with learned_word(model, attack.token_id, vector):
                             conditions.append(model.encode(asked))
-                    target = unedited(lambda: _target(model, x_t, t, conditions, rows, others, settings))
+                    keep = [model.encode(_aligned(others[name], len(images))),
+                            empty.expand(len(images), *empty.shape[1:])]
+                    # every target before any forward pass that backward needs: swapping the weights in place
+                    # after one would change what it saved
+                    target, kept_targets = unedited(lambda: (
+                        _target(model, x_t, t, conditions, rows, others, settings),
+                        [model.predict_noise(y_t, s, c) for c in keep]))
                 loss = sum((model.predict_noise(x_t, t, c) - target).pow(2).mean() for c in conditions)
-                name = names[step % len(names)]  # one other concept a step, in turn
-                images = kept[name]
-                y_t, s, _ = _noised(model, images, generator)
-                keep = [model.encode(_aligned(others[name], len(images))), empty.expand(len(images), *empty.shape[1:])]
-                with torch.no_grad():
-                    kept_targets = unedited(lambda: [model.predict_noise(y_t, s, c) for c in keep])
                 loss = loss + sum((model.predict_noise(y_t, s, c) - k).pow(2).mean()
                                   for c, k in zip(keep, kept_targets))
                 optimizer.zero_grad()
