@@ -178,9 +178,13 @@ class UnlearningOptions(Strict):
     images: int = Field(64, ge=1, description="the unedited model's images of the target the steps noise")
     retain_images: int = Field(16, ge=1, description="images of each other concept kept")
     eta: float = Field(1.0, ge=0, description="how far the prediction is pushed beyond the target")
-    target: Literal["nearest", "esd"] = Field(
-        "nearest", description="nearest: the nearest other concept's prediction (a never-learned model's); "
-                               "esd: the empty prompt's, pushed from the concept's (leaves completion alone)")
+    target: Literal["esd", "images", "nearest"] = Field(
+        "esd", description="esd: the empty prompt's prediction pushed from the concept's (leaves the completion "
+                           "of a noised image alone); images: from images_from of the timesteps up, the noise "
+                           "that makes x_t an image of the nearest other concept; nearest: the nearest other "
+                           "concept's prediction (erases little: docs/editing.md)")
+    images_from: float = Field(0.2, ge=0, le=1, description="images: the share of the training timesteps from "
+                                                            "which the target is another concept's image")
     attack_steps: int = Field(100, ge=1, description="Adam steps of each round's inversion attack")
 
 
@@ -255,15 +259,10 @@ def check_selection_prefixes(text: str) -> None:
         prefixes, rest = [], part
         while True:
             head, colon, tail = rest.partition(":")
-            if not colon or "/" in head or tail.startswith("/"):
+            if not colon or "/" in head or tail.startswith("/") or head == "re":  # re:REGEX is the scope
                 break
             prefixes.append(head)
             rest = tail
-        if "re" in prefixes:
-            # docs/editing.md lists re:... scopes, but Selection.parse (cad_ray/method/editing.py) takes 're' for a
-            # method and says "unknown attribution method"; until it reads them, say so plainly
-            raise CadRayError(f"selection {text!r}: a 're:' scope is not read in a selection yet; name the part "
-                              "with a glob (e.g. '*attn2*'), a scope name (ff, attn2, tokens) or 'a+b'")
         for kind, names in (("objective", [p for p in prefixes if p in OBJECTIVES]),
                             ("method", [p for p in prefixes if p not in OBJECTIVES])):
             if len(names) > 1:

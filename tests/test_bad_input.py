@@ -306,9 +306,22 @@ def test_a_full_disk_while_writing_a_sample_is_one_line_and_leaves_nothing(tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_re_scope_in_a_selection_is_not_called_an_unknown_method(tmp_path, capsys):
-    _refused(["edit", "--root", str(tmp_path), "--edit", "cad-erase", "--target", "seven", "--ratio", "0.1",
-              "--selection", "re:ff.*/global/none", "--out", str(tmp_path / "e")], "'re:' scope is not read", capsys)
+def test_a_re_scope_in_a_selection_is_read_as_a_scope():
+    """docs/editing.md lists re:REGEX scopes: a selection reads them as its scope (a '/' inside included), with
+    or without an objective or method prefix, and selects only the tensors the expression names."""
+    import numpy as np
+
+    from cad_ray.config import parse_config
+    from cad_ray.method.editing import Selection, selection_masks
+
+    assert Selection.parse("re:ff.*/global/none").scope == "re:ff.*"
+    assert Selection.parse("re:a/b/row/kind-max/floor") == Selection("re:a/b", "row", "kind", "max", "floor")
+    prior = Selection.parse("prior:gradient:re:attn2\\.to_k/global/none")
+    assert (prior.objective, prior.method, prior.scope) == ("prior", "gradient", "re:attn2\\.to_k")
+    parse_config({"concepts": [{"name": "seven"}], "evaluation": {"selection": "re:attn2/global/none"}})
+    scores = {"down.attn2.to_k.weight": np.ones((2, 2)), "down.ff.net.2.weight": np.full((2, 2), 9.0)}
+    masks = selection_masks(lambda c: scores, "seven", [], Selection.parse("re:attn2/global/none"), 0.5)
+    assert masks["down.attn2.to_k.weight"].sum() == 2 and not masks["down.ff.net.2.weight"].any()
 
 
 def test_many_sample_verdicts_are_summarised(tmp_path, capsys):

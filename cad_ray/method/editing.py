@@ -216,15 +216,16 @@ class Selection:
         if bar:
             return replace(cls.parse(head), also=cls.parse(tail))
         method, colon, rest = str(text).partition(":")
-        if colon and not rest.startswith("/") and "/" not in method:
+        if colon and not rest.startswith("/") and "/" not in method and method != "re":  # re:REGEX: a scope
             if method in OBJECTIVES:
                 return replace(cls.parse(rest), objective=method)
             return replace(cls.parse(rest), method=check_method(method))
-        parts = str(text).split("/")
-        if len(parts) not in (3, 4) or (len(parts) == 4 and parts[3] != "floor"):
+        floor = str(text).endswith("/floor")
+        parts = str(text).removesuffix("/floor").rsplit("/", 2)  # from the right: a re: scope may hold '/'
+        if len(parts) != 3 or not parts[0]:
             raise CadRayError(f"selection {text!r}: write scope/granularity/contrast[/floor], e.g. "
                               "attn2/global/others-mean, or a preset: " + ", ".join(PRESETS))
-        scope, granularity, contrast = parts[:3]
+        scope, granularity, contrast = parts
         aggregate = "mean"
         if contrast != "none":
             head, _, tail = contrast.rpartition("-")
@@ -235,7 +236,7 @@ class Selection:
                               f"{', '.join(GRANULARITIES)}")
         if contrast not in CONTRASTS:
             raise CadRayError(f"selection {text!r}: unknown contrast {contrast!r}; choose one of {', '.join(CONTRASTS)}")
-        return cls(scope, granularity, contrast, aggregate, "floor" if len(parts) == 4 else "round")
+        return cls(scope, granularity, contrast, aggregate, "floor" if floor else "round")
 
 
 PRESETS = {"published": Selection(scope="ff", granularity="row", contrast="none", rounding="floor"),
