@@ -27,11 +27,12 @@ from dataclasses import dataclass
 import torch
 
 from cad_ray.errors import CadRayError
+from cad_ray.method.objectives import denoising_target
 from cad_ray.method.probes import ProbeSettings, TextualInversion, _noised, concept_images, learned_word
 from cad_ray.method.scopes import select_parameters
 from cad_ray.seeds import derive_seed, torch_generator
 
-TARGETS = ("esd", "nearest")
+TARGETS = ("esd", "nearest", "images")
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,8 @@ class UnlearningSettings:
     images: int = 64  # the unedited model's images of the concept the steps noise
     retain_images: int = 16  # of each other concept
     eta: float = 1.0  # how far beyond the target the prediction is pushed from the concept's
-    target: str = "nearest"
+    target: str = "esd"
+    images_from: float = 0.2  # `images`: from this share of the training timesteps up, below it `esd`'s target
     attack: ProbeSettings = ProbeSettings(steps=100)
     sampling_steps: int | None = None  # of the images made for the steps (default: the model's)
 
@@ -82,6 +84,7 @@ def adversarial_finetune(model, concept, word: str, others: dict[str, list[str]]
     generator = torch_generator(seed, "unlearn-steps", concept.name)
     optimizer = torch.optim.Adam(list(moving.values()), lr=settings.lr)
     names = list(kept)
+    pool = torch.cat(list(kept.values()))  # the `images` target's other concepts' images
 
     def unedited(fn):
         """`fn()` on the unedited weights (the targets), the moving ones put back after."""
@@ -117,7 +120,7 @@ def adversarial_finetune(model, concept, word: str, others: dict[str, list[str]]
                     # every target before any forward pass that backward needs: swapping the weights in place
                     # after one would change what it saved
                     target, kept_targets = unedited(lambda: (
-                        _target(model, x_t, t, conditions, rows, others, settings),
+                        _target(model, x_t, t, conditions, rows, others, settings, x0[rows], pool),
                         [model.predict_noise(y_t, s, c) for c in keep]))
                 loss = sum((model.predict_noise(x_t, t, c) - target).pow(2).mean() for c in conditions)
                 loss = loss + sum((model.predict_noise(y_t, s, c) - k).pow(2).mean()
@@ -141,12 +144,22 @@ def adversarial_finetune(model, concept, word: str, others: dict[str, list[str]]
                 p.copy_(original[n])
 
 
-def _target(model, x_t, t, conditions, rows, others, settings: UnlearningSettings) -> torch.Tensor:
+def _target(model, x_t, t, conditions, rows, others, settings: UnlearningSettings, x0=None, pool=None):
     """What the edited model should predict at (x_t, t) under every condition (on the unedited weights)."""
     own = model.predict_noise(x_t, t, conditions[0])
-    if settings.target == "esd":
+    if settings.target in ("esd", "images"):
         base = model.predict_noise(x_t, t, conditions[1])
-        return base - settings.eta * (own - base)
+        esd = base - settings.eta * (own - base)
+        if settings.target == "esd":
+            return esd
+        # what the model would be trained to output had x_t come from the nearest image of another concept: a
+        # noised image of the concept is then denoised into something else, whatever the prompt (completion)
+        nearest = pool[torch.cdist(x0.flatten(1).float(), pool.flatten(1).float()).argmin(1)].to(x_t.dtype)
+        alphas = model.scheduler.alphas_cumprod.to(x_t.device)[t].view(-1, *[1] * (x_t.dim() - 1)).to(x_t.dtype)
+        noise = (x_t - alphas.sqrt() * nearest) / (1 - alphas).sqrt()
+        other = denoising_target(model.prediction_type, nearest, noise, alphas)
+        late = (t >= settings.images_from * len(model.scheduler.alphas_cumprod)).view(-1, *[1] * (x_t.dim() - 1))
+        return torch.where(late.to(x_t.device), other, esd)
     candidates = torch.stack([model.predict_noise(x_t, t, model.encode([p[int(r) % len(p)] for r in rows]))
                               for p in others.values()])
     distance = (candidates - own[None]).pow(2).flatten(2).mean(-1)

@@ -312,6 +312,7 @@ class EditWorker:
                   for n in kept}
         settings = UnlearningSettings(rounds=u.rounds, steps=u.steps, lr=u.lr, images=u.images,
                                       retain_images=u.retain_images, eta=u.eta, target=u.target,
+                                      images_from=u.images_from,
                                       attack=ProbeSettings(steps=u.attack_steps), sampling_steps=self.options.steps)
         return adversarial_finetune(self.model, concept, concept.name.replace("_", " ").split()[0], others,
                                     self.config.scope, masks, settings, self.config.seed)
