@@ -314,17 +314,6 @@ def finish_validation(config: AttributionConfig, root: str, manifest: dict) -> d
     return {"manifest": manifest, "summary": summary, "localization": shares, "overlap": pairs}
 
 
-def read_validation(root: str) -> dict:
-    """The tables of a completed validation: validation, summary, localization, overlap (pandas)."""
-    run = RunRoot(root)
-    if not run.exists(MANIFEST) or not run.read_manifest(MANIFEST).get("complete"):
-        raise CadRayError(f"no completed validation in {root}; run 'cad-ray validate --root {root}'")
-    store = ScoreStore(root)
-    return {name: store.table(name) for name in TABLES}
-
-
-
-
 def run(config: AttributionConfig, root: str, executor, overwrite: bool = False) -> dict:
     """The stage: plan the shards, compute those not done, then finish the tables (no model needed)."""
     run_root = RunRoot(root)
