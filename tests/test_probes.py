@@ -133,6 +133,14 @@ def test_probe_blocks_are_judged_beside_their_ceiling_and_resume(small_run, tmp_
     assert third["units_computed"] == 1
     pd.testing.assert_frame_equal(pd.read_parquet(Path(root) / "probes"), images)
 
+    from cad_ray.stages.report import build_report, probe_table
+
+    table = probe_table(summary[summary["target"] == "seven"])  # what the report shows: edit x probe setting
+    assert list(table.iloc[:, 0]) == ["cad-erase 0.05", "never-learned", "none"]
+    assert table.set_index(table.columns[0]).loc["none", "completion 0/empty"] == \
+        round(100 * unedited[("completion", "0/empty")])
+    assert "Is it gone? Completeness probes" in build_report(root) and "never-learned" in build_report(root)
+
 
 def test_adversarial_unlearning_moves_only_the_selected_components(digits_model):
     """cad-finetune as adversarial unlearning: the components outside the selection keep their values, the

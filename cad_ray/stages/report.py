@@ -51,7 +51,7 @@ def build_report(root: str) -> str:
     layers = store.layers(objective="erase")
     page = {"root": run.uri, "m": store.manifest, "pairs": len(pairs),
             "layers_img": _img(layer_summary(layers[layers["concept"].isin(erase)]), "per-layer scores"),
-            "validation": None, "evaluation": None}
+            "validation": None, "evaluation": None, "probes": None}
 
     summary = _optional(run, store, "validation_summary")
     if summary is not None:
@@ -80,9 +80,24 @@ def build_report(root: str) -> str:
             if "picked" in evaluation and evaluation["picked"].any() else None,
             "per_target": [{"name": t, "sweep": _img(ratio_sweep(evaluation, t), f"sweep {t}"),
                             "grids": _image_grids(images, evaluation, t)} for t in targets]}
+    probes = _optional(run, store, "probe_summary")
+    if probes is not None:
+        page["probes"] = {"tables": [{"name": t, "table": _table(probe_table(g))}
+                                     for t, g in probes.groupby("target", sort=True)],
+                          "verdicts": _table(store.table("probe_verdicts").round(3))
+                          if run.exists("probe_verdicts") else None}
     environment = jinja2.Environment(loader=jinja2.PackageLoader("cad_ray", "assets"),
                                      autoescape=jinja2.select_autoescape(["html", "j2"]))
     return environment.get_template(TEMPLATE).render(**page)
+
+
+def probe_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """One target's probe summary as a reader compares it: a row per edit (the unedited model and the
+    never-learned reference among them), a column per probe setting, the share of images that show the target."""
+    columns = summary["probe"] + " " + summary["setting"]
+    rows = summary["edit"] + summary["ratio"].map(lambda r: f" {r:g}" if r else "")
+    table = summary.assign(column=columns, row=rows).pivot_table(index="row", columns="column", values="recovery")
+    return (table * 100).round(0).reset_index().rename(columns={"row": "edit (% of images that show the target)"})
 
 
 def _image_grids(images: pd.DataFrame, summary: pd.DataFrame, target: str, per_prompt: int = 6) -> list[dict]:
