@@ -33,7 +33,8 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.05)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--unlearn-steps", type=int, default=100)
-    parser.add_argument("--images-from", type=float, default=0.2)
+    parser.add_argument("--images-from", type=float, default=0.1)
+    parser.add_argument("--retain-images", type=int, default=32, help="images of each other digit kept")
     parser.add_argument("--steps", type=int, default=20, help="DDPM steps of every judged image")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -108,6 +109,7 @@ def main() -> None:
             others = {w: all_prompts(d, None) for d, w in enumerate(DIGIT_WORDS) if d != digit}
             settings = UnlearningSettings(rounds=args.rounds, steps=args.unlearn_steps,
                                           target=method.removeprefix("cad-unlearn-"), images_from=args.images_from,
+                                          retain_images=args.retain_images,
                                           sampling_steps=args.steps)
             weights = adversarial_finetune(model, concept, args.target, others, "ff+attn2", masks, settings, seed=0)
             seconds = time.time() - started

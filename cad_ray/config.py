@@ -176,14 +176,14 @@ class UnlearningOptions(Strict):
     steps: int = Field(100, ge=1, description="Adam steps per round")
     lr: float = Field(3e-3, gt=0)
     images: int = Field(64, ge=1, description="the unedited model's images of the target the steps noise")
-    retain_images: int = Field(16, ge=1, description="images of each other concept kept")
+    retain_images: int = Field(32, ge=1, description="images of each other concept kept")
     eta: float = Field(1.0, ge=0, description="how far the prediction is pushed beyond the target")
     target: Literal["esd", "images", "nearest"] = Field(
-        "esd", description="esd: the empty prompt's prediction pushed from the concept's (leaves the completion "
+        "images", description="esd: the empty prompt's prediction pushed from the concept's (leaves the completion "
                            "of a noised image alone); images: from images_from of the timesteps up, the noise "
                            "that makes x_t an image of the nearest other concept; nearest: the nearest other "
                            "concept's prediction (erases little: docs/editing.md)")
-    images_from: float = Field(0.2, ge=0, le=1, description="images: the share of the training timesteps from "
+    images_from: float = Field(0.1, ge=0, le=1, description="images: the share of the training timesteps from "
                                                             "which the target is another concept's image")
     attack_steps: int = Field(100, ge=1, description="Adam steps of each round's inversion attack")
 
@@ -206,7 +206,10 @@ class FinetuneOptions(Strict):
 
     def key(self) -> dict:
         """The fields an edit depends on; the new ones only where set, so that edits made before keep theirs."""
-        return self.model_dump(mode="json", exclude={k for k in ("selection", "unlearning") if getattr(self, k) is None})
+        key = self.model_dump(mode="json", exclude={k for k in ("selection", "unlearning") if getattr(self, k) is None})
+        if self.unlearning is not None and self.unlearning.target != "images":
+            del key["unlearning"]["images_from"]  # read by the images target only
+        return key
 
 
 class ProbeOptions(Strict):

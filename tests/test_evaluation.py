@@ -17,7 +17,9 @@ from cad_ray.stages.evaluation import read_prompt_set, summarize_evaluation
 PEER_PROMPTS = Path(__file__).resolve().parents[2] / "shared" / "peer-prompts"
 EVALUATION = {"targets": ["seven"], "edits": ["cad-erase", "random"], "ratios": [0.05], "images_per_prompt": 2,
               "prompt_panel": "canonical",
-              "steps": 10, "batch_size": 8}
+              "steps": 10, "batch_size": 8,
+              # a cheap probe, so that the probing stage's Ray path is checked beside the local one
+              "probes": ["completion"], "probe": {"images": 1, "samples": 2, "strengths": [0.5]}}
 
 
 def evaluation_config(**changes):
@@ -92,6 +94,8 @@ def test_results_do_not_depend_on_the_number_of_actors(evaluated, small_run, tmp
     assert result["actors"] == 2
     a, b = pd.read_parquet(os.path.join(root, "evaluation")), pd.read_parquet(os.path.join(other, "evaluation"))
     assert list(a["image_png"]) == list(b["image_png"]) and list(a["predicted"]) == list(b["predicted"])
+    a, b = pd.read_parquet(os.path.join(root, "probes")), pd.read_parquet(os.path.join(other, "probes"))
+    assert len(a) == 3 * 2 * 2 and list(a["image_png"]) == list(b["image_png"])  # 3 edit settings, own + empty
 
 
 def test_summary_names_the_best_trade_off():

@@ -16,8 +16,12 @@ The target (`target`): `esd` is ESD's, the unedited empty-prompt prediction push
 `base - eta * (concept - base)`; it leaves the empty prompt's own denoising of the concept as it was, so a
 noised image of the concept is still completed. `nearest` is what a model that never learned the concept would
 predict there: the unedited prediction under the nearest other concept's prompt (per image, the one whose
-prediction is closest to the concept's), pushed away from the concept's by `eta`; the empty prompt learns it
-too, so completion of a noised image goes to another concept.
+prediction is closest to the concept's), pushed away from the concept's by `eta` (it erases little: where
+the image already shows the concept, every prompt's prediction is close to the concept's). `images`: from
+`images_from` of the training timesteps up, the empty prompt's target is the noise that would make x_t a noised
+image of the nearest other concept's image (what a model trained without the concept would denoise it
+towards), and the concept's prompts and the attack's word are that target pushed from the concept's prediction
+as ESD does; below `images_from`, ESD's target.
 """
 
 from __future__ import annotations
@@ -42,10 +46,10 @@ class UnlearningSettings:
     lr: float = 3e-3
     batch: int = 32  # images of the concept per step
     images: int = 64  # the unedited model's images of the concept the steps noise
-    retain_images: int = 16  # of each other concept
+    retain_images: int = 32  # of each other concept
     eta: float = 1.0  # how far beyond the target the prediction is pushed from the concept's
-    target: str = "esd"
-    images_from: float = 0.2  # `images`: from this share of the training timesteps up, below it `esd`'s target
+    target: str = "images"
+    images_from: float = 0.1  # `images`: from this share of the training timesteps up, below it `esd`'s target
     attack: ProbeSettings = ProbeSettings(steps=100)
     sampling_steps: int | None = None  # of the images made for the steps (default: the model's)
 
@@ -122,7 +126,8 @@ def adversarial_finetune(model, concept, word: str, others: dict[str, list[str]]
                     target, kept_targets = unedited(lambda: (
                         _target(model, x_t, t, conditions, rows, others, settings, x0[rows], pool),
                         [model.predict_noise(y_t, s, c) for c in keep]))
-                loss = sum((model.predict_noise(x_t, t, c) - target).pow(2).mean() for c in conditions)
+                targets = target if isinstance(target, list) else [target] * len(conditions)
+                loss = sum((model.predict_noise(x_t, t, c) - k).pow(2).mean() for c, k in zip(conditions, targets))
                 loss = loss + sum((model.predict_noise(y_t, s, c) - k).pow(2).mean()
                                   for c, k in zip(keep, kept_targets))
                 optimizer.zero_grad()
@@ -159,7 +164,11 @@ def _target(model, x_t, t, conditions, rows, others, settings: UnlearningSetting
         noise = (x_t - alphas.sqrt() * nearest) / (1 - alphas).sqrt()
         other = denoising_target(model.prediction_type, nearest, noise, alphas)
         late = (t >= settings.images_from * len(model.scheduler.alphas_cumprod)).view(-1, *[1] * (x_t.dim() - 1))
-        return torch.where(late.to(x_t.device), other, esd)
+        # the empty prompt goes to the other image; the concept's prompts and the attack's word are anchored
+        # there and pushed from the concept as ESD does, so that guidance toward them draws no concept either
+        empty = torch.where(late.to(x_t.device), other, base)
+        worded = empty - settings.eta * (own - base)
+        return [worded, empty] + [worded] * (len(conditions) - 2)
     candidates = torch.stack([model.predict_noise(x_t, t, model.encode([p[int(r) % len(p)] for r in rows]))
                               for p in others.values()])
     distance = (candidates - own[None]).pow(2).flatten(2).mean(-1)

@@ -233,7 +233,8 @@ def plan_test_rows(options: EvaluationOptions, prompts: pd.DataFrame, picks: dic
             elif edit == "finetune":
                 frames.append(edit_rows(edit, target, "", 1.0, guidance, test))
             elif edit == "cad-finetune":
-                frames.append(edit_rows(edit, target, options.selection, options.finetune.ratio, guidance, test))
+                frames.append(edit_rows(edit, target, options.finetune.selection or options.selection,
+                                        options.finetune.ratio, guidance, test))
             elif edit == RECOVERY:
                 frames += [edit_rows(edit, target, options.selection, r, guidance, test)
                            for r in options.recovery_ratios]
