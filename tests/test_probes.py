@@ -136,7 +136,7 @@ def test_probe_blocks_are_judged_beside_their_ceiling_and_resume(small_run, tmp_
     from cad_ray.stages.report import build_report, probe_table
 
     table = probe_table(summary[summary["target"] == "seven"])  # what the report shows: edit x probe setting
-    assert list(table.iloc[:, 0]) == ["cad-erase 0.05", "never-learned", "none"]
+    assert list(table.iloc[:, 0]) == ["none", "never-learned", "cad-erase 0.05"]
     assert table.set_index(table.columns[0]).loc["none", "completion 0/empty"] == \
         round(100 * unedited[("completion", "0/empty")])
     assert "Is it gone? Completeness probes" in build_report(root) and "never-learned" in build_report(root)

@@ -82,7 +82,8 @@ def build_report(root: str) -> str:
                             "grids": _image_grids(images, evaluation, t)} for t in targets]}
     probes = _optional(run, store, "probe_summary")
     if probes is not None:
-        page["probes"] = {"tables": [{"name": t, "table": _table(probe_table(g))}
+        images = store.table("probes")
+        page["probes"] = {"tables": [{"name": t, "table": _table(probe_table(g)), "grids": _probe_grids(images, t)}
                                      for t, g in probes.groupby("target", sort=True)],
                           "verdicts": _table(store.table("probe_verdicts").round(3))
                           if run.exists("probe_verdicts") else None}
@@ -97,7 +98,31 @@ def probe_table(summary: pd.DataFrame) -> pd.DataFrame:
     columns = summary["probe"] + " " + summary["setting"]
     rows = summary["edit"] + summary["ratio"].map(lambda r: f" {r:g}" if r else "")
     table = summary.assign(column=columns, row=rows).pivot_table(index="row", columns="column", values="recovery")
+    table.columns.name = None
+    first = [r for r in ("none", "never-learned") if r in table.index]  # the ceiling and the level, then the edits
+    table = table.loc[first + [r for r in table.index if r not in first]]
     return (table * 100).round(0).reset_index().rename(columns={"row": "edit (% of images that show the target)"})
+
+
+def _probe_grids(images: pd.DataFrame, target: str, per_row: int = 8) -> list[dict]:
+    """For the learned word and each completion setting: a row of images per edit setting (the first seeds),
+    so that a verdict can be checked by eye; the caption names the rows in order."""
+    rows = images[images["target"] == target]
+    out = []
+    for (probe, setting), group in rows[rows["setting"] != "untrained"].groupby(["probe", "setting"], sort=True):
+        pngs, names = [], []
+        order = sorted(group.groupby(["edit", "ratio"]).groups, key=lambda k: (k[0] not in ("none", "never-learned"),
+                                                                               k[0] != "none", k))
+        for edit, ratio in order:
+            own = group[(group["edit"] == edit) & (group["ratio"] == ratio)]
+            first = own.sort_values("seed").head(per_row)
+            if len(first) == per_row:
+                pngs += list(first["image_png"])
+                names.append(edit + (f" {ratio:g}" if ratio else ""))
+        if pngs:
+            out.append({"img": _img(_grid_png(pngs, per_row), f"{probe} {setting} {target}"),
+                        "caption": f"{probe} {setting}; rows, top to bottom: {', '.join(names)}"})
+    return out
 
 
 def _image_grids(images: pd.DataFrame, summary: pd.DataFrame, target: str, per_prompt: int = 6) -> list[dict]:
