@@ -90,14 +90,24 @@ def learned_word(model, token_id: int, vector: torch.Tensor):
         handle.remove()
 
 
+def cycled(prompts: list[str], n: int) -> list[str]:
+    """n prompts, the given ones in turn: image k is drawn from prompts[k % len(prompts)], so that another
+    concept's prompts at the same index word the same thing otherwise (a colour's "a red seven", "a blue seven")."""
+    return [prompts[k % len(prompts)] for k in range(n)]
+
+
+def concept_word(name: str) -> str:
+    """The word an attack learns for a concept: its name as a prompt writes it (the first word)."""
+    return name.replace("_", " ").split()[0]
+
+
 def concept_images(model, prompts: list[str], n: int, seed: int, steps: int | None = None) -> torch.Tensor:
     """n final latents of the concept drawn by `model` (the unedited one), its prompts in turn: what the attacks
     learn from and what completion starts from."""
-    chosen = [prompts[k % len(prompts)] for k in range(n)]
-    return model.sample(chosen, seed=derive_seed(seed, "probe-images"), steps=steps).latents[-1]
+    return model.sample(cycled(prompts, n), seed=derive_seed(seed, "probe-images"), steps=steps).latents[-1]
 
 
-def _noised(model, x0: torch.Tensor, generator: torch.Generator):
+def noised_batch(model, x0: torch.Tensor, generator: torch.Generator):
     """A denoising-loss batch: x0 noised at uniform training timesteps, and what the model should output."""
     alphas_all = model.scheduler.alphas_cumprod.to(x0.device)
     t = torch.randint(0, len(alphas_all), (len(x0),), generator=generator).to(x0.device)
@@ -117,7 +127,7 @@ def _fit(model, x0: torch.Tensor, conditioning, parameter: torch.Tensor, setting
     batch = min(settings.batch, len(x0))
     for _ in range(settings.steps):
         rows = torch.randperm(len(x0), generator=generator)[:batch]
-        x_t, t, target = _noised(model, x0[rows], generator)
+        x_t, t, target = noised_batch(model, x0[rows], generator)
         out = model.predict_noise(x_t, t, conditioning(parameter, len(rows)))
         loss = (out.float() - target.float()).pow(2).mean()
         optimizer.zero_grad()
@@ -160,16 +170,15 @@ class TextualInversion:
         prompts = self.prompts
 
         def conditioning(vector, n):
-            chosen = [prompts[k % len(prompts)] for k in range(n)]
             with learned_word(model, self.token_id, vector):
-                return model.encode(chosen)
+                return model.encode(cycled(prompts, n))
 
         with torch.enable_grad():
             return _fit(model, x0, conditioning, self.initial(model), self.settings, seed, self._project)
 
     def asked(self, n: int) -> list[str]:
         """The prompts of n sampled images: the concept's wordings in turn, its word reading the vector."""
-        return [self.prompts[k % len(self.prompts)] for k in range(n)]
+        return cycled(self.prompts, n)
 
     @torch.no_grad()
     def sample(self, model, vector: torch.Tensor, n: int, seed: int, steps: int | None = None,

@@ -32,7 +32,8 @@ import torch
 
 from cad_ray.errors import CadRayError
 from cad_ray.method.objectives import denoising_target
-from cad_ray.method.probes import ProbeSettings, TextualInversion, _noised, concept_images, learned_word
+from cad_ray.method.probes import (ProbeSettings, TextualInversion, concept_images, cycled, learned_word,
+                                   noised_batch)
 from cad_ray.method.scopes import select_parameters
 from cad_ray.seeds import derive_seed, torch_generator
 
@@ -52,12 +53,6 @@ class UnlearningSettings:
     images_from: float = 0.1  # `images`: from this share of the training timesteps up, below it `esd`'s target
     attack: ProbeSettings = ProbeSettings(steps=100)
     sampling_steps: int | None = None  # of the images made for the steps (default: the model's)
-
-
-def _aligned(prompts: list[str], n: int) -> list[str]:
-    """Image k was drawn from prompts[k % len]: other concepts' prompts at the same index word the same thing
-    otherwise (a colour's "a red seven" beside "a blue seven")."""
-    return [prompts[k % len(prompts)] for k in range(n)]
 
 
 def adversarial_finetune(model, concept, word: str, others: dict[str, list[str]], scope: str,
@@ -109,17 +104,17 @@ def adversarial_finetune(model, concept, word: str, others: dict[str, list[str]]
                 p.requires_grad_(True)
             for step in range(settings.steps):
                 rows = torch.randperm(len(x0), generator=generator)[:settings.batch]
-                x_t, t, _ = _noised(model, x0[rows], generator)
+                x_t, t, _ = noised_batch(model, x0[rows], generator)
                 asked = [prompts[int(r) % len(prompts)] for r in rows]
                 name = names[step % len(names)]  # one other concept a step, in turn
                 images = kept[name]
-                y_t, s, _ = _noised(model, images, generator)
+                y_t, s, _ = noised_batch(model, images, generator)
                 with torch.no_grad():
                     conditions = [model.encode(asked), empty.expand(len(rows), *empty.shape[1:])]
                     if vector is not None:
                         with learned_word(model, attack.token_id, vector):
                             conditions.append(model.encode(asked))
-                    keep = [model.encode(_aligned(others[name], len(images))),
+                    keep = [model.encode(cycled(others[name], len(images))),
                             empty.expand(len(images), *empty.shape[1:])]
                     # every target before any forward pass that backward needs: swapping the weights in place
                     # after one would change what it saved

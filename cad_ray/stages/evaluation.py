@@ -303,7 +303,7 @@ class EditWorker:
         """Adversarial unlearning of `concept` on the masked components; the other concepts of its kind kept
         (every other concept where it has no kind)."""
         from cad_ray.method.editing import contrast_concepts
-        from cad_ray.method.probes import ProbeSettings
+        from cad_ray.method.probes import ProbeSettings, concept_word
         from cad_ray.method.unlearning import UnlearningSettings, adversarial_finetune
 
         u = self.options.finetune.unlearning
@@ -315,7 +315,7 @@ class EditWorker:
                                       retain_images=u.retain_images, eta=u.eta, target=u.target,
                                       images_from=u.images_from,
                                       attack=ProbeSettings(steps=u.attack_steps), sampling_steps=self.options.steps)
-        return adversarial_finetune(self.model, concept, concept.name.replace("_", " ").split()[0], others,
+        return adversarial_finetune(self.model, concept, concept_word(concept.name), others,
                                     self.config.scope, masks, settings, self.config.seed)
 
     def make_edit(self, work: tuple[str, str]) -> dict:

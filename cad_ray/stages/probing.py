@@ -24,7 +24,8 @@ import pandas as pd
 from cad_ray.config import AttributionConfig
 from cad_ray.errors import CadRayError
 from cad_ray.method.concepts import build_concept
-from cad_ray.method.probes import ProbeSettings, SoftPrompt, TextualInversion, complete, concept_images
+from cad_ray.method.probes import (ProbeSettings, SoftPrompt, TextualInversion, complete, concept_images,
+                                   concept_word, cycled)
 from cad_ray.models import load_model
 from cad_ray.seeds import derive_seed
 from cad_ray.stages.evaluation import RECOVERY, ImageJudge, target_kind
@@ -101,11 +102,11 @@ class ProbeWorker(ImageJudge):
         with applied:
             if name == "completion":
                 for strength in self.options.probe.strengths:
-                    for wording, asked in (("own", [prompts[k % len(prompts)] for k in range(n)]), ("empty", [""] * n)):
+                    for wording, asked in (("own", cycled(prompts, n)), ("empty", [""] * n)):
                         images = complete(model, start, asked, strength, seed, steps=steps, guidance=guidance).images
                         results.append((f"{strength:g}/{wording}", asked, images))
             else:
-                attack = TextualInversion(model, _word(target), prompts, probe_settings(self.options)) \
+                attack = TextualInversion(model, concept_word(target), prompts, probe_settings(self.options)) \
                     if name == "inversion" else SoftPrompt(probe_settings(self.options))
                 learned = attack.fit(model, learn, seed=seed)
                 floor = attack.initial(model)
@@ -120,11 +121,6 @@ class ProbeWorker(ImageJudge):
             shown = rows["predicted_colour"] == target if target_kind(target) == "colour" else rows["correct"]
             frames.append(rows.assign(setting=setting, recovered=shown.astype(bool)))
         return pd.concat(frames, ignore_index=True).assign(**unit)
-
-
-def _word(target: str) -> str:
-    """The word the inversion probe learns: the concept's name as a prompt writes it."""
-    return target.replace("_", " ").split()[0]
 
 
 def probe_meta(config: AttributionConfig, store: ScoreStore) -> dict:
