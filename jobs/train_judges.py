@@ -4,7 +4,9 @@
 
 The digit judge trains on 80% of scikit-learn's real digits (cad_ray.digits.split_indices) with light
 noise/contrast augmentation and is scored on the other 20%; the colour judge trains on the same real digits
-rendered in every colour. Neither ever sees a generated image.
+rendered in every colour. Neither ever sees a generated image. The reject (is an image a digit at all:
+cad_ray.digits.judges.DigitReject) is fitted on the same training digits; the summary gives the share of held-out
+digits it rejects and the share of uniform-noise images it keeps.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     from pathlib import Path
 
     from cad_ray.digits import COLOUR_NAMES, real_digits, render, split_indices
-    from cad_ray.digits.judges import JUDGES_DIR, ColourNet, DigitNet, DigitsJudges
+    from cad_ray.digits.judges import JUDGES_DIR, ColourNet, DigitNet, DigitReject, DigitsJudges
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
@@ -59,14 +61,20 @@ def main(argv: list[str] | None = None) -> None:
         loss.backward()
         opt.step()
 
-    judges = DigitsJudges(digit, colour)
+    judges = DigitsJudges(digit, colour, DigitReject.fit(images[train]))
     held_digit = float((judges.digits(render(images[held_out], "white")) == labels[held_out]).mean())
     colour_acc = {c: float((judges.colours(render(images[held_out], c)) == i).mean())
                   for i, c in enumerate(COLOUR_NAMES)}
+    held_rendered = np.concatenate([render(images[held_out], c) for c in COLOUR_NAMES])
+    noise = np.random.default_rng(args.seed).random((2000, *held_rendered.shape[1:]), dtype=np.float32)
+    reject = {"threshold": round(judges.reject.threshold, 4), "ink_floor": judges.reject.ink_floor,
+              "held_out_digits_rejected": round(float(1 - judges.is_digit(held_rendered).mean()), 4),
+              "uniform_noise_kept": round(float(judges.is_digit(noise).mean()), 4)}
     out = Path(args.out) if args.out else JUDGES_DIR
     judges.save(out)
     summary = {"seed": args.seed, "train_digits": len(train), "held_out_digits": len(held_out),
                "digit_accuracy_held_out": round(held_digit, 4), "colour_accuracy_held_out": colour_acc,
+               "reject": reject,
                "wall_seconds": round(time.time() - start, 1)}
     (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary, indent=1))

@@ -3,6 +3,12 @@
 Both are trained only on the real scikit-learn digits (jobs/train_judges.py), never on generated images, and
 share nothing with the generator. The digit judge sees ink intensity (max over channels), so its verdict does
 not depend on colour; its penultimate layer gives the features for the Frechet distance.
+
+The digit judge alone names one of ten digits for any image, noise included. `DigitReject` says whether an image
+is a digit at all: its ink, scaled to its brightest pixel (so a dimmed digit is still a digit), must lie near the
+principal subspace of the real digits (reconstruction distance at most the 99.9th percentile of the real training
+digits'), and it must have some ink. `digits(images, reject=True)` gives NO_DIGIT (-1) for the rest, and
+`digit_words` the word "none".
 """
 
 from __future__ import annotations
@@ -20,6 +26,11 @@ from cad_ray.digits import COLOUR_NAMES, IMAGE_SIZE
 from cad_ray.errors import CadRayError
 
 JUDGES_DIR = Path(__file__).resolve().parent.parent / "assets" / "judges"
+NO_DIGIT = -1  # `digits(images, reject=True)` for an image that is no digit (noise, a blank or uniform image)
+NO_DIGIT_WORD = "none"  # its word (`digit_words`)
+REJECT_COMPONENTS = 12  # principal components of the real digits' normalised ink that a digit lies near
+REJECT_QUANTILE = 0.999  # the threshold: this quantile of the real training digits' distances
+INK_FLOOR = 0.1  # an image whose brightest pixel is below this has no ink: no digit
 
 
 class DigitNet(nn.Module):
@@ -55,19 +66,91 @@ def intensity(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return images.max(dim=-1).values
 
 
-class DigitsJudges:
-    """Verdicts on (N, 8, 8, 3) images in [0, 1]: which digit, which colour, and judge features."""
+def normalised_ink(images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 64) ink scaled so each image's brightest pixel is 1, and (N,) each image's brightest pixel."""
+    ink = intensity(images).numpy().reshape(len(images), -1).astype(np.float64)
+    peak = ink.max(axis=1)
+    return ink / np.maximum(peak, 1e-6)[:, None], peak
 
-    def __init__(self, digit_net: DigitNet, colour_net: ColourNet):
+
+class DigitReject:
+    """Whether an image is a digit at all: its normalised ink's distance to the real digits' principal subspace
+    (`REJECT_COMPONENTS` components) is at most `threshold`, and its brightest pixel is at least `ink_floor`.
+    Fitted on real digits only (`fit`), like the judges."""
+
+    def __init__(self, mean: np.ndarray, basis: np.ndarray, threshold: float, ink_floor: float = INK_FLOOR):
+        self.mean, self.basis = np.asarray(mean, np.float64), np.asarray(basis, np.float64)
+        self.threshold, self.ink_floor = float(threshold), float(ink_floor)
+
+    @classmethod
+    def fit(cls, intensities: np.ndarray, components: int = REJECT_COMPONENTS,
+            quantile: float = REJECT_QUANTILE) -> "DigitReject":
+        """From real digits' (N, 8, 8) intensities in [0, 1]."""
+        ink, _ = normalised_ink(np.asarray(intensities, np.float32)[..., None])
+        mean = ink.mean(axis=0)
+        _, _, vt = np.linalg.svd(ink - mean, full_matrices=False)
+        reject = cls(mean, vt[:components], np.inf)
+        reject.threshold = float(np.quantile(reject.distance(intensities[..., None]), quantile))
+        return reject
+
+    def distance(self, images: np.ndarray) -> np.ndarray:
+        """(N,) distance of each image's normalised ink to the real digits' principal subspace."""
+        ink, _ = normalised_ink(images)
+        centred = ink - self.mean
+        residual = centred - (centred @ self.basis.T) @ self.basis
+        return np.sqrt((residual ** 2).sum(axis=1))
+
+    def is_digit(self, images: np.ndarray) -> np.ndarray:
+        _, peak = normalised_ink(images)
+        return (peak >= self.ink_floor) & (self.distance(images) <= self.threshold)
+
+    def tensors(self) -> dict:
+        return {"mean": torch.from_numpy(self.mean), "basis": torch.from_numpy(np.ascontiguousarray(self.basis)),
+                "threshold": torch.tensor([self.threshold], dtype=torch.float64),
+                "ink_floor": torch.tensor([self.ink_floor], dtype=torch.float64)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict) -> "DigitReject":
+        return cls(tensors["mean"].numpy(), tensors["basis"].numpy(), float(tensors["threshold"][0]),
+                   float(tensors["ink_floor"][0]))
+
+
+def real_digits_reject() -> DigitReject:
+    """The reject fitted on the real training digits (the judges' own split), for a judges folder without one."""
+    from cad_ray.digits import real_digits, split_indices
+
+    images, labels = real_digits()
+    train, _ = split_indices(len(labels))
+    return DigitReject.fit(images[train])
+
+
+class DigitsJudges:
+    """Verdicts on (N, 8, 8, 3) images in [0, 1]: which digit (or none), which colour, and judge features."""
+
+    def __init__(self, digit_net: DigitNet, colour_net: ColourNet, reject: DigitReject | None = None):
         self.digit_net = digit_net.eval()
         self.colour_net = colour_net.eval()
+        self.reject = reject if reject is not None else real_digits_reject()
 
     @torch.no_grad()
     def digit_probabilities(self, images: np.ndarray) -> np.ndarray:
         return torch.softmax(self.digit_net(intensity(images)), dim=-1).numpy()
 
-    def digits(self, images: np.ndarray) -> np.ndarray:
-        return self.digit_probabilities(images).argmax(axis=1)
+    def digits(self, images: np.ndarray, reject: bool = False) -> np.ndarray:
+        """The digit (0-9) each image shows; with `reject`, NO_DIGIT (-1) for an image that is no digit (noise,
+        a blank or uniform image: `is_digit`). Without it, the classifier's top class for any image."""
+        digits = self.digit_probabilities(images).argmax(axis=1)
+        return np.where(self.is_digit(images), digits, NO_DIGIT) if reject else digits
+
+    def is_digit(self, images: np.ndarray) -> np.ndarray:
+        """(N,) bool: whether each image is a digit at all (`DigitReject`)."""
+        return self.reject.is_digit(images)
+
+    def digit_words(self, images: np.ndarray) -> list[str]:
+        """Each image's digit as a word ("seven"), or NO_DIGIT_WORD ("none") for an image that is no digit."""
+        from cad_ray.digits import DIGIT_WORDS
+
+        return [NO_DIGIT_WORD if d == NO_DIGIT else DIGIT_WORDS[d] for d in self.digits(images, reject=True)]
 
     @torch.no_grad()
     def colours(self, images: np.ndarray) -> np.ndarray:
@@ -84,6 +167,7 @@ class DigitsJudges:
         folder.mkdir(parents=True, exist_ok=True)
         save_file(self.digit_net.state_dict(), str(folder / "digit.safetensors"))
         save_file(self.colour_net.state_dict(), str(folder / "colour.safetensors"))
+        save_file(self.reject.tensors(), str(folder / "reject.safetensors"))
 
     @classmethod
     def load(cls, folder: Path = JUDGES_DIR) -> "DigitsJudges":
@@ -93,9 +177,12 @@ class DigitsJudges:
             digit, colour = DigitNet(), ColourNet()
             digit.load_state_dict(load_file(str(folder / "digit.safetensors")))
             colour.load_state_dict(load_file(str(folder / "colour.safetensors")))
+            # a folder written before the reject existed: fit it on the real digits, as jobs/train_judges.py does
+            reject_file = folder / "reject.safetensors"
+            reject = DigitReject.from_tensors(load_file(str(reject_file))) if reject_file.is_file() else None
         except Exception as e:
             raise CadRayError(f"cannot load the digits judges from {folder}: {e}") from None
-        return cls(digit, colour)
+        return cls(digit, colour, reject)
 
 
 @lru_cache(maxsize=1)
