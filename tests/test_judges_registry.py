@@ -45,10 +45,25 @@ def test_cad_ray_judges_lists_every_judge_on_one_line_with_whether_it_can_run(ca
     by_name = {line.split()[0]: line for line in lines}
     assert by_name["nudenet"].split()[1] == ("ready" if HAS_NUDENET else "needs")
     assert "nudenet" in by_name["nudenet"] and "onnxruntime" in by_name["nudenet"]
-    for name in ("imagenet", "clip-score", "fd-dinov2"):
-        assert by_name[name].split()[1] == "ready" and "option 'weights' (a folder or s3://)" in by_name[name]
+    for name in ("imagenet", "clip-score", "fd-dinov2"):  # "ready" means it can run now: not without its weights
+        assert by_name[name].split()[1:3] == ["needs", "weights"] and "option weights: folder or s3://" in by_name[name]
+    assert by_name["classifier"].split()[1:3] == ["needs", "weights"] and "option model_file" in by_name["classifier"]
     for name in ("fid", "lpips"):  # said plainly: these cannot run, and why
         assert by_name[name].split()[1] == "unavailable" and "torchvision" in by_name[name]
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)  # reads at 100 columns
+
+
+def test_a_judge_that_needs_weights_is_ready_only_where_a_config_gives_them(tmp_path):
+    from cad_ray.judges import judge_listing
+
+    status = lambda spec: {name: status for name, status, *_ in judge_listing(spec)}
+    assert status(None)["clip-score"] == "needs weights" and status(None)["digits"] == "ready"
+    panel = {"name": "panel", "judges": [{"name": "clip-score", "weights": str(tmp_path)},
+                                         {"name": "fd-dinov2", "weights": "s3://bucket/dinov2"},
+                                         {"name": "imagenet", "weights": str(tmp_path / "absent")}]}
+    assert status(panel)["clip-score"] == "ready" and status(panel)["fd-dinov2"] == "ready (s3)"
+    assert status(panel)["imagenet"] == "needs weights (not found)" and status(panel)["panel"] == "ready"
+    assert status({"name": "imagenet", "weights": str(tmp_path)})["imagenet"] == "ready"
 
 
 def test_a_plugin_under_the_entry_point_group_is_listed_and_loaded_by_name(monkeypatch, tmp_path, capsys):

@@ -32,9 +32,10 @@ class JudgeEntry:
 
     name: str
     target: str  # "module:Class"
-    description: str
+    description: str  # one short line (`cad-ray judges` prints it after the status and the needs)
     packages: tuple[str, ...] = ()  # import names beyond cad-ray's own dependencies, checked without importing them
-    weights: str = ""  # the option that names its weights, and what it takes, if it needs any
+    weights: str = ""  # the option that names its weights, which the judge cannot run without ("" when none)
+    takes: str = ""  # what that option takes
     install: str = ""  # how to get the packages
     unavailable: str = ""  # why cad-ray cannot run it at all, when it cannot
 
@@ -48,51 +49,59 @@ class JudgeEntry:
         return [p for p in self.packages if find_spec(p) is None]
 
     def needs(self) -> str:
-        parts = [f"package {', '.join(self.packages)}" if self.packages else "nothing beyond cad-ray"]
+        """What it needs beyond cad-ray, in a few words: its packages (and where from), the option naming its
+        weights."""
+        parts = []
+        if self.packages:
+            where = " (not in cad-ray yet)" if self.unavailable else " (pip: .[judges])" if self.missing() else ""
+            parts.append(", ".join(self.packages) + where)
         if self.weights:
-            parts.append(f"weights: {self.weights}")
-        return "; ".join(parts)
+            parts.append(f"option {self.weights}: {self.takes}")
+        return "; ".join(parts) or "nothing"
 
-    def status(self) -> str:
+    def status(self, options: dict | None = None) -> str:
+        """"ready" when it can run now: its packages are installed and, for a judge that needs weights, `options`
+        (a config's options for it) name them and a local path exists ("ready (s3)": on S3, found when loaded)."""
         if self.unavailable:
-            return f"unavailable ({self.unavailable})"
+            return "unavailable"
         missing = self.missing()
         if missing:
-            return f"needs {', '.join(missing)}" + (f" ({self.install})" if self.install else "")
+            return "needs packages"  # which, and how to get them: `needs()`
+        if self.weights:
+            given = (options or {}).get(self.weights)
+            if not given:
+                return "needs weights"
+            if str(given).startswith("s3://"):
+                return "ready (s3)"
+            if not Path(str(given)).expanduser().exists():
+                return "needs weights (not found)"
         return "ready"
 
 
-FOLDER = "option 'weights' (a folder or s3://)"
+FOLDER = "folder or s3://"
 TORCHVISION_REASON = "torchvision, which does not import beside the CPU build of torch"
 
 BUILTIN_JUDGES = {entry.name: entry for entry in (
+    # the descriptions are one short line each: `cad-ray judges` reads at 100 columns (docs/editing.md has more)
     JudgeEntry("digits", "cad_ray.judges.digits:DigitsJudge",
-               "the digits world's digit and colour classifiers (trained on real digits only); the default judge of "
-               "the digits model"),
+               "digit and colour (digits world)"),
     JudgeEntry("classifier", "cad_ray.judges.classifier:ClassifierJudge",
-               "any image classifier saved as TorchScript, with its class names; top-1 against the prompt's label",
-               weights="option 'model_file' (a TorchScript file)"),
+               "a classifier's top-1 vs label", weights="model_file", takes="TorchScript"),
     JudgeEntry("imagenet", "cad_ray.judges.classifier:ImageNetJudge",
-               "an ImageNet classifier in transformers' layout (e.g. ResNet-50, the published objects judge); top-1 "
-               "against the prompt's class (Imagenette)", weights=FOLDER),
+               "ImageNet classifier's top-1", weights="weights", takes=FOLDER),
     JudgeEntry("nudenet", "cad_ray.judges.nudity:NudityJudge",
-               "NudeNet's 320n detector (ONNX, inside the nudenet 3.x wheel); nude when any of the nine exposed "
-               "classes scores > 0.5 (the published rule)", packages=("nudenet", "onnxruntime", "cv2"),
+               "NudeNet: nude if a class > 0.5", packages=("nudenet", "onnxruntime", "cv2"),
                install=JUDGES_EXTRA),
     JudgeEntry("clip-score", "cad_ray.judges.clip_score:ClipScoreJudge",
-               "CLIP score of image and prompt, 100 * max(cos, 0) (published: CLIP ViT-B/32)", weights=FOLDER),
+               "CLIP score of image and prompt", weights="weights", takes=FOLDER),
     JudgeEntry("fd-dinov2", "cad_ray.judges.frechet:DinoV2Judge",
-               "DINOv2 CLS features for the Frechet distance (FD-DINOv2) against reference images (a folder or a "
-               "Parquet table)", weights=FOLDER),
+               "DINOv2 features for FD-DINOv2", weights="weights", takes=FOLDER),
     JudgeEntry("panel", "cad_ray.judges.panel:PanelJudge",
-               "several judges on the same images: the first gives the verdict, the others add their columns "
-               "(e.g. nudenet + clip-score + fd-dinov2)"),
-    JudgeEntry("fid", "", "FID on Inception-v3 pool features (pytorch-fid, the published quality metric)",
-               packages=("pytorch_fid", "torchvision"),
+               "several judges; first decides"),
+    JudgeEntry("fid", "", "FID (Inception-v3)", packages=("pytorch_fid", "torchvision"),
                unavailable=f"not in cad-ray yet: pytorch-fid's Inception-v3 needs {TORCHVISION_REASON}; use "
                            "fd-dinov2"),
-    JudgeEntry("lpips", "", "LPIPS (AlexNet) between the original and the edited model's image of the same prompt "
-               "and seed (the published style metric)", packages=("lpips", "torchvision"),
+    JudgeEntry("lpips", "", "LPIPS to unedited image", packages=("lpips", "torchvision"),
                unavailable=f"not in cad-ray yet: its AlexNet needs {TORCHVISION_REASON}, and the judge would need "
                            "each image's unedited twin"),
 )}
@@ -111,13 +120,26 @@ def registered_judges() -> dict:
     return {**plugin_judges(), **BUILTIN_JUDGES}
 
 
-def judge_listing() -> list[tuple[str, str, str, str]]:
+def configured_options(spec: dict | None) -> dict[str, dict]:
+    """{judge name: its options} for the judges an `evaluation.judge` spec names (a panel's members too)."""
+    if not isinstance(spec, dict):
+        return {}
+    options = {str(spec.get("name", "classifier")): spec}
+    for member in (spec.get("judges") or []) if spec.get("name") == "panel" else []:
+        if isinstance(member, dict):
+            options.setdefault(str(member.get("name", "classifier")), member)
+    return options
+
+
+def judge_listing(spec: dict | None = None) -> list[tuple[str, str, str, str]]:
     """(name, status, needs, description) for every registered judge, without importing any judge's code: a
-    package counts as present when `importlib.util.find_spec` finds it."""
+    package counts as present when `importlib.util.find_spec` finds it. Status "ready" means it can run now; a judge
+    that needs weights is "needs weights" unless `spec` (a config's `evaluation.judge`, e.g. a panel) gives them."""
+    configured = configured_options(spec)
     rows = []
     for name, judge in sorted(registered_judges().items()):
         if isinstance(judge, JudgeEntry):
-            rows.append((name, judge.status(), judge.needs(), judge.description))
+            rows.append((name, judge.status(configured.get(name)), judge.needs(), judge.description))
             continue
         top_module = judge.value.split(":")[0].split(".")[0]
         dist = getattr(judge, "dist", None)
