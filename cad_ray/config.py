@@ -223,6 +223,10 @@ class ProbeOptions(Strict):
     strengths: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75],
                                    description="completion: the shares of the sampling steps re-run from the "
                                                "noised image (0: the image itself, 1: pure noise)")
+    guidance_scales: list[float] = Field(default_factory=lambda: [0.1, 0.4],
+                                         description="guidance: how hard the judge's gradient steers each step "
+                                                     "(0: plain sampling); the judge that steers also judges, "
+                                                     "so read it beside the never-learned level")
     references: dict[str, str] = Field(default_factory=dict,
                                        description="target -> folder of a model trained without it (jobs/"
                                                    "train_digits.py --exclude): the never-learned level")
@@ -235,6 +239,15 @@ class ProbeOptions(Strict):
         bad = [s for s in v if not 0 <= s <= 1]
         if bad:
             raise ValueError(f"a completion strength is a share of the sampling steps from 0 to 1, got {bad[0]}")
+        return sorted(set(v))
+
+    @field_validator("guidance_scales")
+    @classmethod
+    def _scales(cls, v):
+        bad = [s for s in v if not s > 0]
+        if bad or not v:
+            raise ValueError(f"a guidance scale is a number > 0 (scale 0 is the plain sampling every edit is "
+                             f"judged by already), got {bad[0] if bad else 'none'}")
         return sorted(set(v))
 
 
@@ -347,7 +360,7 @@ class EvaluationOptions(Strict):
                                "digits judges for the digits model (see docs/editing.md)")
     finetune: FinetuneOptions = Field(default_factory=FinetuneOptions)
     uce: UceOptions = Field(default_factory=UceOptions)
-    probes: list[Literal["inversion", "completion", "soft-prompt"]] = Field(
+    probes: list[Literal["inversion", "completion", "soft-prompt", "guidance"]] = Field(
         default_factory=list, description="completeness probes of every erasing edit (docs/editing.md): is the "
                                           "concept gone from the model, or only from its words")
     probe: ProbeOptions = Field(default_factory=ProbeOptions)

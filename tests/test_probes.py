@@ -12,6 +12,7 @@ from cad_ray.errors import CadRayError
 from cad_ray.method.editing import Selection, edited, selection_masks
 from cad_ray.method.probes import ProbeSettings, TextualInversion, complete, concept_images, word_id
 from cad_ray.method.scopes import never_selected, special_token_ids
+from cad_ray.seeds import derive_seed
 
 NEVER_THREE = Path(__file__).parent / "fixtures" / "never-three"  # jobs/train_digits.py --exclude three
 STEPS = 10  # DDPM steps of the probes' images: enough for the judge to read a digit
@@ -90,9 +91,37 @@ def test_special_tokens_are_never_selected(digits_model):
 
 PROBE_EVALUATION = {"targets": ["seven"], "edits": ["cad-erase"], "ratios": [0.05], "images_per_prompt": 1,
                     "prompt_panel": "canonical", "selection": "ff/global/none", "steps": 6, "batch_size": 16,
-                    "probes": ["inversion", "completion"],
-                    "probe": {"steps": 5, "images": 8, "samples": 4, "strengths": [0.0, 0.5],
+                    "probes": ["inversion", "completion", "guidance"],
+                    "probe": {"steps": 5, "images": 8, "samples": 4, "strengths": [0.0, 0.5], "guidance_scales": [0.4],
                               "references": {"seven": str(NEVER_THREE)}}}
+
+
+def test_guidance_steers_toward_the_target_and_is_plain_sampling_at_scale_zero(digits_model):
+    """Classifier guidance by the digits judge: scale 0 is the model's own sampling, image for image; from the
+    empty prompt (which draws few threes) guidance toward three draws mostly threes on the unedited model."""
+    from cad_ray.judges.digits import DigitsJudge
+    from cad_ray.method.probes import ClassifierGuidance
+
+    judge = DigitsJudge()
+    plain = digits_model.sample([""] * 32, seed=derive_seed(1, "probe-sample"), steps=STEPS).images
+    unguided = ClassifierGuidance(judge.log_probability, "three", 0.0).sample(digits_model, [""], 32, 1, STEPS)
+    np.testing.assert_array_equal(unguided.images, plain)
+    guided = ClassifierGuidance(judge.log_probability, "three", 0.4).sample(digits_model, [""], 32, 1, STEPS)
+    assert share_of_threes(plain) <= 0.25 and share_of_threes(guided.images) >= 0.5
+    with pytest.raises(CadRayError, match="scale"):
+        ClassifierGuidance(judge.log_probability, "three", float("nan"))
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_guidance_reads_every_prediction_type_as_noise_and_back(kind):
+    from cad_ray.method.probes import _epsilon, _output
+
+    x, out, alpha = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor(0.3)
+    torch.testing.assert_close(_output(kind, _epsilon(kind, out, x, alpha), x, alpha), out)
+    if kind == "v_prediction":  # x = sqrt(a) x0 + sqrt(1-a) eps and v = sqrt(a) eps - sqrt(1-a) x0
+        x0, eps = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+        x = alpha.sqrt() * x0 + (1 - alpha).sqrt() * eps
+        torch.testing.assert_close(_epsilon(kind, alpha.sqrt() * eps - (1 - alpha).sqrt() * x0, x, alpha), eps)
 
 
 def test_probe_blocks_are_judged_beside_their_ceiling_and_resume(small_run, tmp_path):
@@ -110,18 +139,19 @@ def test_probe_blocks_are_judged_beside_their_ceiling_and_resume(small_run, tmp_
     shutil.copytree(small_run, root)
     config = small_config(evaluation=PROBE_EVALUATION)
     first = run_evaluation(config, root, local=True, progress=False)["probes"]
-    assert first["units"] == first["units_computed"] == 3 * 2  # cad-erase, none, never-learned; two probes
+    assert first["units"] == first["units_computed"] == 3 * 3  # cad-erase, none, never-learned; three probes
     summary = pd.read_parquet(Path(root) / "probe_summary")
     assert set(summary["edit"]) == {"cad-erase", "none", "never-learned"}
     assert set(summary[summary["probe"] == "completion"]["setting"]) == {"0/own", "0/empty", "0.5/own", "0.5/empty"}
     assert set(summary[summary["probe"] == "inversion"]["setting"]) == {"learned", "untrained"}
+    assert set(summary[summary["probe"] == "guidance"]["setting"]) == {"0.4/own", "0.4/empty"}
     erased = summary[summary["edit"] == "cad-erase"].set_index(["probe", "setting"])
     unedited = summary[summary["edit"] == "none"].set_index(["probe", "setting"])["recovery"]
     assert (erased["unedited"] == unedited.reindex(erased.index)).all()
     # strength 0 returns the unedited model's own sevens, whatever the edit
     assert erased.loc[("completion", "0/empty"), "recovery"] == unedited[("completion", "0/empty")]
     images = pd.read_parquet(Path(root) / "probes")
-    assert len(images) == 3 * (2 * 4 + 4 * 4)
+    assert len(images) == 3 * (2 * 4 + 4 * 4 + 2 * 4)
     verdicts = pd.read_parquet(Path(root) / "probe_verdicts")
     assert list(verdicts["edit"]) == ["cad-erase"]
 

@@ -13,6 +13,10 @@ Concept Erasure Methods", Pham et al., ICLR 2024; "When Are Concepts Erased From
 - `soft-prompt`: the whole conditioning sequence (the text encoder's output) learned the same way. It is not
   bounded to anything a word could give, so it can make a model that never saw the concept draw it; read it
   beside its floor.
+- `guidance` (classifier guidance, Dhariwal and Nichol, 2021): every sampling step is pushed up the gradient of
+  a differentiable judge's log-probability of the concept on the step's predicted clean image, with the
+  concept's prompt and with the empty prompt. The judge that steers also judges, so an image can be steered
+  into fooling it: read it beside its floor (the same guidance on a model that never learned the concept).
 
 Each probe returns images; the caller judges them with the same judges as every other image, and reads each
 probe's figure beside its floor (the same probe without the learned part, or on a model that never learned the
@@ -32,7 +36,7 @@ from cad_ray.method.objectives import denoising_target
 from cad_ray.method.scopes import special_token_ids
 from cad_ray.seeds import derive_seed, torch_generator
 
-PROBES = ("inversion", "completion", "soft-prompt")
+PROBES = ("inversion", "completion", "soft-prompt", "guidance")
 
 
 @dataclass(frozen=True)
@@ -232,3 +236,60 @@ def complete(model, x0: torch.Tensor, prompts: list[str], strength: float, seed:
     seed = derive_seed(seed, "probe-completion")
     start = model.noised_to_step(x0, steps, start_step, seed)
     return model.sample(list(prompts), seed=seed, steps=steps, start=start, start_step=start_step, guidance=guidance)
+
+
+def _epsilon(kind: str, out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The noise a model output of prediction type `kind` stands for at x (= sqrt(alpha) x0 + sqrt(1-alpha) eps)."""
+    if kind == "epsilon":
+        return out
+    if kind == "v_prediction":
+        return alpha.sqrt() * out + (1 - alpha).sqrt() * x
+    if kind == "sample":
+        return (x - alpha.sqrt() * out) / (1 - alpha).sqrt()
+    raise CadRayError(f"the guidance probe does not know the prediction type {kind!r}")
+
+
+def _output(kind: str, eps: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """`_epsilon`'s inverse: the model output of type `kind` that stands for the noise `eps` at x."""
+    if kind == "epsilon":
+        return eps
+    x0 = (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+    return x0 if kind == "sample" else alpha.sqrt() * eps - (1 - alpha).sqrt() * x0
+
+
+class ClassifierGuidance:
+    """The `guidance` probe: sampling steered toward `label` by a differentiable judge.
+
+    `log_probability(images, label)` takes (N, H, W, 3) images in [0, 1] (the model's `decode_tensor`) and
+    returns log p(label | image) per image, with gradients. At each step the noise the model predicts is moved
+    by `-scale * sqrt(1 - alpha) * grad log p(label | x0_hat(x_t))` (classifier guidance on the predicted clean
+    image; the UNet's own output is held fixed in the gradient, as universal guidance does, so a step costs one
+    judge backward and no UNet backward). Scale 0 is plain sampling: the probe's floor on the same model."""
+
+    def __init__(self, log_probability, label: str, scale: float):
+        if not np.isfinite(scale) or scale < 0:
+            raise CadRayError(f"a guidance probe's scale is a finite number >= 0, got {scale}")
+        self.log_probability, self.label, self.scale = log_probability, label, float(scale)
+
+    def guide(self, model):
+        kind, alphas = model.prediction_type, model.scheduler.alphas_cumprod
+
+        def guide(x_in: torch.Tensor, t, out: torch.Tensor) -> torch.Tensor:
+            alpha = alphas[int(round(float(t)))].to(x_in.device, torch.float32)
+            with torch.enable_grad():
+                x = x_in.detach().float().requires_grad_(True)
+                eps = _epsilon(kind, out.detach().float(), x, alpha)
+                x0 = (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+                log_p = self.log_probability(model.decode_tensor(x0.to(x_in.dtype)), self.label).sum()
+                (gradient,) = torch.autograd.grad(log_p, x)
+            x = x_in.float()
+            eps = _epsilon(kind, out.float(), x, alpha) - self.scale * (1 - alpha).sqrt() * gradient
+            return _output(kind, eps, x, alpha).to(out.dtype)
+
+        return guide
+
+    @torch.no_grad()
+    def sample(self, model, prompts: list[str], n: int, seed: int, steps: int | None = None,
+               guidance: float | None = None):
+        return model.sample(cycled(prompts, n), seed=derive_seed(seed, "probe-sample"), steps=steps,
+                            guidance=guidance, guide=self.guide(model) if self.scale else None)

@@ -99,6 +99,10 @@ class TextToImageModel:
         """Final latents -> images, (N, H, W, 3) float32 in [0, 1]."""
         raise NotImplementedError
 
+    def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
+        """`decode` as a tensor with gradients (classifier guidance differentiates a judge through it)."""
+        raise NotImplementedError
+
     def token_lengths(self, prompts: list[str]) -> list[int]:
         """Tokens of each prompt in its encoding, start and end tokens included (padding not)."""
         raise NotImplementedError
@@ -177,7 +181,7 @@ class TextToImageModel:
     def sample(self, prompts: list[str], seed: int = 0, guidance: float | None = None, steps: int | None = None,
                negative_prompt: str = "", ids: Sequence[int] | None = None, progress: bool = False,
                keep_unguided: bool = False, gradient_rows=None, start: torch.Tensor | None = None,
-               start_step: int = 0, conditioning: torch.Tensor | None = None) -> Trajectory:
+               start_step: int = 0, conditioning: torch.Tensor | None = None, guide=None) -> Trajectory:
         """Sample one image per prompt with classifier-free guidance, keeping every x_t on the way.
 
         Image k's starting noise, and the step noise of a stochastic sampler, come from (seed, ids[k])
@@ -194,7 +198,8 @@ class TextToImageModel:
         `start` and `start_step` (diffusion completion, as diffusers' img2img pipeline does): sampling begins at
         step `start_step` of the `steps` with `start` as its state, already noised to that step's timestep
         (`noised_to_step`); `start_step == steps` returns `start` as the final sample. `conditioning` (N, L, D)
-        replaces the prompts' encoding (a soft prompt); `prompts` then only label the images."""
+        replaces the prompts' encoding (a soft prompt); `prompts` then only label the images. `guide(x_in, t, out)`
+        returns the guided output in place of `out` (classifier guidance, `cad_ray.method.probes`)."""
         check_scheduler(self.scheduler)
         guidance = self.default_guidance if guidance is None else guidance
         steps = self.default_steps if steps is None else steps
@@ -233,6 +238,8 @@ class TextToImageModel:
                 out_u, out_c = self._step_with_gradients(x_in, t, uncond, cond, rows,
                                                          partial(gradient_rows.backward, k))
             guided = out_u + guidance * (out_c - out_u)
+            if guide is not None:
+                guided = guide(x_in, t, guided)
             if keep_unguided:
                 unguided.append(out_u)
             x = scheduler.step(guided, t, x, return_dict=False, **step_kwargs)[0]

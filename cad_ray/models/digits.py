@@ -87,8 +87,11 @@ class DigitsModel(TextToImageModel):
         return [int(n) for n in (self.tokenizer(prompts) != self.tokenizer.ids["<pad>"]).sum(axis=1)]
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        images = (latents.detach().float().clamp(-1, 1) + 1) / 2
-        return images.permute(0, 2, 3, 1).cpu().numpy()
+        return self.decode_tensor(latents.detach()).cpu().numpy()
+
+    def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
+        """`decode` with gradients: (N, H, W, 3) in [0, 1] (classifier guidance differentiates a judge through it)."""
+        return ((latents.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
 
     @staticmethod
     def to_latents(images: np.ndarray) -> torch.Tensor:

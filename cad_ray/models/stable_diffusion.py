@@ -38,10 +38,13 @@ class StableDiffusionModel(TextToImageModel):
         return [int(n) for n in mask.sum(dim=1)]
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
         with torch.no_grad():
-            images = self.vae.decode(latents, return_dict=False)[0]
-        return ((images.float() / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).cpu().numpy()
+            return self.decode_tensor(latents).cpu().numpy()
+
+    def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
+        """`decode` with gradients: (N, H, W, 3) in [0, 1] (classifier guidance differentiates a judge through it)."""
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
 
     def save_pretrained(self, folder: str | Path) -> None:
         folder = Path(folder)

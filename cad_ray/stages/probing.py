@@ -24,8 +24,8 @@ import pandas as pd
 from cad_ray.config import AttributionConfig
 from cad_ray.errors import CadRayError
 from cad_ray.method.concepts import build_concept
-from cad_ray.method.probes import (ProbeSettings, SoftPrompt, TextualInversion, complete, concept_images,
-                                   concept_word, cycled)
+from cad_ray.method.probes import (ClassifierGuidance, ProbeSettings, SoftPrompt, TextualInversion, complete,
+                                   concept_images, concept_word, cycled)
 from cad_ray.models import load_model
 from cad_ray.seeds import derive_seed
 from cad_ray.stages.evaluation import RECOVERY, ImageJudge, target_kind
@@ -89,6 +89,15 @@ class ProbeWorker(ImageJudge):
             self.cache[key] = load_model(folder, device=str(self.model.device))
         return self.cache[key]
 
+    def _log_probability(self):
+        """The judge's differentiable log p(label | image), which the guidance probe steers by."""
+        log_probability = getattr(self.judges, "log_probability", None)
+        if log_probability is None:
+            raise CadRayError(f"the guidance probe steers by the judge's gradient, and the judge "
+                              f"{type(self.judges).__name__} has no log_probability(images, label); drop "
+                              "'guidance' from evaluation.probes or use a differentiable judge (the digits judges)")
+        return log_probability
+
     def probe(self, unit: dict) -> pd.DataFrame:
         edit, target, name = unit["edit"], unit["target"], unit["probe"]
         learn, start = self._start_images(target)  # before any edit is applied
@@ -105,6 +114,13 @@ class ProbeWorker(ImageJudge):
                     for wording, asked in (("own", cycled(prompts, n)), ("empty", [""] * n)):
                         images = complete(model, start, asked, strength, seed, steps=steps, guidance=guidance).images
                         results.append((f"{strength:g}/{wording}", asked, images))
+            elif name == "guidance":
+                log_probability = self._log_probability()
+                for scale in self.options.probe.guidance_scales:
+                    for wording, asked in (("own", prompts), ("empty", [""])):
+                        probe = ClassifierGuidance(log_probability, target, scale)
+                        images = probe.sample(model, asked, n, seed, steps=steps, guidance=guidance).images
+                        results.append((f"{scale:g}/{wording}", cycled(asked, n), images))
             else:
                 attack = TextualInversion(model, concept_word(target), prompts, probe_settings(self.options)) \
                     if name == "inversion" else SoftPrompt(probe_settings(self.options))
@@ -126,8 +142,10 @@ class ProbeWorker(ImageJudge):
 def probe_meta(config: AttributionConfig, store: ScoreStore) -> dict:
     """What every probe image depends on besides its unit (in each part's name)."""
     options = config.evaluation
+    # the guidance scales only in the guidance probe's parts: parts written before it existed stay valid
+    unused = set() if "guidance" in options.probes else {"guidance_scales"}
     return {"fingerprint": store.fingerprint, "config_hash": store.manifest["config_hash"],
-            "evaluation": options.options_hash(), "probe": options.probe.model_dump(mode="json")}
+            "evaluation": options.options_hash(), "probe": options.probe.model_dump(mode="json", exclude=unused)}
 
 
 def part_name(unit: dict, meta: dict) -> str:
