@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cad_ray import __version__
 from cad_ray.errors import CadRayError
+from cad_ray.method.edits import edit_help
 
 MODEL_HELP = ("model folder in diffusers layout or s3://bucket/prefix (default: the built-in digits model). "
               "S3 credentials and endpoint come from the environment (AWS_* variables) or ~/.aws")
@@ -332,21 +333,28 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_edit(args: argparse.Namespace) -> None:
-    from cad_ray.method.editing import (ZEROING_EDITS, Selection, check_fingerprint, check_ratio, select, unselectable,
-                                        zero_components)
+    """Any edit of the registry (`cad_ray.method.edits`), made as the evaluation makes it, saved as a folder."""
+    from cad_ray.method.editing import Selection, check_fingerprint, check_ratio, select, unselectable, zero_components
+    from cad_ray.method.edits import EDITS
     from cad_ray.method.scopes import never_selected
     from cad_ray.models import load_model
+    from cad_ray.stages.edit_workers import edit_masks
     from cad_ray.store import ScoreStore
 
-    made = (*ZEROING_EDITS, *BASELINE_EDITS)
-    if args.edit not in made:
-        raise CadRayError(f"unknown edit {args.edit!r}; 'cad-ray edit' makes {', '.join(made)} "
-                          "(the fine-tuning baselines are made by 'cad-ray evaluate')")
-    if args.edit == "uce":
+    edit = EDITS.get(args.edit)
+    if edit is None:
+        raise CadRayError(f"unknown edit {args.edit!r}; 'cad-ray edit' makes {', '.join(EDITS)}")
+    if edit.applied_by == "closed-form":
         if args.ratio is not None or args.count is not None:
-            raise CadRayError("uce is a closed-form edit: leave out --ratio and --count")
+            raise CadRayError(f"{edit.name} is a closed-form edit: leave out --ratio and --count")
+    elif edit.applied_by == "fine-tuning":
+        if args.ratio is not None or args.count is not None:
+            raise CadRayError(f"{edit.name} is made by fine-tuning, as the root's evaluation.finetune options say: "
+                              "leave out --ratio and --count")
     elif (args.ratio is None) == (args.count is None):
         raise CadRayError("give --ratio or --count")
+    elif args.count is not None and (edit.after or edit.ranks != "scores"):
+        raise CadRayError(f"--count ranks the run's scores; {edit.name} does not: give --ratio")
     if args.ratio is not None:
         check_ratio(args.ratio)
     from cad_ray.config import check_selection_prefixes
@@ -362,38 +370,65 @@ def cmd_edit(args: argparse.Namespace) -> None:
     store = ScoreStore(args.root)
     model = load_model(args.model if args.model else store.manifest["config"].get("model"))
     check_fingerprint(model, store.fingerprint)
-    objective, largest = ZEROING_EDITS.get(args.edit, ZEROING_EDITS["cad-erase"])
     if args.selection is None:  # the root's own: its config's evaluation.selection (the evaluation's, where it ran)
         args.selection = stage_config(args.root, None, "evaluation", {}).evaluation.selection
-    selection = Selection.parse(args.selection)
-    if args.edit == "conceptprune":
-        selection = Selection.parse("conceptprune")
-    elif args.edit in ("gradient", "magnitude"):
-        selection = selection.with_method(args.edit, "none" if args.edit == "magnitude" else None)
-    if args.edit == "uce":
-        zeroed = edit_uce(store, model, args.target)
-    elif args.count is not None:  # a count per unit: the plain ranking of the run's scores
-        if selection.also is not None:
-            raise CadRayError(f"--count ranks one table; selection {selection} is a union: give --ratio")
-        masks = select(unselectable(store.tensor_scores(args.target, objective, selection.method), never_selected(model)),
-                       count=args.count,
-                       granularity=selection.granularity, largest=largest)
-        zeroed = zero_components(model, masks)
-    else:
-        masks = store.masks(args.target, selection, args.ratio, objective, largest, protected=never_selected(model))
-        zeroed = zero_components(model, masks)
+    selection = Selection.parse(edit.selection or args.selection) if edit.zeroes else None
+    if selection is not None and edit.method:
+        selection = selection.with_method(edit.method, edit.contrast)
     target = Path(os.path.realpath(out))  # '.' or 'x/..' has no name to put a temporary folder beside
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
+    if edit.applied_by == "closed-form":
+        zeroed = edit_uce(store, model, args.target)
+        model.save_pretrained(tmp)
+        what = f"{zeroed} cross-attention key/value projections rewritten"
+    elif edit.applied_by == "fine-tuning" or edit.after:
+        what = _edit_on_finetuned(args, edit, store, model, selection, tmp)
+    else:
+        if args.count is not None:  # a count per unit: the plain ranking of the run's scores
+            if selection.also is not None:
+                raise CadRayError(f"--count ranks one table; selection {selection} is a union: give --ratio")
+            masks = select(unselectable(store.tensor_scores(args.target, edit.objective, selection.method),
+                                        never_selected(model)),
+                           count=args.count, granularity=selection.granularity, largest=edit.largest)
+        else:
+            seed = stage_config(args.root, None, "evaluation", {}).seed if edit.ranks == "random" else 0
+            masks = edit_masks(edit.name, args.target, selection, args.ratio, 0, store, seed, never_selected(model))
+        zeroed = zero_components(model, masks)
+        model.save_pretrained(tmp)
+        what = f"{zeroed} components zeroed ({selection})"
     if target.exists():
         target.rmdir()  # empty, checked above
     os.replace(tmp, target)
-    what = f"{zeroed} components zeroed ({selection})" if args.edit != "uce" else \
-        f"{zeroed} cross-attention key/value projections rewritten"
     print(f"wrote {out}: {args.edit} of {args.target!r}, {what}; load it with --model {out}")
 
 
-BASELINE_EDITS = ("gradient", "magnitude", "conceptprune", "uce")
+def _edit_on_finetuned(args: argparse.Namespace, edit, store, model, selection, tmp: Path) -> str:
+    """A fine-tuned edit, or one made on a fine-tuned model: the fine-tuned model is the one 'cad-ray evaluate'
+    saved in the root (made there now, as the evaluation makes it, where it is missing or stale), then the edit
+    is applied as the evaluation applies it. Saves the edited model to `tmp`; returns what was done."""
+    from cad_ray.stages.edit_workers import EDIT_MARKER, Editor, EditWorker, edit_folder, finetune_key
+    from cad_ray.store import RunRoot
+
+    config = stage_config(args.root, None, "evaluation", {})
+    options = config.evaluation
+    if edit.name not in options.edits:  # as an evaluation that makes it: a recovery needs its scores
+        options = options.model_copy(update={"edits": [*options.edits, edit.name]})
+        config = config.model_copy(update={"evaluation": options})
+    if args.target not in [c.name for c in config.concepts]:
+        raise CadRayError(f"concept {args.target!r} is not in the run; it has "
+                          f"{', '.join(c.name for c in config.concepts)}")
+    run = RunRoot(args.root)
+    finetuned = edit.after or edit.name
+    if run.read_manifest(*edit_folder(finetuned, args.target), EDIT_MARKER) != finetune_key(options, store):
+        run.check_writable()
+        EditWorker(config, args.root).make(finetuned, args.target)
+    editor = Editor(config, run, model, store)
+    text = str(selection) if selection is not None else ""
+    with editor.applied(edit.name, args.target, text, args.ratio or 1.0):
+        model.save_pretrained(tmp)
+    zeroed = editor.zeroed(edit.name, args.target, text, args.ratio or 1.0)
+    where = run.uri_under(*edit_folder(finetuned, args.target))
+    return f"fine-tuned ({where})" + (f", then {zeroed} components zeroed ({selection})" if edit.zeroes else "")
 
 
 def edit_uce(store, model, target: str) -> int:
@@ -468,6 +503,7 @@ GENERATION = [("--model", {"default": None, "help": MODEL_HELP}),
                               "help": "classifier-free guidance scale (default: the model's, 3.0 for digits)"}),
               ("--steps", {"type": _positive_int, "default": None, "help": "sampling steps (default: the model's)"}),
               ("--device", {"type": _device, "default": None, "help": "torch device, e.g. cuda or cpu (default: cpu)"})]
+EDIT_HELP = edit_help()  # every edit of the registry, with what it does
 METHOD = ("--method", {"default": "cad", "choices": ["cad", "gradient", "magnitude", "conceptprune"],
                       "help": "the scores ranked: cad (w * dJ/dw, default), gradient (|dJ/dw|), magnitude (|w|), "
                               "conceptprune (its Wanda ranks; the concept must list it among its objectives)"})
@@ -538,8 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
             "attacked: is the concept gone from the model or only from its words (probes/, probe_summary/, "
             "probe_verdicts/; docs/editing.md).", [root_config, overwrite, ray], [
                 ("--targets", {"nargs": "+", "default": None, "help": "concepts to edit"}),
-                ("--edits", {"nargs": "+", "default": None, "help": "edits: cad-erase random cad-amplify finetune "
-                                                                    "cad-finetune finetune+cad-amplify"}),
+                ("--edits", {"nargs": "+", "default": None, "help": "edits by name: " + EDIT_HELP}),
                 ("--ratios", {"type": float, "nargs": "+", "default": None,
                               "help": "shares of components zeroed, in (0, 1]"}),
                 ("--prompts", {"default": None, "help": "prompt CSV (columns prompt, evaluation_seed[, class])"}),
@@ -550,11 +585,13 @@ def build_parser() -> argparse.ArgumentParser:
                 ("--out", {"default": None, "help": "local file (default: <root>/report.html)"})])
     command("edit", cmd_edit, "save a CAD-edited model as a diffusers folder",
             "Zero the top components of a concept (cad-erase: largest erase scores; cad-amplify: most negative "
-            "amplify scores) and save the model in diffusers layout (safetensors); load it back with --model "
-            "FOLDER. The model must be the one the scores were computed on (fingerprint).", [root], [
-                ("--edit", {"required": True, "help": "cad-erase or cad-amplify; the baselines: gradient, magnitude "
-                                                      "(ranked by |dJ/dw| or |w| with --selection), conceptprune "
-                                                      "(--ratio is its skill ratio), uce (closed form, no ratio)"}),
+            "amplify scores), or make any other edit 'cad-ray evaluate' makes (the fine-tuned ones are taken from "
+            "the root, made there first where missing), and save the model in diffusers layout (safetensors); "
+            "load it back with --model FOLDER. The model must be the one the scores were computed on "
+            "(fingerprint).", [root], [
+                ("--edit", {"required": True, "help": "the edit, made as 'cad-ray evaluate' makes it (--ratio: "
+                                                      "conceptprune's skill ratio; uce, finetune and cad-finetune "
+                                                      "take none): " + EDIT_HELP}),
                 ("--target", {"required": True, "help": "concept to edit"}),
                 ("--ratio", {"type": float, "default": None, "help": "share of each unit's components, in (0, 1]"}),
                 ("--count", {"type": int, "default": None, "help": "number of components per unit instead of a "

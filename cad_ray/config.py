@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cad_ray.errors import CadRayError
+from cad_ray.method.edits import EDITS
 
 ObjectiveName = Literal["erase", "amplify", "prior", "residual"]
 # what a concept's scores are computed for: CAD's objectives, or a baseline method with tables of its own
@@ -335,7 +336,8 @@ class EvaluationOptions(Strict):
     """Edits judged by images (`cad-ray evaluate`); not part of the attribution's config hash."""
 
     targets: list[str] = Field(default_factory=lambda: ["seven"], min_length=1, description="concepts to edit")
-    edits: list[str] = Field(default_factory=lambda: ["cad-erase", "random", "cad-amplify"], min_length=1)
+    edits: list[str] = Field(default_factory=lambda: ["cad-erase", "random", "cad-amplify"], min_length=1,
+                             description="edits by name (cad_ray.method.edits.EDITS): " + ", ".join(EDITS))
     ratios: list[float] = Field(default_factory=lambda: [0.01, 0.03, 0.1], min_length=1,
                                 description="shares of components zeroed, each in (0, 1]")
     recovery_ratios: list[float] = Field(default_factory=lambda: [0.01, 0.03])
@@ -394,11 +396,9 @@ class EvaluationOptions(Strict):
     @field_validator("edits")
     @classmethod
     def _known_edits(cls, v):
-        known = ("cad-erase", "cad-erase-published", "cad-amplify", "random", "finetune", "cad-finetune",
-                 "finetune+cad-amplify", "gradient", "magnitude", "conceptprune", "uce")
-        bad = [e for e in v if e not in known]
+        bad = [e for e in v if e not in EDITS]
         if bad:
-            raise ValueError(f"unknown edit {bad[0]!r}; choose from {', '.join(known)}")
+            raise ValueError(f"unknown edit {bad[0]!r}; choose from {', '.join(EDITS)}")
         return v
 
     @field_validator("ratios", "recovery_ratios")
@@ -411,7 +411,7 @@ class EvaluationOptions(Strict):
 
     def options_hash(self) -> str:
         unused = set() if "uce" in self.edits else {"uce"}  # evaluations made before UCE keep their hash
-        if self.random_draws == 1 or "random" not in self.edits:  # and those made before random draws
+        if self.random_draws == 1 or not any(EDITS[e].draws for e in self.edits):  # and before random draws
             unused.add("random_draws")
         # the probes have their own hash (stages/probing.py): adding them re-makes no evaluation image
         fields = self.model_dump(exclude={"batch_size", "probes", "probe", "finetune", *unused}, mode="json")

@@ -105,3 +105,41 @@ def test_attribute_config_errors_are_one_line(capsys, tmp_path, text, needle):
     _one_line_error(code, err, needle)
     manifest = tmp_path / "root" / "_manifest.json"
     assert not manifest.exists() or '"complete": false' in manifest.read_text()
+
+
+def test_edit_makes_every_edit_of_the_registry(tmp_path, capsys):
+    """`cad-ray edit` accepts every name `cad-ray evaluate` accepts (one registry): the zeroing edits, the
+    closed-form one and the fine-tuned ones (made in the root first, as the evaluation makes them)."""
+    import torch
+    from conftest import small_config
+
+    from cad_ray.distributed import run_attribution
+    from cad_ray.method.edits import EDITS
+    from cad_ray.models import load_model
+
+    root = str(tmp_path / "root")
+    config = small_config(evaluation={"finetune": {"steps": 2, "samples": 2}})
+    run_attribution(config, root, local=True, progress=False)
+    original = dict(load_model().named_parameters())
+    for name, edit in EDITS.items():
+        ratio = [] if edit.applied_by != "zeroing" else ["--ratio", "0.05"]
+        status = main(["edit", "--root", root, "--edit", name, "--target", "seven", *ratio,
+                       "--out", str(tmp_path / name)])
+        captured = capsys.readouterr()
+        if name == "conceptprune":  # the run has no ConceptPrune statistics: refused for that, not for its name
+            assert status == 1 and "conceptprune" in captured.err and "unknown edit" not in captured.err
+            continue
+        assert status == 0, (name, captured.err)
+        assert f"{name} of 'seven'" in captured.out
+        edited = dict(load_model(str(tmp_path / name)).named_parameters())
+        assert any(not torch.equal(original[n], edited[n]) for n in original), name
+    assert main(["edit", "--root", root, "--edit", "finetune", "--target", "seven", "--ratio", "0.1",
+                 "--out", str(tmp_path / "x")]) == 1
+    assert "leave out --ratio" in capsys.readouterr().err
+    help_text = build_parser_help("evaluate")
+    assert all(name in help_text for name in EDITS)
+
+
+def build_parser_help(command: str) -> str:
+    parser = build_parser()
+    return " ".join(parser._subparsers._group_actions[0].choices[command].format_help().split())

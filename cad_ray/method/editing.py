@@ -25,7 +25,6 @@ from cad_ray.errors import CadRayError
 from cad_ray.method.scopes import select_parameters
 from cad_ray.seeds import numpy_rng
 
-ZEROING_EDITS = {"cad-erase": ("erase", True), "cad-amplify": ("amplify", False)}
 GRANULARITIES = ("global", "tensor", "row", "neuron")
 ROUNDINGS = ("round", "floor")
 AGGREGATES = ("mean", "max")
@@ -168,7 +167,9 @@ class Selection:
     (`cad_ray.method.baselines.METHODS`), of the edit's own objective or another one (`objective`). Written as
     a string: `attn2/global/others-mean`, `ff/row/none/floor`, `gradient:attn2/global/none`,
     `prior:ff/global/kind-max`. Parts joined by `|` are a union, each part taking the edit's ratio of its own
-    scope: `tokens+attn2/neuron/kind-mean|prior:ff/global/kind-max` (`parts`)."""
+    scope: `tokens+attn2/neuron/kind-mean|prior:ff/global/kind-max` (`parts`). `rule`: how a part takes its
+    components, `rank` (the top of each unit at the edit's ratio) or `skill` (ConceptPrune's threshold rule,
+    the ratio its skill ratio: `conceptprune_masks`; written `/skill`, the `conceptprune` preset)."""
 
     scope: str = "all"
     granularity: str = "global"
@@ -178,10 +179,12 @@ class Selection:
     method: str = "cad"
     objective: str = ""  # "": the edit's own (erase for cad-erase)
     also: "Selection | None" = None  # the next part of a union
+    rule: str = "rank"  # rank | skill
 
     def __str__(self) -> str:
         contrast = self.contrast if self.contrast == "none" else f"{self.contrast}-{self.aggregate}"
-        text = "/".join([self.scope, self.granularity, contrast] + (["floor"] if self.rounding == "floor" else []))
+        text = "/".join([self.scope, self.granularity, contrast] + (["floor"] if self.rounding == "floor" else [])
+                        + (["skill"] if self.rule == "skill" else []))
         text = text if self.method == "cad" else f"{self.method}:{text}"
         text = f"{self.objective}:{text}" if self.objective else text
         return text if self.also is None else f"{text}|{self.also}"
@@ -203,8 +206,8 @@ class Selection:
 
     @classmethod
     def parse(cls, text: str) -> "Selection":
-        """`[objective:][method:]scope/granularity/contrast[-aggregate][/floor]`, parts joined by `|`, or a
-        preset name (`published`, `conceptprune`)."""
+        """`[objective:][method:]scope/granularity/contrast[-aggregate][/floor][/skill]`, parts joined by `|`, or
+        a preset name (`published`, `conceptprune`)."""
         from dataclasses import replace
 
         from cad_ray.method.baselines import check_method
@@ -220,8 +223,10 @@ class Selection:
             if method in OBJECTIVES:
                 return replace(cls.parse(rest), objective=method)
             return replace(cls.parse(rest), method=check_method(method))
-        floor = str(text).endswith("/floor")
-        parts = str(text).removesuffix("/floor").rsplit("/", 2)  # from the right: a re: scope may hold '/'
+        skill = str(text).endswith("/skill")
+        plain = str(text).removesuffix("/skill")
+        floor = plain.endswith("/floor")
+        parts = plain.removesuffix("/floor").rsplit("/", 2)  # from the right: a re: scope may hold '/'
         if len(parts) != 3 or not parts[0]:
             raise CadRayError(f"selection {text!r}: write scope/granularity/contrast[/floor], e.g. "
                               "attn2/global/others-mean, or a preset: " + ", ".join(PRESETS))
@@ -236,13 +241,14 @@ class Selection:
                               f"{', '.join(GRANULARITIES)}")
         if contrast not in CONTRASTS:
             raise CadRayError(f"selection {text!r}: unknown contrast {contrast!r}; choose one of {', '.join(CONTRASTS)}")
-        return cls(scope, granularity, contrast, aggregate, "floor" if floor else "round")
+        return cls(scope, granularity, contrast, aggregate, "floor" if floor else "round",
+                   rule="skill" if skill else "rank")
 
 
 PRESETS = {"published": Selection(scope="ff", granularity="row", contrast="none", rounding="floor"),
            # ConceptPrune's own rule at skill ratio = the edit's ratio (`conceptprune_masks`)
            "conceptprune": Selection(scope="ff", granularity="row", contrast="none", rounding="floor",
-                                     method="conceptprune")}
+                                     method="conceptprune", rule="skill")}
 
 
 def contrast_concepts(target: str, concepts: list[str], contrast: str) -> list[str]:
@@ -274,7 +280,7 @@ def selection_masks(scores_of, target: str, others: list[str], selection: Select
     if not own:
         raise CadRayError(f"selection scope {selection.scope!r} holds none of the run's scored tensors")
     protected = protected or {}
-    if selection == PRESETS["conceptprune"]:
+    if selection.rule == "skill":
         from cad_ray.method.baselines import conceptprune_masks
 
         masks = conceptprune_masks(own, ratio)

@@ -24,11 +24,13 @@ import pandas as pd
 from cad_ray.config import AttributionConfig
 from cad_ray.errors import CadRayError
 from cad_ray.method.concepts import build_concept
+from cad_ray.method.edits import RECOVERY
 from cad_ray.method.probes import (ClassifierGuidance, ProbeSettings, SoftPrompt, TextualInversion, complete,
                                    concept_images, concept_word, cycled)
 from cad_ray.models import load_model
 from cad_ray.seeds import derive_seed
-from cad_ray.stages.evaluation import RECOVERY, ImageJudge, target_kind
+from cad_ray.stages.edit_workers import ImageJudge
+from cad_ray.stages.panels import target_kind
 from cad_ray.store import RunRoot, ScoreStore
 
 UNIT_KEY = ["edit", "target", "selection", "ratio", "guidance", "probe"]
