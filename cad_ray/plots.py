@@ -26,28 +26,40 @@ def _pyplot():
     return plt
 
 
+def _power_of_ten(values) -> int:
+    """The power of ten to show values in (their largest magnitude's, 0 when they are near 1 or all zero)."""
+    largest = float(np.nanmax(np.abs(values))) if len(values) else 0.0
+    return 0 if not np.isfinite(largest) or largest == 0 or 1e-2 <= largest < 1e3 else int(np.floor(np.log10(largest)))
+
+
 def validation_scatter(table: pd.DataFrame) -> bytes:
     """Predicted against actual change of J (base frozen), one panel per (fraction, estimator), test split."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     test = table[table["split"] == "test"]
     fractions, estimators = sorted(test["fraction"].unique()), list(dict.fromkeys(test["estimator"]))
-    fig, axes = plt.subplots(len(fractions), len(estimators), figsize=(3.2 * len(estimators), 3 * len(fractions)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(fractions), len(estimators), figsize=(3.4 * len(estimators), 3 * len(fractions)),
+                             squeeze=False, layout="constrained")
     for i, fraction in enumerate(fractions):
         for j, estimator in enumerate(estimators):
             ax = axes[i][j]
             g = test[(test["fraction"] == fraction) & (test["estimator"] == estimator)]
-            ax.scatter(g["predicted"], g["actual"], s=6, alpha=0.6)
-            low = min(g["predicted"].min(), g["actual"].min())
-            high = max(g["predicted"].max(), g["actual"].max())
+            # values in a unit of their power of ten, named in the axis labels: short tick labels that never overlap
+            power = _power_of_ten(np.concatenate([g["predicted"].to_numpy(), g["actual"].to_numpy()]))
+            predicted, actual = g["predicted"] / 10.0 ** power, g["actual"] / 10.0 ** power
+            ax.scatter(predicted, actual, s=6, alpha=0.6)
+            low, high = min(predicted.min(), actual.min()), max(predicted.max(), actual.max())
             ax.plot([low, high], [low, high], color="grey", lw=0.8, ls="--")
             r = np.corrcoef(g["predicted"], g["actual"])[0, 1] if len(g) > 1 else float("nan")
-            ax.set_title(f"{estimator}, rho={fraction:g}, r={r:.2f}", fontsize=9)
+            # "ablated fraction", not rho: rho reads as Spearman's (the tables' column is `fraction`)
+            ax.set_title(f"{estimator}, ablated fraction {fraction:g}, Pearson r={r:.2f}", fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(4))
+            ax.yaxis.set_major_locator(MaxNLocator(5))
             ax.tick_params(labelsize=7)
-            if i == len(fractions) - 1:
-                ax.set_xlabel("predicted dJ", fontsize=8)
-            if j == 0:
-                ax.set_ylabel("actual dJ (base frozen)", fontsize=8)
+            unit = f" (x 1e{power})" if power else ""
+            ax.set_xlabel(f"predicted dJ{unit}", fontsize=8)
+            ax.set_ylabel(f"actual dJ, base frozen{unit}", fontsize=8)
     fig.suptitle(f"random ablations of {table['concept'].iloc[0]!r} ({table['objective'].iloc[0]} objective)")
     return _png(fig)
 
@@ -76,17 +88,35 @@ def ratio_sweep(summary: pd.DataFrame, target: str) -> bytes:
     plt = _pyplot()
     rows = summary[(summary["target"] == target) & summary["edit"].isin(["cad-erase", "random", "cad-amplify",
                                                                           "finetune+cad-amplify"])]
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for edit, g in rows.groupby("edit"):
+    edits = list(rows.groupby("edit").groups)
+    ratios = sorted(float(r) for r in rows["ratio"].unique() if r > 0)
+    for k, (edit, g) in enumerate(rows.groupby("edit")):
         g = g.sort_values("ratio")
-        axes[0].plot(g["ratio"], g["target_accuracy"], marker="o", label=edit)
-        axes[1].plot(g["ratio"], g["others_accuracy"], marker="o", label=edit)
+        # one edit never hides another: its own marker and line style, and a small sideways nudge (log axis)
+        style = SWEEP_STYLES[k % len(SWEEP_STYLES)]
+        x = g["ratio"] * 1.06 ** (k - (len(edits) - 1) / 2)
+        for ax, column in zip(axes, ("target_accuracy", "others_accuracy")):
+            ax.plot(x, g[column], label=edit, markersize=7 - k, markerfacecolor="none" if k else None, **style)
     none = summary[summary["edit"] == "none"]
-    for ax, title in zip(axes, (f"{target!r} (target)", "other labels")):
+    unedited_target = summary[(summary["target"] == target) & summary["edit"].isin(list(rows["edit"]))]
+    for ax, title, column in zip(axes, (f"{target!r} (target)", "other labels"),
+                                 ("target_accuracy_unedited", "others_accuracy")):
         for guidance, g in none.groupby("guidance"):
-            column = "others_accuracy"
-            ax.axhline(g[column].iloc[0], color="grey", lw=0.8, ls=":", label=f"unedited, guidance {guidance:g}")
+            # the unedited model's level on this panel: its accuracy on the target's prompts, or on the others
+            source = unedited_target[unedited_target["guidance"] == guidance] if column != "others_accuracy" else g
+            if column in source and source[column].notna().any():
+                ax.axhline(source[column].dropna().iloc[0], color="grey", lw=0.8, ls=":",
+                           label=f"unedited, guidance {guidance:g}")
         ax.set_xscale("log")
+        if len(ratios):  # ticks at the ratios measured, and room around them (one ratio alone included)
+            ax.set_xlim(min(ratios) / 1.6, max(ratios) * 1.6)
+            ax.xaxis.set_major_locator(FixedLocator(ratios))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.tick_params(axis="x", labelsize=7, rotation=45 if len(ratios) > 5 else 0)
         ax.set_ylim(-0.03, 1.03)
         ax.set_xlabel("share of components zeroed")
         ax.set_ylabel("judged accuracy")
@@ -94,6 +124,9 @@ def ratio_sweep(summary: pd.DataFrame, target: str) -> bytes:
     axes[1].legend(fontsize=7, loc="lower left")
     return _png(fig)
 
+
+SWEEP_STYLES = ({"marker": "o", "ls": "-"}, {"marker": "s", "ls": "--"}, {"marker": "^", "ls": "-."},
+                {"marker": "D", "ls": ":"})
 
 VERDICT_EDITS = ("cad-erase", "cad-erase-published", "gradient", "magnitude", "conceptprune", "uce", "finetune",
                  "random")
@@ -135,22 +168,34 @@ def erase_verdicts(summary: pd.DataFrame) -> bytes:
     return _png(fig)
 
 
-def layer_summary(layers: pd.DataFrame) -> bytes:
-    """Positive and negative score mass per tensor, one bar group per concept."""
+def layer_summary(layers: pd.DataFrame, objective: str | None = None) -> bytes:
+    """Positive and negative score mass per tensor, one bar group per concept (its colour; the negative bar
+    lighter), the tensors named in full as the tables name them."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
-    short = layers["tensor"].str.replace("transformer_blocks.", "tb.").str.replace("attentions.", "attn.")
-    table = layers.assign(tensor=short)
+    table = layers
     concepts = list(dict.fromkeys(table["concept"]))
     tensors = list(dict.fromkeys(table["tensor"]))
-    fig, ax = plt.subplots(figsize=(10, 0.3 * len(tensors) + 1.5))
+    fig, ax = plt.subplots(figsize=(10, 0.3 * len(tensors) * max(1, len(concepts) / 2) + 1.5))
     height = 0.8 / max(1, len(concepts))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, concept in enumerate(concepts):
         g = table[table["concept"] == concept].set_index("tensor").reindex(tensors)
         y = np.arange(len(tensors)) + k * height
-        ax.barh(y, g["sum_positive"], height, label=f"{concept} +")
-        ax.barh(y, g["sum_negative"], height, alpha=0.5)
-    ax.set_yticks(np.arange(len(tensors)) + 0.4 - height / 2, tensors, fontsize=6)
+        colour = colours[k % len(colours)]
+        ax.barh(y, g["sum_positive"], height, color=colour, label=f"{concept}: positive (induces)")
+        ax.barh(y, g["sum_negative"], height, color=colour, alpha=0.4, hatch="//", edgecolor="white", lw=0,
+                label=f"{concept}: negative (inhibits)")
+    ax.set_yticks(np.arange(len(tensors)) + 0.4 - height / 2, tensors, fontsize=8)
+    ax.invert_yaxis()  # the first tensor on top, as in the tables
     ax.axvline(0, color="black", lw=0.6)
-    ax.set_xlabel("sum of positive (right) and negative (left) scores")
-    ax.legend(fontsize=6, ncol=4)
+    ax.set_xlabel("sum of the scores per tensor: positive (right), negative (left)")
+    ax.xaxis.set_major_locator(MaxNLocator(7))
+    if objective is None and "objective" in table:
+        objective = ", ".join(dict.fromkeys(table["objective"]))
+    names = ", ".join(repr(c) for c in concepts)
+    ax.set_title(f"attribution scores per tensor of {names}" + (f" ({objective} objective)" if objective else ""),
+                 fontsize=10)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
     return _png(fig)
