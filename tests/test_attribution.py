@@ -164,3 +164,15 @@ def test_the_fused_option_reaches_the_objective_and_counts_in_the_config_hash_on
     assert plain.config_hash() == off.config_hash() != on.config_hash()
     # roots made before the option resume: "fused" is not hashed at all while it is off
     assert "fused" not in plain.result_fields()["erase"] and on.result_fields()["erase"]["fused"] is True
+
+
+def test_the_api_and_the_config_share_their_objective_defaults():
+    """One default each: `make_objective(name)` computes what a config that leaves the objective's options out
+    computes (issue 28: the API kept every point where the config kept 10)."""
+    from cad_ray.config import AmplifyOptions, EraseOptions
+    from cad_ray.method.objectives import make_objective
+
+    for name, options in (("erase", EraseOptions()), ("amplify", AmplifyOptions())):
+        objective = make_objective(name)
+        for field, value in options.model_dump().items():
+            assert getattr(objective, field) == value, (name, field)

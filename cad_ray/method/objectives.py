@@ -120,7 +120,8 @@ class EraseObjective:
     name = "erase"
     sign = 1.0
 
-    def __init__(self, guidance: float | None = None, steps: int | None = None, points_per_sample: int | None = None,
+    # the config's defaults too (config.EraseOptions): 10 of 50 points give the quality per trajectory of all 50
+    def __init__(self, guidance: float | None = None, steps: int | None = None, points_per_sample: int | None = 10,
                  fused: bool = False):
         self.guidance, self.steps, self.points_per_sample = guidance, steps, points_per_sample
         self.fused = fused  # the CAD estimator takes the points' forward pass from the sampler (`fused_backward`)
