@@ -58,7 +58,7 @@ def main() -> None:
     learn, start = x0[:128], x0[128:]
 
     def shown(images, d=digit) -> float:
-        return float((judges.digits(images) == d).mean())
+        return float((judges.digits(images, reject=True) == d).mean())
 
     def measure(m) -> dict:
         out = {"plain": shown(m.sample([prompts[k % len(prompts)] for k in range(32)], seed=7, steps=args.steps).images)}

@@ -59,3 +59,13 @@ def test_a_judges_folder_without_its_reject_fits_it_on_the_real_digits(tmp_path)
         shutil.copy(JUDGES_DIR / name, tmp_path / name)
     fitted, shipped = DigitsJudges.load(tmp_path).reject, builtin_judges().reject
     assert abs(fitted.threshold - shipped.threshold) < 1e-6 and fitted.basis.shape == shipped.basis.shape
+
+
+def test_the_evaluation_judge_calls_noise_no_digit():
+    """What the evaluation and the probes count: a noise image is "none", never a digit right by chance (issue
+    26: an edit that made dark noise was judged as digits)."""
+    from cad_ray.judges.digits import DigitsJudge
+
+    noise = np.random.default_rng(0).uniform(0, 0.3, size=(20, 8, 8, 3)).astype(np.float32)
+    verdicts = DigitsJudge().judge(noise, ["nine"] * 20)
+    assert set(verdicts["predicted"]) == {"none"} and not any(verdicts["correct"])

@@ -18,7 +18,7 @@ def judge_samples(model, prompts: list[str], seed: int, guidance: float | None =
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         images = model.sample(chunk, seed=seed, guidance=guidance, steps=steps, ids=range(start, start + len(chunk))).images
-        digits, colours = judges.digits(images), judges.colours(images)
+        digits, colours = judges.digits(images, reject=True), judges.colours(images)  # -1: no digit
         for prompt, d, c in zip(chunk, digits, colours):
             asked = parse_prompt(prompt)
             rows.append({"prompt": prompt, "digit": asked.digit, "colour": asked.colour,

@@ -15,11 +15,11 @@ class DigitsJudge:
         self.judges = builtin_judges()
 
     def judge(self, images: np.ndarray, labels: list[str]) -> dict:
-        from cad_ray.digits import COLOUR_NAMES, DIGIT_WORDS
+        from cad_ray.digits import COLOUR_NAMES
 
         from cad_ray.stages.evaluation import label_key  # a prompt set's "Seven" is the digit seven
 
-        predicted = [DIGIT_WORDS[d] for d in self.judges.digits(images)]
+        predicted = self.judges.digit_words(images)  # "none" for an image that is no digit at all (noise)
         return {"predicted": predicted, "correct": [p == label_key(l) for p, l in zip(predicted, labels)],
                 "predicted_colour": [COLOUR_NAMES[c] for c in self.judges.colours(images)],
                 "features": list(self.judges.features(images).astype(np.float32))}
