@@ -17,12 +17,20 @@ import pandas as pd
 from cad_ray.config import AttributionConfig, EvaluationOptions
 from cad_ray.errors import CadRayError
 from cad_ray.judges import judge_batch, load_judge
-from cad_ray.method.editing import (Selection, check_fingerprint, edited, random_like, selection_masks, union_masks,
-                                    weights_replaced)
+from cad_ray.method.attribution import CAD
+from cad_ray.method.baselines import uce_for_concept
+from cad_ray.method.concepts import build_concept
+from cad_ray.method.editing import (Selection, check_fingerprint, contrast_concepts, edited, finetune, random_like,
+                                    selection_masks, union_masks, weights_replaced)
 from cad_ray.method.edits import EDITS, NONE, RECOVERY
+from cad_ray.method.probes import ProbeSettings, concept_word
 from cad_ray.method.scopes import never_selected, select_parameters
+from cad_ray.method.unlearning import UnlearningSettings, adversarial_finetune
+from cad_ray.models import load_model
 from cad_ray.seeds import derive_seed
-from cad_ray.store import RunRoot, ScoreStore, partition
+from cad_ray.stages.attribution import model_for, objective_for, write_weights
+from cad_ray.store import (SCORE_SCHEMA, RunRoot, ScoreStore, aggregate_tables, partition, score_parts,
+                           table_metadata)
 
 EDIT_MARKER = "_complete.json"
 
@@ -42,8 +50,6 @@ def finetune_key(options: EvaluationOptions, store: ScoreStore) -> dict:
 def load_scored_model(config: AttributionConfig, root: str, device: str | None = None):
     """The model of `config` on `device` (a GPU where there is one) and the score store of `root`, refusing a
     model other than the one the scores were computed on."""
-    from cad_ray.stages.attribution import model_for
-
     model = model_for(config, device)
     store = ScoreStore(root)
     check_fingerprint(model, store.fingerprint)
@@ -55,8 +61,6 @@ class EditWorker:
     `finetune` it also attributes the target under the amplify objective on the edited model (for recovery)."""
 
     def __init__(self, config: AttributionConfig, root: str, device: str | None = None):
-        from cad_ray.method.concepts import build_concept
-
         self.config, self.run, self.options = config, RunRoot(root), config.evaluation
         self.model, self.store = load_scored_model(config, root, device)
         self.build_concept = build_concept
@@ -68,9 +72,6 @@ class EditWorker:
         return self.model.default_guidance
 
     def make(self, edit: str, target: str) -> dict:
-        from cad_ray.method.editing import finetune, weights_replaced
-        from cad_ray.stages.attribution import objective_for
-
         start = time.time()
         spec = next(c for c in self.config.concepts if c.name == target)
         concept = self.build_concept(spec, self.model)
@@ -96,10 +97,6 @@ class EditWorker:
     def _unlearned(self, concept, masks) -> dict:
         """Adversarial unlearning of `concept` on the masked components; the other concepts of its kind kept
         (every other concept where it has no kind)."""
-        from cad_ray.method.editing import contrast_concepts
-        from cad_ray.method.probes import ProbeSettings, concept_word
-        from cad_ray.method.unlearning import UnlearningSettings, adversarial_finetune
-
         u = self.options.finetune.unlearning
         names = [c.name for c in self.config.concepts]
         kept = contrast_concepts(concept.name, names, "kind") or [n for n in names if n != concept.name]
@@ -125,11 +122,6 @@ class EditWorker:
 
     def _attribute_amplify(self, edit: str, target: str, concept) -> None:
         """CAD scores of the target under the amplify objective on the edited model, as a run root of its own."""
-        from cad_ray.method.attribution import CAD
-        from cad_ray.stages.attribution import objective_for
-        from cad_ray.stages.attribution import write_weights
-        from cad_ray.store import SCORE_SCHEMA, aggregate_tables, score_parts, table_metadata
-
         estimator = CAD(self.model, objective_for(self.config, "amplify"), self.config.scope, self.config.chunk_size,
                         self.config.seed, self.config.batch)
         attribution = estimator.attribute(concept, self.config.samples)
@@ -195,8 +187,6 @@ class Editor:
     def _uce(self, target: str) -> dict:
         """UCE's new key and value projections for `target`: its prompts mapped to the guide, the prompts of the
         concepts `uce.preserve` names kept."""
-        from cad_ray.method.baselines import uce_for_concept
-
         key = ("uce", target)
         if key not in self.cache:
             self.cache[key] = uce_for_concept(self.model, {c.name: c for c in self.config.concepts}, target,
@@ -225,8 +215,6 @@ class Editor:
     def _finetuned(self, edit: str, target: str):
         key = (edit, target)
         if key not in self.cache:
-            from cad_ray.models import load_model
-
             edited_model = load_model(self.run.uri_under(*edit_folder(edit, target), "model"))
             self.cache[key] = {n: p.detach().clone() for n, p in
                                select_parameters(edited_model.named_parameters(), self.config.scope)}
