@@ -178,6 +178,8 @@ class UnlearningOptions(Strict):
     lr: float = Field(3e-3, gt=0)
     images: int = Field(64, ge=1, description="the unedited model's images of the target the steps noise")
     retain_images: int = Field(32, ge=1, description="images of each other concept kept")
+    retain_weight: float = Field(1.0, gt=0, description="weight of the retain loss (the other concepts kept) "
+                                                        "against the unlearning loss")
     eta: float = Field(1.0, ge=0, description="how far the prediction is pushed beyond the target")
     target: Literal["esd", "images", "nearest"] = Field(
         "images", description="esd: the empty prompt's prediction pushed from the concept's (leaves the completion "
@@ -210,6 +212,8 @@ class FinetuneOptions(Strict):
         key = self.model_dump(mode="json", exclude={k for k in ("selection", "unlearning") if getattr(self, k) is None})
         if self.unlearning is not None and self.unlearning.target != "images":
             del key["unlearning"]["images_from"]  # read by the images target only
+        if self.unlearning is not None and self.unlearning.retain_weight == 1.0:
+            del key["unlearning"]["retain_weight"]  # edits made before it keep their key
         return key
 
 

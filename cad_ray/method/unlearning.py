@@ -48,6 +48,7 @@ class UnlearningSettings:
     batch: int = 32  # images of the concept per step
     images: int = 64  # the unedited model's images of the concept the steps noise
     retain_images: int = 32  # of each other concept
+    retain_weight: float = 1.0  # of the retain loss against the unlearning loss
     eta: float = 1.0  # how far beyond the target the prediction is pushed from the concept's
     target: str = "images"
     images_from: float = 0.1  # `images`: from this share of the training timesteps up, below it `esd`'s target
@@ -123,8 +124,8 @@ def adversarial_finetune(model, concept, word: str, others: dict[str, list[str]]
                         [model.predict_noise(y_t, s, c) for c in keep]))
                 targets = target if isinstance(target, list) else [target] * len(conditions)
                 loss = sum((model.predict_noise(x_t, t, c) - k).pow(2).mean() for c, k in zip(conditions, targets))
-                loss = loss + sum((model.predict_noise(y_t, s, c) - k).pow(2).mean()
-                                  for c, k in zip(keep, kept_targets))
+                loss = loss + settings.retain_weight * sum((model.predict_noise(y_t, s, c) - k).pow(2).mean()
+                                                           for c, k in zip(keep, kept_targets))
                 optimizer.zero_grad()
                 loss.backward()
                 for n, p in moving.items():

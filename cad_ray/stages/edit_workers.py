@@ -103,7 +103,8 @@ class EditWorker:
         others = {n: list(self.build_concept(next(c for c in self.config.concepts if c.name == n), self.model).prompts)
                   for n in kept}
         settings = UnlearningSettings(rounds=u.rounds, steps=u.steps, lr=u.lr, images=u.images,
-                                      retain_images=u.retain_images, eta=u.eta, target=u.target,
+                                      retain_images=u.retain_images, retain_weight=u.retain_weight, eta=u.eta,
+                                      target=u.target,
                                       images_from=u.images_from,
                                       attack=ProbeSettings(steps=u.attack_steps), sampling_steps=self.options.steps)
         return adversarial_finetune(self.model, concept, concept_word(concept.name), others,
