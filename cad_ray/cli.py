@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 from cad_ray import __version__
@@ -87,17 +88,24 @@ def cmd_sample(args: argparse.Namespace) -> None:
           f"guidance {trajectory.guidance}, {len(trajectory.timesteps)} steps, model {model.source}")
     if model.kind == "digits":
         from cad_ray.digits import COLOUR_NAMES
-        from cad_ray.digits.judges import builtin_judges
+        from cad_ray.digits.judges import NO_DIGIT_WORD, builtin_judges  # torch: imported once a command needs it
 
         judges = builtin_judges()
-        verdicts = [f"{d}/{COLOUR_NAMES[c]}" for d, c in zip(judges.digits(images), judges.colours(images))]
-        if len(verdicts) <= 16:
-            print("judged (digit/colour):", " ".join(verdicts))
-        else:  # a hundred verdicts on one line read as none: how many of each
-            from collections import Counter
+        print(judged_line(judges.digit_words(images), [COLOUR_NAMES[c] for c in judges.colours(images)],
+                          NO_DIGIT_WORD))
 
-            counts = Counter(verdicts).most_common()
-            print(f"judged (digit/colour) of {len(verdicts)} images:", ", ".join(f"{n} {v}" for v, n in counts))
+
+SHOWN_ONE_BY_ONE = 16  # up to this many images, each one's verdict; beyond it, how many of each
+
+
+def judged_line(digits: list[str], colours: list[str], no_digit_word: str) -> str:
+    """The judges' verdicts on sampled images in one short line: each image's digit/colour for a few images, else
+    a count per verdict (most frequent first). An image judged `no_digit_word` (noise) reads 'no digit'."""
+    verdicts = ["no digit" if d == no_digit_word else f"{d}/{c}" for d, c in zip(digits, colours)]
+    if len(verdicts) <= SHOWN_ONE_BY_ONE:
+        return "judged (digit/colour): " + ", ".join(verdicts)
+    counts = Counter(verdicts).most_common()
+    return f"judged (digit/colour) of {len(verdicts)} images: " + ", ".join(f"{n} {v}" for v, n in counts)
 
 
 def cmd_quality(args: argparse.Namespace) -> None:
@@ -471,10 +479,30 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_judges(args: argparse.Namespace) -> None:
     from cad_ray.judges import judge_listing
 
-    rows = judge_listing()  # finds packages without importing them; no judge's code is loaded
-    width = max(len(name) for name, *_ in rows)
-    for name, status, needs, description in rows:
-        print(f"{name:<{width}}  {status} | needs {needs} | {description}")
+    spec = None
+    if args.config:  # the judge a config names, with the options giving its weights: it can say "ready"
+        from cad_ray.config import load_config
+
+        spec = load_config(args.config).evaluation.judge
+    # finds packages without importing them; no judge's code is loaded
+    for line in judge_lines(judge_listing(spec)):
+        print(line)
+
+
+LISTING_WIDTH = 100  # `cad-ray judges` reads at 100 columns
+
+
+def judge_lines(rows: list[tuple[str, str, str, str]], width: int = LISTING_WIDTH) -> list[str]:
+    """One line per judge in aligned columns: name, status, needs, description. The needs column is as wide as its
+    longest entry where the lines then fit in `width`, else narrower: a longer entry pushes only its own row's
+    description to the right."""
+    name_width = max(len(name) for name, *_ in rows)
+    status_width = max(len(status) for _, status, *_ in rows)
+    description_width = max(len(description) for *_, description in rows)
+    room = width - name_width - status_width - description_width - 3 * 2
+    needs_width = min(max(len(needs) for _, _, needs, _ in rows), max(room, 0))
+    return [f"{name:<{name_width}}  {status:<{status_width}}  {needs:<{needs_width}}  {description}".rstrip()
+            for name, status, needs, description in rows]
 
 
 def _option_group(*options: tuple) -> argparse.ArgumentParser:
@@ -621,7 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
             "List every registered judge (built-in, or a plugin under the 'cad_ray.judges' entry-point group), one "
             "line each: its name, whether it can run here (ready; needs <package>; unavailable, and why), what it "
             "needs (packages, the option naming its weights) and what it measures. A config names one in its "
-            "evaluation section: judge: {name: nudenet} (docs/editing.md).")
+            "evaluation section: judge: {name: nudenet} (docs/editing.md).", [], [
+                ("--config", {"default": None, "help": "a run config whose evaluation.judge names weights: its "
+                                                       "judges say ready when those weights are there"})])
     command("top", cmd_top, "print a concept's top components",
             "Print the k components with the largest scores of a concept (inducing it), or with --negative the "
             "most negative ones (inhibiting it).", [query], [

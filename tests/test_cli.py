@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from cad_ray.cli import build_parser, main
+from cad_ray.digits import DIGIT_WORDS
 
 
 def run_cli(capsys, *argv):
@@ -33,6 +34,49 @@ def test_sample_from_a_stable_diffusion_folder(capsys, tmp_path, tiny_sd_folder)
     code, out, _ = run_cli(capsys, "sample", "--prompt", "a photo of a church", "--n", "2", "--steps", "3",
                            "--model", str(tiny_sd_folder), "--out", str(tmp_path / "x.npz"))
     assert code == 0 and np.load(tmp_path / "x.npz")["images"].shape == (2, 16, 16, 3)
+
+
+def test_sample_of_many_images_prints_a_count_per_verdict_and_noise_as_no_digit(capsys, tmp_path, monkeypatch):
+    from cad_ray.cli import judged_line
+    from cad_ray.digits.judges import NO_DIGIT_WORD, DigitsJudges
+
+    code, out, _ = run_cli(capsys, "sample", "--prompt", "a red seven", "--n", "40", "--steps", "4",
+                           "--out", str(tmp_path / "many.npz"))
+    line = next(l for l in out.splitlines() if l.startswith("judged"))
+    assert code == 0 and line.startswith("judged (digit/colour) of 40 images: ")
+    counts = [part.split(" ", 1) for part in line.split(": ", 1)[1].split(", ")]
+    assert sum(int(n) for n, _ in counts) == 40 and len(counts) < 40  # a count per verdict, not 40 verdicts
+    assert all(v == "no digit" or v.split("/")[0] in DIGIT_WORDS for _, v in counts)  # words, not digit indices
+    assert judged_line(["seven", NO_DIGIT_WORD], ["red", "red"], NO_DIGIT_WORD) == \
+        "judged (digit/colour): seven/red, no digit"
+    # the verdicts come from the judges' reject: an image that is no digit prints 'no digit', never a digit
+    monkeypatch.setattr(DigitsJudges, "is_digit", lambda self, images: np.zeros(len(images), bool))
+    code, out, _ = run_cli(capsys, "sample", "--prompt", "a red seven", "--n", "20", "--steps", "4",
+                           "--out", str(tmp_path / "noise.npz"))
+    assert code == 0 and "judged (digit/colour) of 20 images: 20 no digit" in out
+
+
+def test_judges_aligns_its_columns_and_a_config_naming_weights_makes_them_ready(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "judges")
+    lines = out.strip().splitlines()
+    assert code == 0 and max(len(line) for line in lines) <= 100
+    by_name = {line.split()[0]: line for line in lines}
+    assert by_name["clip-score"].split()[1:3] == ["needs", "weights"]
+    # the status and needs columns start at the same place on every line
+    status_at = {line.index(line.split()[1], len(line.split()[0])) for line in lines}
+    needs_at = {by_name[n].index("option") for n in ("classifier", "clip-score", "imagenet", "fd-dinov2")}
+    assert len(status_at) == 1 and len(needs_at) == 1 and by_name["digits"].index("nothing") in needs_at
+    weights = tmp_path / "clip"
+    weights.mkdir()
+    config = tmp_path / "judged.yaml"
+    config.write_text("concepts: [{name: seven}]\n"
+                      "evaluation:\n  judge: {name: panel, judges: [{name: clip-score, weights: %s}]}\n" % weights)
+    code, out, _ = run_cli(capsys, "judges", "--config", str(config))
+    by_name = {line.split()[0]: line for line in out.strip().splitlines()}
+    assert code == 0 and by_name["clip-score"].split()[1] == "ready"
+    assert by_name["imagenet"].split()[1:3] == ["needs", "weights"]  # a judge the config does not name
+    code, _, err = run_cli(capsys, "judges", "--config", str(tmp_path / "absent.yaml"))
+    _one_line_error(code, err, "cannot read config")
 
 
 def _one_line_error(code, err, *needles):
