@@ -7,6 +7,8 @@ import io
 import numpy as np
 import pandas as pd
 
+from cad_ray.method.edits import erasing, one_setting
+
 
 def _png(fig) -> bytes:
     import matplotlib.pyplot as plt
@@ -128,8 +130,7 @@ def ratio_sweep(summary: pd.DataFrame, target: str) -> bytes:
 SWEEP_STYLES = ({"marker": "o", "ls": "-"}, {"marker": "s", "ls": "--"}, {"marker": "^", "ls": "-."},
                 {"marker": "D", "ls": ":"})
 
-VERDICT_EDITS = ("cad-erase", "cad-erase-published", "gradient", "magnitude", "conceptprune", "uce", "finetune",
-                 "random")
+VERDICT_EDITS = tuple(erasing())  # the registry's erasing edits, random last
 
 
 def erase_verdicts(summary: pd.DataFrame) -> bytes:
@@ -138,8 +139,7 @@ def erase_verdicts(summary: pd.DataFrame) -> bytes:
     the worst share of its accuracy anything else keeps, and how bright everything else stays (where the table
     measured it); the 20%, 90% and 80% lines of "clean"."""
     plt = _pyplot()
-    single = ("random", "uce", "finetune")
-    rows = summary[summary["edit"].isin(VERDICT_EDITS) & (summary["picked"] | summary["edit"].isin(single))]
+    rows = summary[summary["edit"].isin(VERDICT_EDITS) & (summary["picked"] | summary["edit"].map(one_setting))]
     from cad_ray.digits import COLOUR_NAMES, DIGIT_WORDS
 
     known = list(DIGIT_WORDS + COLOUR_NAMES)  # the digits world in its own order, anything else after it

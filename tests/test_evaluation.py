@@ -107,9 +107,13 @@ def test_summary_names_the_best_trade_off():
                       "correct": k < ok, "zeroed": 1} for k in range(10)]
     rows += [{"edit": "none", "target": "", "ratio": 0.0, "guidance": 3.0, "label": label, "correct": True,
               "zeroed": 0} for label in ("seven", "one") for _ in range(10)]
+    # random at a ratio where it erases and keeps everything else: a reference, never the best trade-off
+    rows += [{"edit": "random", "target": "seven", "ratio": 0.03, "guidance": 3.0, "label": label,
+              "correct": label == "one", "zeroed": 1} for label in ("seven", "one") for _ in range(10)]
     table = pd.DataFrame(rows).assign(selection="all/global/none", colour="", template="free-0w", split="test")
     summary = summarize_evaluation(table)
     best = summary[summary["best"]]
+    assert list(best["edit"]) == ["cad-erase"]
     assert list(best["ratio"]) == [0.03]  # lowest target accuracy among ratios that keep others >= 90%
     assert summary.set_index("ratio").loc[0.1, "worst_other_retained"] == 0.5
 

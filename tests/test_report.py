@@ -108,7 +108,8 @@ def test_report_never_marks_random_best_interprets_pearson_and_names_every_grid_
     import cad_ray.stages.report as report
 
     summary = report.ScoreStore(full_root).table("evaluation_summary")
-    assert summary.loc[summary["edit"] == "random", "best"].any()  # the stage marks it; the report must not
+    assert not summary.loc[summary["edit"].isin(["random", "none"]), "best"].any()  # references, never best
+    assert summary.loc[summary["edit"] == "cad-erase", "best"].any()
     named = []
     draw = report._labelled_grid_png
     monkeypatch.setattr(report, "_labelled_grid_png", lambda rows, columns: named.append(

@@ -115,3 +115,19 @@ def picked_by(name: str) -> str:
 def amplifying(name: str) -> bool:
     """The edit brings its target back (its best setting is its highest target accuracy)."""
     return name in EDITS and EDITS[name].amplifies
+
+
+def is_reference(name: str) -> bool:
+    """The unedited model and random draws: what an edit is read beside, never an edit's best trade-off."""
+    return name == NONE or (name in EDITS and EDITS[name].ranks == "random")
+
+
+def erasing() -> list[str]:
+    """The edits that take a concept away (the verdicts' edits), references last."""
+    names = [e.name for e in _EDITS if not e.amplifies]
+    return sorted(names, key=is_reference)
+
+
+def one_setting(name: str) -> bool:
+    """Rows of a single setting per target (no ratio sweep): the baselines, fine-tuning and random draws."""
+    return name in EDITS and (EDITS[name].settings in ("single", "finetune") or EDITS[name].ranks == "random")

@@ -24,7 +24,7 @@ import pandas as pd
 from cad_ray.config import AttributionConfig
 from cad_ray.errors import CadRayError
 from cad_ray.method.concepts import build_concept
-from cad_ray.method.edits import RECOVERY
+from cad_ray.method.edits import NONE, amplifying
 from cad_ray.method.probes import (ClassifierGuidance, ProbeSettings, SoftPrompt, TextualInversion, complete,
                                    concept_images, concept_word, cycled)
 from cad_ray.models import load_model
@@ -34,7 +34,6 @@ from cad_ray.stages.panels import target_kind
 from cad_ray.store import RunRoot, ScoreStore
 
 UNIT_KEY = ["edit", "target", "selection", "ratio", "guidance", "probe"]
-AMPLIFYING = ("cad-amplify", RECOVERY)  # they bring a concept back: nothing to probe
 NEVER_LEARNED = "never-learned"
 RULED = ("inversion", "completion")  # the probes of the extended clean rule (docs/editing.md)
 
@@ -50,8 +49,8 @@ def probe_units(summary: pd.DataFrame, options) -> list[dict]:
     times every probe."""
     guidance = float(summary["guidance"].iloc[0]) if len(summary) else float("nan")
     settings = [(r.edit, r.target, r.selection, float(r.ratio), float(r.guidance))
-                for r in summary.itertuples() if r.edit not in AMPLIFYING and r.edit != "none"]
-    settings += [("none", t, "", 0.0, guidance) for t in options.targets]
+                for r in summary.itertuples() if not amplifying(r.edit) and r.edit != NONE]  # what brings a concept back: nothing to probe
+    settings += [(NONE, t, "", 0.0, guidance) for t in options.targets]
     settings += [(NEVER_LEARNED, t, options.probe.references[t], 0.0, guidance)
                  for t in options.targets if t in options.probe.references]
     return [dict(zip(UNIT_KEY, (*s, probe))) for s in settings for probe in options.probes]
@@ -164,7 +163,7 @@ def summarize_probes(table: pd.DataFrame, margin: float) -> pd.DataFrame:
     summary = table.groupby(keys, dropna=False, sort=True)["recovered"].agg(["mean", "size"]).reset_index()
     summary = summary.rename(columns={"mean": "recovery", "size": "images"})
     at = ["target", "probe", "setting"]
-    ceiling = summary[summary["edit"] == "none"].set_index(at)["recovery"]
+    ceiling = summary[summary["edit"] == NONE].set_index(at)["recovery"]
     reference = summary[summary["edit"] == NEVER_LEARNED]
     own_level = reference.set_index(at)["recovery"]
     pooled = reference.groupby(["probe", "setting"])["recovery"].mean()
@@ -185,7 +184,7 @@ def probe_verdicts(summary: pd.DataFrame, evaluation: pd.DataFrame) -> pd.DataFr
     """Per judged edit setting: the evaluation's clean verdict, the worst recovery over the ruled probes'
     settings above its never-learned level, and `clean_under_probes`: clean and every ruled probe within."""
     keys = ["edit", "target", "selection", "ratio", "guidance"]
-    ruled = summary[summary["probe"].isin(RULED) & ~summary["edit"].isin(["none", NEVER_LEARNED])
+    ruled = summary[summary["probe"].isin(RULED) & ~summary["edit"].isin([NONE, NEVER_LEARNED])
                     & (summary["setting"] != "untrained")]
     if ruled.empty:
         return pd.DataFrame(columns=keys + ["clean", "worst_over_never_learned", "clean_under_probes"])

@@ -10,7 +10,8 @@ import io
 import numpy as np
 import pandas as pd
 
-from cad_ray.stages.evaluation import target_kind, target_rows
+from cad_ray.method.edits import is_reference
+from cad_ray.stages.summary import target_kind, target_rows
 from cad_ray.store import RunRoot, ScoreStore
 
 TEMPLATE = "report.html.j2"  # in cad_ray/assets: the page's layout; this module computes what goes in it
@@ -31,7 +32,6 @@ def _table(frame: pd.DataFrame) -> str:
 # the edits table's columns a reader compares first; the rest are under "every column"
 EDIT_COLUMNS = ("edit", "target", "selection", "ratio", "guidance", "zeroed", "target_accuracy",
                 "target_accuracy_unseen", "others_accuracy", "worst_other_retained", "clean", "best")
-NEVER_BEST = ("none", "random")  # the unedited model and the random baseline are references, never a trade-off
 
 
 def _note(text: str) -> str:
@@ -125,7 +125,7 @@ def build_report(root: str) -> str:
 
     if evaluation is not None:
         images = store.table("evaluation")
-        evaluation = evaluation.assign(best=evaluation["best"] & ~evaluation["edit"].isin(NEVER_BEST)) \
+        evaluation = evaluation.assign(best=evaluation["best"] & ~evaluation["edit"].map(is_reference).astype(bool)) \
             if "best" in evaluation else evaluation
         targets = [t for t in evaluation["target"].unique() if t]
         page["evaluation"] = {
@@ -250,7 +250,7 @@ def _image_grids(images: pd.DataFrame, summary: pd.DataFrame, target: str, per_p
     edit: the unedited model, each edit's best ratio, and random at cad-erase's best ratio (the reference)."""
     out = []
     chosen = [("none", 0.0, g) for g in sorted(summary[summary["edit"] == "none"]["guidance"].unique())]
-    best = summary[(summary["target"] == target) & summary["best"] & ~summary["edit"].isin(NEVER_BEST)]
+    best = summary[(summary["target"] == target) & summary["best"] & ~summary["edit"].map(is_reference).astype(bool)]
     chosen += [(r.edit, r.ratio, r.guidance) for r in best.itertuples()]
     chosen += [("random", r.ratio, r.guidance) for r in best[best["edit"] == "cad-erase"].itertuples()
                if ((summary["edit"] == "random") & (summary["target"] == target)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from cad_ray.config import SearchOptions
-from cad_ray.method.edits import amplifying, picked_by
+from cad_ray.method.edits import amplifying, is_reference, picked_by
 from cad_ray.stages.panels import label_key, names_label, own_wording, target_kind, target_rows  # noqa: F401
 
 # clean: what should stay keeps this share of its brightness (`brightness_kept`); the search's default
@@ -119,7 +119,8 @@ def summarize_evaluation(table: pd.DataFrame, reference: np.ndarray | None = Non
     kept = (summary["worst_other_retained"] >= 0.9) & ~(summary["brightness_kept"] < BRIGHTNESS_MIN)
     summary["clean"] = (summary["edit"] != "none") & own_ok & unseen_ok & kept
     summary["best"] = False
-    for _, g in summary[summary["edit"] != "none"].groupby(["edit", "target"]):
+    references = summary["edit"].map(is_reference).astype(bool)  # the unedited model and random: never best
+    for _, g in summary[~references].groupby(["edit", "target"]):
         keeps = g[kept[g.index]]
         pick = keeps if len(keeps) else g
         if pick["target_accuracy"].notna().any():
