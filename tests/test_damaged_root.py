@@ -260,6 +260,41 @@ def test_an_access_error_is_never_read_as_not_done(small_run, monkeypatch):
         run.readable(*parts)
 
 
+def test_only_a_decode_error_reads_as_a_damaged_file_a_bug_is_raised(small_run, tmp_path, monkeypatch):
+    """A truncated, garbled or foreign file is "damaged" (made again); a KeyError or TypeError while reading is a
+    bug of the code, raised, never taken for "damaged" (which would silently recompute)."""
+    import json as json_module
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from cad_ray.errors import CadRayError
+    from cad_ray.store import RunRoot, is_damage
+
+    assert is_damage(pa.ArrowInvalid("Parquet magic bytes not found")) and is_damage(OSError("corrupt page"))
+    assert is_damage(json_module.JSONDecodeError("bad", "{", 0))
+    for bug in (KeyError("options"), TypeError("'NoneType' object is not subscriptable"), AttributeError("x"),
+                PermissionError("Access Denied")):
+        assert not is_damage(bug), bug
+    run = RunRoot(str(tmp_path))
+    pq.write_table(pa.table({"x": [1]}), tmp_path / "foreign.parquet")  # Parquet without cad-ray's metadata
+    pq.write_table(pa.table({"x": [1]}).replace_schema_metadata({b"cad_ray": b"[not, json"}),
+                   tmp_path / "garbled.parquet")
+    pq.write_table(pa.table({"x": [1]}).replace_schema_metadata({b"cad_ray": b"[1, 2]"}), tmp_path / "list.parquet")
+    (tmp_path / "short.parquet").write_bytes((Path(small_run) / SCORES).read_bytes()[:500])
+    for name in ("foreign.parquet", "garbled.parquet", "list.parquet", "short.parquet"):
+        assert run.footer(name) is None, name
+    assert run.readable("short.parquet") is False
+
+    def bug(*args, **kwargs):
+        raise KeyError("a bug in the reader")
+
+    monkeypatch.setattr(pq, "read_metadata", bug)
+    with pytest.raises(CadRayError, match="KeyError"):
+        RunRoot(small_run).footer(*SCORES.parts)
+
+
 def test_a_half_written_fine_tuned_edit_is_made_again(small_run, tmp_path, capsys):
     root = tmp_path / "run"
     shutil.copytree(small_run, root)

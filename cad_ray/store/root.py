@@ -46,11 +46,13 @@ def _lock_is_stale(holder: dict) -> bool:
 
 
 def is_damage(error: Exception) -> bool:
-    """Whether a read error says the file is damaged (truncated, garbled, not ours), as opposed to an error of
-    access (permissions, the network) that says nothing about the file and must not read as "not done"."""
+    """Whether a read error is a decode error that says the file is damaged (truncated, garbled, not Parquet, not
+    JSON), as opposed to an error of access (permissions, the network) that says nothing about the file and must
+    not read as "not done". Any other error (a KeyError, a TypeError) is a bug, raised: never "recompute"."""
     if isinstance(error, (PermissionError, ConnectionError, TimeoutError)):
         return False
-    return isinstance(error, (pa.ArrowInvalid, ValueError, KeyError, TypeError, OSError))
+    # pyarrow's own errors while decoding (ArrowInvalid: no Parquet magic; OSError: a corrupt page or checksum)
+    return isinstance(error, (pa.ArrowException, json.JSONDecodeError, UnicodeDecodeError, OSError))
 
 
 class Footer(NamedTuple):
@@ -246,13 +248,17 @@ class RunRoot:
         try:
             with self.fs.open(path, "rb") as f:
                 footer = pq.read_metadata(f)
-            return Footer(json.loads(footer.metadata[METADATA_KEY]), footer.num_rows)
+            ours = (footer.metadata or {}).get(METADATA_KEY)
+            metadata = json.loads(ours) if ours is not None else None
         except FileNotFoundError:
             return None
         except Exception as e:
             if is_damage(e):
                 return None
             raise CadRayError(f"cannot read {self.uri_under(*parts)}: {type(e).__name__}: {e}") from None
+        if not isinstance(metadata, dict):
+            return None  # Parquet, but not a cad-ray table: without our metadata
+        return Footer(metadata, footer.num_rows)
 
     def readable(self, *parts: str) -> bool:
         """Whether every page of a Parquet file decodes (a garbled middle leaves the footer whole): one streaming
