@@ -52,7 +52,7 @@ def main() -> None:
     shutil.rmtree(args.root, ignore_errors=True)
     run = RunRoot(args.root)
     identity = {"fingerprint": "synthetic", "config_hash": "synthetic"}
-    run.write_manifest({"complete": True, **identity})
+    run.write_manifest({"complete": True, "config": {"synthetic": True}, **identity})
     where = ("concept=synthetic", "objective=erase", "part-0.parquet")
     start = time.perf_counter()
     run.write_parts(SCORE_SCHEMA, score_parts(names, weights, grads), "scores", *where, metadata=identity)
