@@ -239,7 +239,7 @@ def stage_config(root: str, config_file: str | None, section: str, overrides: di
     """The run's config for a later stage: the --config file if given (checked against the root by the stage),
     else the config stored in the root's manifest; `overrides` replace fields of its `section`."""
     from cad_ray.config import load_config, parse_config
-    from cad_ray.store import RunRoot
+    from cad_ray.store import PART_FILE, RunRoot
 
     if config_file:
         config = load_config(config_file)
@@ -251,7 +251,7 @@ def stage_config(root: str, config_file: str | None, section: str, overrides: di
         # the options the root was made with: this stage's own earlier run, else the attribution's config file
         stage_options = dict(manifest.get("stage_options", {}))
         earlier = (run.read_manifest("_validation.json") or {}).get("options") if section == "validation" else \
-            (run.footer("evaluation", "part-0.parquet") or [{}])[0].get("options")
+            (run.footer("evaluation", PART_FILE) or [{}])[0].get("options")
         if earlier:
             stage_options[section] = earlier
         config = parse_config({**manifest["config"], **stage_options}, f"{root}/_manifest.json")
@@ -376,7 +376,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
     if not Path(os.path.realpath(out)).name:
         raise CadRayError(f"--out {args.out} names no new folder for the edited model")
     store = ScoreStore(args.root)
-    model = load_model(args.model if args.model else store.manifest["config"].get("model"))
+    model = load_model(args.model if args.model else store.config.model)
     check_fingerprint(model, store.fingerprint)
     if args.selection is None:  # the root's own: its config's evaluation.selection (the evaluation's, where it ran)
         args.selection = stage_config(args.root, None, "evaluation", {}).evaluation.selection
@@ -448,7 +448,7 @@ def edit_uce(store, model, target: str) -> int:
     from cad_ray.method.baselines import uce_for_concept
     from cad_ray.method.editing import _forget_fingerprint
 
-    config = parse_config({**store.manifest["config"], **store.manifest.get("stage_options", {})}, "the run's config")
+    config = store.config
     specs = {c.name: c for c in config.concepts}
     if target not in specs:
         raise CadRayError(f"concept {target!r} is not in the run; it has {', '.join(specs)}")

@@ -13,17 +13,17 @@ from cad_ray.errors import CadRayError
 def digits_concept(name: str) -> tuple[list[str], list[str], np.ndarray]:
     """(prompts, base prompts, real images (N, 8, 8, 3)) of a digits-world concept.
 
-    A digit's prompts are the grammar's colour-free prompts for it, against the empty base prompt; its
-    images are its real digits in every colour. A colour's prompts are "a <colour> <digit>" for every digit,
-    each against the same prompt without the colour, so that J measures the colour alone; its images are
-    all real digits in that colour.
+    A digit's prompts are the grammar's colour-free prompts for it, against the default base prompt (none given:
+    `Concept`'s default, the sampler's empty negative prompt); its images are its real digits in every colour. A
+    colour's prompts are "a <colour> <digit>" for every digit, each against the same prompt without the colour,
+    so that J measures the colour alone; its images are all real digits in that colour.
     """
     images, labels = real_digits()
     if name in DIGIT_WORDS:
         d = DIGIT_WORDS.index(name)
         own = images[labels == d]
         coloured = np.concatenate([render(own, c) for c in COLOUR_NAMES])
-        return all_prompts(d, None), [""], coloured
+        return all_prompts(d, None), [], coloured
     if name in COLOUR_NAMES:
         prompts = [canonical_prompt(d, name) for d in range(10)]
         bases = [prompt_for(d, None, TEMPLATES_WITHOUT_COLOUR[1]) for d in range(10)]

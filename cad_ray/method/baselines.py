@@ -24,6 +24,7 @@ import torch
 from cad_ray.errors import CadRayError
 from cad_ray.method.attribution import Attribution, GradientSum
 from cad_ray.method.objectives import Concept
+from cad_ray.models.base import NEGATIVE_PROMPT
 from cad_ray.seeds import derive_seed
 
 METHODS = ("cad", "gradient", "magnitude", "conceptprune")
@@ -176,7 +177,7 @@ def uce_weights(model, erase: list[str], preserve: list[str], guide: str = " ", 
     Returns the new weights by parameter name (float32, on the model's device)."""
     if not erase:
         raise CadRayError("UCE needs at least one prompt to erase")
-    retain = [""] + [p for p in preserve if p not in erase]
+    retain = [NEGATIVE_PROMPT] + [p for p in preserve if p not in erase]
     ps = max(0.1, 1.0 / len(retain)) if preserve_scale is None else preserve_scale
     with torch.no_grad():
         pairs = [erase_pair(model, p, guide) for p in erase]

@@ -8,6 +8,7 @@ import torch
 from cad_ray.config import ConceptSpec
 from cad_ray.errors import CadRayError
 from cad_ray.method.objectives import Concept
+from cad_ray.models.base import NEGATIVE_PROMPT
 
 
 def build_concept(spec: ConceptSpec, model) -> Concept:
@@ -23,7 +24,7 @@ def build_concept(spec: ConceptSpec, model) -> Concept:
         images = model.to_latents(real)
     else:
         raise CadRayError(f"concept {spec.name!r} needs 'prompts:' in the config")
-    if set(prompts) <= set(bases or [""]):
+    if set(prompts) <= set(bases or [NEGATIVE_PROMPT]):
         raise CadRayError(f"concept {spec.name!r}: its prompts equal its base prompt, so every score would be zero; "
                           "give a base_prompt that lacks the concept (default: the empty prompt)")
     concept = Concept(spec.name, tuple(prompts), tuple(bases), images)

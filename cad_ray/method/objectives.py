@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cad_ray.errors import CadRayError
-from cad_ray.models.base import PREDICTION_TYPES, check_scheduler, prediction_type
+from cad_ray.models.base import NEGATIVE_PROMPT, PREDICTION_TYPES, check_scheduler, prediction_type
 from cad_ray.seeds import derive_seed, numpy_rng, torch_generator
 
 
@@ -45,7 +45,7 @@ class Concept:
         if not self.prompts:
             raise CadRayError(f"concept {self.name!r} has an empty prompt list")
         if not self.base_prompts:
-            object.__setattr__(self, "base_prompts", ("",) * len(self.prompts))
+            object.__setattr__(self, "base_prompts", (NEGATIVE_PROMPT,) * len(self.prompts))
         elif len(self.base_prompts) == 1:
             object.__setattr__(self, "base_prompts", tuple(self.base_prompts) * len(self.prompts))
         elif len(self.base_prompts) != len(self.prompts):
@@ -133,8 +133,8 @@ class EraseObjective:
         The points are the UNet inputs the sampler itself made, `scale_model_input(x_t, t)` at the sampler's
         own timesteps (sigma-scaled for Euler-type samplers), so J is measured where the model is used."""
         prompts, bases = map(list, zip(*(concept.prompt(s) for s in samples)))
-        # the base prompt is the sampler's negative prompt (""): the target, the UNet's output for it at each
-        # point, was already computed by the guidance of that step
+        # the base prompt is the sampler's negative prompt (NEGATIVE_PROMPT): the target, the UNet's output for it
+        # at each point, was already computed by the guidance of that step
         reuse = self.fusable(concept, samples)
         traj = concept_trajectories(model, concept, prompts, samples, seed, self.guidance, self.steps,
                                     keep_unguided=reuse)
@@ -166,9 +166,9 @@ class EraseObjective:
 
     @staticmethod
     def fusable(concept: Concept, samples: list[int]) -> bool:
-        """Whether every sample's base prompt is the sampler's negative prompt (""), so that the target at each
-        point is the unguided half of the sampler's own step."""
-        return all(concept.prompt(s)[1] == "" for s in samples)
+        """Whether every sample's base prompt is the sampler's negative prompt (NEGATIVE_PROMPT), so that the target
+        at each point is the unguided half of the sampler's own step."""
+        return all(concept.prompt(s)[1] == NEGATIVE_PROMPT for s in samples)
 
     @torch.no_grad()
     def fused_backward(self, model, concept: Concept, samples: list[int], seed: int, backward) -> None:

@@ -27,6 +27,7 @@ import torch
 from cad_ray.errors import CadRayError
 from cad_ray.seeds import derive_seed
 
+NEGATIVE_PROMPT = ""  # the shared empty prompt: the sampler's negative prompt, and the default base prompt of a concept
 TEXT_ENCODER_PREFIX = "text_encoder."  # names of text-encoder components (scopes `text`, `tokens`)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -179,7 +180,7 @@ class TextToImageModel:
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int = 0, guidance: float | None = None, steps: int | None = None,
-               negative_prompt: str = "", ids: Sequence[int] | None = None, progress: bool = False,
+               negative_prompt: str = NEGATIVE_PROMPT, ids: Sequence[int] | None = None, progress: bool = False,
                keep_unguided: bool = False, gradient_rows=None, start: torch.Tensor | None = None,
                start_step: int = 0, conditioning: torch.Tensor | None = None, guide=None) -> Trajectory:
         """Sample one image per prompt with classifier-free guidance, keeping every x_t on the way.

@@ -33,8 +33,8 @@ from cad_ray.method.attribution import CAD, GradientSum
 from cad_ray.method.scopes import never_selected
 from cad_ray.config import LATER_STAGES, AttributionConfig
 from cad_ray.errors import CadRayError
-from cad_ray.store import (METADATA_KEY, SCORE_SCHEMA, WEIGHT_SCHEMA, RunRoot, aggregate_tables, is_damage, partition,
-                           score_parts, table_metadata, weight_parts)
+from cad_ray.store import (METADATA_KEY, PART_FILE, SCORE_SCHEMA, WEIGHT_SCHEMA, RunRoot, aggregate_tables, is_damage,
+                           partition, score_parts, table_metadata, weight_parts)
 
 RESULT_TABLES = ("scores", "neurons", "layers")
 WEIGHT_ROW_GROUP_SIZE = 1 << 16  # 256 KB of float32 weights: a look-up of 100 rows reads at most 100 of them
@@ -171,7 +171,7 @@ class AttributionWorker:
         meta = table_metadata(manifest, concept, objective, {"samples": total.samples,
                                                               "scope": estimator.scope,
                                                               "objective_value": attribution.objective_value})
-        where = (partition(concept, objective), "part-0.parquet")
+        where = (partition(concept, objective), PART_FILE)
         # scores last: their presence marks the (concept, objective) as finished
         neurons, layers = aggregate_tables(names, weights, grads)
         self.run.write_table(neurons, "neurons", *where, metadata=meta)
@@ -195,25 +195,19 @@ def write_weights(run: RunRoot, parameters, manifest: dict) -> None:
     weights = {n: p.detach().double().cpu() for n, p in parameters}
     meta = {"fingerprint": manifest["fingerprint"], "config_hash": manifest["config_hash"]}
     # small row groups: `ScoreStore.top` reads the weights of its k rows by row number, a row group each
-    run.write_parts(WEIGHT_SCHEMA, weight_parts(names, weights), "weights", "part-0.parquet", metadata=meta,
+    run.write_parts(WEIGHT_SCHEMA, weight_parts(names, weights), "weights", PART_FILE, metadata=meta,
                     row_group_size=WEIGHT_ROW_GROUP_SIZE)
 
 
 def weights_are_whole(run: RunRoot, manifest: dict) -> bool:
-    footer = run.footer("weights", "part-0.parquet")
-    return (footer is not None and footer.metadata.get("fingerprint") == manifest["fingerprint"]
-            and footer.metadata.get("config_hash") == manifest["config_hash"] and run.readable("weights", "part-0.parquet"))
+    return run.ours("weights", PART_FILE, owner=manifest, decoded=True) is not None
 
 
 def shard_is_valid(run: RunRoot, shard: Shard, names: list[str], total_size: int, manifest: dict) -> bool:
     """A shard counts as done only if its file is whole and belongs to this run, model and layout."""
-    footer = run.footer(*shard.path)
-    if footer is None:
-        return False
-    meta, rows = footer
-    return (meta.get("config_hash") == manifest["config_hash"] and meta.get("fingerprint") == manifest["fingerprint"]
-            and meta.get("tensors") == names and rows == total_size
-            and tuple(meta["shard"]["samples"]) == shard.samples)
+    footer = run.ours(*shard.path, owner=manifest, rows=total_size)
+    return (footer is not None and footer.metadata.get("tensors") == names
+            and tuple(footer.metadata["shard"]["samples"]) == shard.samples)
 
 
 def read_shard(run: RunRoot, shard: Shard, layout: list[tuple[str, tuple[int, ...]]],
@@ -288,17 +282,14 @@ def shard_status(run: RunRoot, shards: list[Shard], manifest: dict,
 
 def table_is_whole(run: RunRoot, table: str, concept: str, objective: str, manifest: dict) -> bool:
     """A final table counts only if its file is whole and was written for this run's config and model."""
-    parts = (table, partition(concept, objective), "part-0.parquet")
-    footer = run.footer(*parts)
-    return (footer is not None and footer.metadata.get("config_hash") == manifest["config_hash"]
-            and footer.metadata.get("fingerprint") == manifest["fingerprint"] and run.readable(*parts))
+    return run.ours(table, partition(concept, objective), PART_FILE, owner=manifest, decoded=True) is not None
 
 
 def damaged_tables(run: RunRoot, config: AttributionConfig, manifest: dict) -> list[str]:
     """The final tables that are missing, damaged or from another run, as paths under the root."""
-    damaged = ["/".join((t, partition(spec.name, objective), "part-0.parquet")) for spec, objective in config.pairs()
+    damaged = ["/".join((t, partition(spec.name, objective), PART_FILE)) for spec, objective in config.pairs()
                for t in RESULT_TABLES if not table_is_whole(run, t, spec.name, objective, manifest)]
-    return damaged + ([] if weights_are_whole(run, manifest) else ["weights/part-0.parquet"])
+    return damaged + ([] if weights_are_whole(run, manifest) else [f"weights/{PART_FILE}"])
 
 
 def pairs_to_finalize(run: RunRoot, config: AttributionConfig, manifest: dict) -> list[tuple[str, str]]:

@@ -29,7 +29,7 @@ from cad_ray.method.unlearning import UnlearningSettings, adversarial_finetune
 from cad_ray.models import load_model
 from cad_ray.seeds import derive_seed
 from cad_ray.stages.attribution import model_for, objective_for, write_weights
-from cad_ray.store import (SCORE_SCHEMA, RunRoot, ScoreStore, aggregate_tables, partition, score_parts,
+from cad_ray.store import (PART_FILE, SCORE_SCHEMA, RunRoot, ScoreStore, aggregate_tables, partition, score_parts,
                            table_metadata)
 
 EDIT_MARKER = "_complete.json"
@@ -130,7 +130,7 @@ class EditWorker:
         manifest = {"fingerprint": self.model.fingerprint(), "config_hash": self.config.config_hash(),
                     "config": self.config.result_fields(), "model": f"{edit} of {target}", "complete": True}
         meta = table_metadata(manifest, target, "amplify", {"objective_value": attribution.objective_value})
-        where = (partition(target, "amplify"), "part-0.parquet")
+        where = (partition(target, "amplify"), PART_FILE)
         names = estimator.tensor_names
         neurons, layers = aggregate_tables(names, attribution.weights, attribution.grads)
         sub.write_table(layers, "layers", *where, metadata=meta)

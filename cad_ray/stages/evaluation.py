@@ -34,7 +34,7 @@ from cad_ray.errors import CadRayError
 from cad_ray.judges import reference_features
 from cad_ray.method.editing import Selection, contrast_concepts
 from cad_ray.method.edits import EDITS, NONE, RECOVERY, picked_by  # noqa: F401 (RECOVERY, picked_by re-exported)
-from cad_ray.store import RunRoot, ScoreStore
+from cad_ray.store import PART_FILE, RunRoot, ScoreStore
 # the parts, re-exported under their old paths
 from cad_ray.digits.prompts import SELECTION_SEED_OFFSET, digits_prompt_set  # noqa: F401
 from cad_ray.stages.edit_workers import (EDIT_MARKER, EditWorker, ImageJudge, brightness, edit_folder,  # noqa: F401
@@ -88,7 +88,7 @@ def evaluation_metadata(manifest: dict, options: EvaluationOptions) -> dict:
 
 def evaluation_options_hash(run: RunRoot) -> str | None:
     """The options hash stored in an existing evaluation table, if any."""
-    footer = run.footer("evaluation", "part-0.parquet")
+    footer = run.footer("evaluation", PART_FILE)
     return footer.metadata.get("options_hash") if footer else None
 
 
@@ -104,8 +104,7 @@ def block_name(rows: pd.DataFrame, meta: dict) -> str:
 
 def block_is_done(run: RunRoot, name: str, rows: int) -> bool:
     """A block file counts only if it is whole (footer) and has its rows."""
-    footer = run.footer("_evaluation", name)
-    return footer is not None and footer.rows == rows
+    return run.ours("_evaluation", name, owner={}, keys=(), rows=rows) is not None
 
 
 def check_targets(options: EvaluationOptions, store: ScoreStore, root: str) -> None:
@@ -166,7 +165,7 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
     if options.guidance is None:
         config = config.model_copy(update={"evaluation": options.model_copy(update={"guidance": guidance})})
         options = config.evaluation
-    if not overwrite and run_root.exists("evaluation", "part-0.parquet"):
+    if not overwrite and run_root.exists("evaluation", PART_FILE):
         previous = evaluation_options_hash(run_root)
         if previous is not None and previous != options.options_hash():
             raise CadRayError(f"{root} holds an evaluation made with other options; pass --overwrite to replace it "
@@ -244,7 +243,7 @@ def finish_evaluation(run: RunRoot, store: ScoreStore, options: EvaluationOption
     meta = evaluation_metadata(store.manifest, options)
     meta["picks"] = [[edit, target, *pick] for (edit, target), pick in sorted(picks.items())]
     stored = table.drop(columns=[c for c in ("features",) if c in table])
-    run.write_table(pa.Table.from_pandas(stored, preserve_index=False), "evaluation", "part-0.parquet", metadata=meta)
-    run.write_table(pa.Table.from_pandas(summary, preserve_index=False), "evaluation_summary", "part-0.parquet",
+    run.write_table(pa.Table.from_pandas(stored, preserve_index=False), "evaluation", PART_FILE, metadata=meta)
+    run.write_table(pa.Table.from_pandas(summary, preserve_index=False), "evaluation_summary", PART_FILE,
                     metadata=meta)
     return summary, len(table)

@@ -93,7 +93,7 @@ def check_prompt_labels(prompts: pd.DataFrame, options: EvaluationOptions, store
     if np.logical_or.reduce([target_rows(prompts, t).to_numpy() for t in options.targets]).all():
         raise CadRayError(f"prompt set {options.prompts}: every row asks for a target ({', '.join(options.targets)});"
                           " an edit is judged on what must stay as well: add rows of other labels")
-    if options.judge or store.manifest["config"].get("model") is not None:
+    if options.judge or store.config.model is not None:
         return
     known = {label_key(w) for w in DIGIT_WORDS}
     bad = sorted({str(l) for l in prompts["label"] if l != "" and label_key(l) not in known})

@@ -29,7 +29,7 @@ import pyarrow as pa
 from cad_ray import __version__
 from cad_ray.config import AttributionConfig, ValidationOptions
 from cad_ray.errors import CadRayError
-from cad_ray.store import RunRoot, ScoreStore, partition
+from cad_ray.store import PART_FILE, RUN_KEYS, RunRoot, ScoreStore, partition
 from cad_ray.method.estimators import (AblationEvaluator, Coar, FirstOrder, SecondOrder, SecondOrderSketch,
                                       bootstrap_interval, concentration, jaccard, pearson, quadratic_terms,
                                       random_subset, spearman, top_set)
@@ -170,14 +170,9 @@ def compact_subset(n_components: int, fraction: float, ablation: int, seed: int)
 
 def shard_is_done(run: RunRoot, shard: ValidationShard, manifest: dict) -> bool:
     """Whole, from this run's options and model, and with the rows it should have."""
-    footer = run.footer(*shard.path)
-    if footer is None:
-        return False
-    meta = footer.metadata
     rows = len(manifest["options"]["fractions"]) * manifest["options"]["ablations"] if shard.kind == "sketch" \
         else shard.rows
-    return (meta.get("options_hash") == manifest["options_hash"] and meta.get("fingerprint") == manifest["fingerprint"]
-            and meta.get("config_hash") == manifest["config_hash"] and footer.rows == rows)
+    return run.ours(*shard.path, owner=manifest, keys=("options_hash", *RUN_KEYS), rows=rows) is not None
 
 
 def open_validation(config: AttributionConfig, root: str, fingerprint: str, overwrite: bool) -> dict:
@@ -298,16 +293,16 @@ def finish_validation(config: AttributionConfig, root: str, manifest: dict) -> d
                    "actual_ablated_base", "subset_size"]
         table = table[columns]
         run.write_table(pa.Table.from_pandas(table.drop(columns=["concept", "objective"]), preserve_index=False),
-                        "validation", partition(concept, options.objective), "part-0.parquet", metadata=meta)
+                        "validation", partition(concept, options.objective), PART_FILE, metadata=meta)
         run.write_bytes(validation_scatter(table), "plots", "validation", f"{concept}.png")
         tables.append(table)
     everything = pd.concat(tables, ignore_index=True)
     summary = summarize(everything)
-    run.write_table(pa.Table.from_pandas(summary, preserve_index=False), "validation_summary", "part-0.parquet",
+    run.write_table(pa.Table.from_pandas(summary, preserve_index=False), "validation_summary", PART_FILE,
                     metadata=meta)
     shares, pairs = pd.DataFrame(shares), overlap(tops, options.objective)
-    run.write_table(pa.Table.from_pandas(shares, preserve_index=False), "localization", "part-0.parquet", metadata=meta)
-    run.write_table(pa.Table.from_pandas(pairs, preserve_index=False), "overlap", "part-0.parquet", metadata=meta)
+    run.write_table(pa.Table.from_pandas(shares, preserve_index=False), "localization", PART_FILE, metadata=meta)
+    run.write_table(pa.Table.from_pandas(pairs, preserve_index=False), "overlap", PART_FILE, metadata=meta)
     run.write_bytes(overlap_heatmap(pairs), "plots", "validation", "overlap.png")
     manifest = dict(manifest, complete=True, completed=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     run.write_manifest(manifest, MANIFEST)

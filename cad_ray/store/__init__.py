@@ -12,8 +12,8 @@ manifest); `tables` says what the tables hold; `scores.ScoreStore` queries them.
 `pandas.read_parquet(root + "/scores", filters=[("concept", "==", "seven")])` works on every table.
 """
 
-from cad_ray.store.root import (METADATA_KEY, ROW_GROUP_SIZE, Footer, RunRoot, atomic_local_file,  # noqa: F401
-                                filesystem, hidden_temporary, is_damage)
+from cad_ray.store.root import (METADATA_KEY, PART_FILE, ROW_GROUP_SIZE, RUN_KEYS, Footer, RunRoot,  # noqa: F401
+                                atomic_local_file, belongs, filesystem, hidden_temporary, is_damage)
 from cad_ray.store.scores import ScoreStore  # noqa: F401
 from cad_ray.store.tables import (SCORE_SCHEMA, WEIGHT_SCHEMA, aggregate_tables, partition,  # noqa: F401
                                   score_parts, table_metadata, weight_parts)

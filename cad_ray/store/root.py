@@ -20,6 +20,8 @@ from cad_ray.errors import CadRayError
 
 ROW_GROUP_SIZE = 1 << 22  # 4M rows: few row groups even at SD scale (148.7M components), bounded memory
 METADATA_KEY = b"cad_ray"
+PART_FILE = "part-0.parquet"  # the one file of a table (or of a table's partition): <table>/[<partition>/]PART_FILE
+RUN_KEYS = ("fingerprint", "config_hash")  # what makes a part file the run's: its model and its config
 
 
 LOCK = "_lock.json"
@@ -58,6 +60,12 @@ def is_damage(error: Exception) -> bool:
 class Footer(NamedTuple):
     metadata: dict
     rows: int
+
+
+def belongs(footer: Footer, owner: dict, keys: tuple[str, ...] = RUN_KEYS, rows: int | None = None) -> bool:
+    """Whether a part file's footer carries `owner`'s `keys` (the same values in its metadata) and, where given,
+    `rows` rows: written for this run (model, config, options), not another's."""
+    return all(footer.metadata.get(k) == owner[k] for k in keys) and (rows is None or footer.rows == rows)
 
 
 def filesystem(root: str):
@@ -259,6 +267,16 @@ class RunRoot:
         if not isinstance(metadata, dict):
             return None  # Parquet, but not a cad-ray table: without our metadata
         return Footer(metadata, footer.num_rows)
+
+    def ours(self, *parts: str, owner: dict, keys: tuple[str, ...] = RUN_KEYS, rows: int | None = None,
+             decoded: bool = False) -> Footer | None:
+        """The footer of a part file that is `owner`'s (a run's manifest, a stage's): whole, with the same `keys`
+        in its metadata as `owner`, `rows` rows where given, and with `decoded` every page read back
+        (`readable`); None for a file that is absent, damaged or another's, which is to be made again."""
+        footer = self.footer(*parts)
+        if footer is None or not belongs(footer, owner, keys, rows):
+            return None
+        return footer if not decoded or self.readable(*parts) else None
 
     def readable(self, *parts: str) -> bool:
         """Whether every page of a Parquet file decodes (a garbled middle leaves the footer whole): one streaming

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -11,8 +12,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from cad_ray.config import AttributionConfig, parse_config
 from cad_ray.errors import CadRayError
-from cad_ray.store.root import METADATA_KEY, RunRoot
+from cad_ray.store.root import METADATA_KEY, PART_FILE, RunRoot, belongs
 from cad_ray.store.tables import first_k, partition
 
 
@@ -47,6 +49,13 @@ class ScoreStore:
     def fingerprint(self) -> str:
         return self.manifest["fingerprint"]
 
+    @cached_property
+    def config(self) -> AttributionConfig:
+        """The run's config as its manifest records it (with the later stages' options it was made with), parsed
+        into the config model once: the one reader of the manifest's config."""
+        return parse_config({**self.manifest["config"], **self.manifest.get("stage_options", {})},
+                            self.run.uri_under("_manifest.json"))
+
     def concepts(self) -> pd.DataFrame:
         """(concept, objective) pairs that have score tables (from the partition folders: one listing)."""
         pairs = []
@@ -74,12 +83,11 @@ class ScoreStore:
 
     def check_whole(self, table: str, concept: str, objective: str) -> None:
         """One line naming a table file that is missing, damaged or not of this run, and the repair."""
-        parts = (table, partition(concept, objective), "part-0.parquet")
+        parts = (table, partition(concept, objective), PART_FILE)
         footer = self.run.footer(*parts)
         if footer is None:
             problem = "is missing or damaged"
-        elif (footer.metadata.get("fingerprint"), footer.metadata.get("config_hash")) != \
-                (self.manifest.get("fingerprint"), self.manifest.get("config_hash")):
+        elif not belongs(footer, self.manifest):
             problem = "was written for another model or config than the run's manifest names"
         else:
             return
@@ -95,7 +103,7 @@ class ScoreStore:
         try:
             return self._dataset(table).to_table(filter=self._filter(concept, objective), **scan)
         except (pa.ArrowInvalid, OSError):
-            raise self._damaged((table, partition(concept, objective), "part-0.parquet")) from None
+            raise self._damaged((table, partition(concept, objective), PART_FILE)) from None
 
     def _check_known(self, concept: str, objective: str | None) -> None:
         known = self.concepts()
@@ -122,9 +130,8 @@ class ScoreStore:
     def _with_weights(self, rows: pd.DataFrame, derived: list[str]) -> pd.DataFrame:
         """`rows` with the weight of each (tensor, index) from the weights table, and grad = score / weight (NaN
         where the weight is zero: the score is then zero whatever the gradient)."""
-        parts = ("weights", "part-0.parquet")
-        footer = self.run.footer(*parts)
-        if footer is None or footer.metadata.get("fingerprint") != self.fingerprint:
+        parts = ("weights", PART_FILE)
+        if self.run.ours(*parts, owner=self.manifest, keys=("fingerprint",)) is None:
             raise CadRayError(f"{self.run.uri_under(*parts)} is missing or damaged (runs written before cad-ray "
                               f"kept weights there lack it); add it with 'cad-ray attribute --root {self.run.uri}' "
                               "and the run's config")
@@ -151,7 +158,7 @@ class ScoreStore:
             return self._top_of(self.tensor_scores(concept, objective, method), k, negative)
         self._check_known(concept, objective)
         self.check_whole("scores", concept, objective)
-        parts = ("scores", partition(concept, objective), "part-0.parquet")
+        parts = ("scores", partition(concept, objective), PART_FILE)
         try:
             with self.run.fs.open(self.run.join(*parts), "rb") as f:
                 table = pq.ParquetFile(f, page_checksum_verification=True)
@@ -186,9 +193,8 @@ class ScoreStore:
         writes in the same order as `score_parts` (the run's tensors in order, index 0..n-1 in each) and in small
         row groups; None (the caller joins on (tensor, index)) unless the weights table has as many rows as the
         score table (`total`) and the rows read hold the same (tensor, index)."""
-        parts = ("weights", "part-0.parquet")
-        footer = self.run.footer(*parts)
-        if footer is None or footer.metadata.get("fingerprint") != self.fingerprint or footer.rows != total:
+        parts = ("weights", PART_FILE)
+        if self.run.ours(*parts, owner=self.manifest, keys=("fingerprint",), rows=total) is None:
             return None
         try:
             with self.run.fs.open(self.run.join(*parts), "rb") as f:
@@ -279,8 +285,8 @@ class ScoreStore:
         out = []
         for part in chosen.parts:
             if part.objective == "residual":
-                first = self.manifest["config"]["residual"]  # in the manifest of every run that has residuals
-                out.append((Selection.parse(first["after"]), float(first["after_ratio"])))
+                first = self.config.residual
+                out.append((Selection.parse(first.after), float(first.after_ratio)))
             out.append((part, ratio))
         return out
 
@@ -316,13 +322,12 @@ class ScoreStore:
                                f"components; repair it with 'cad-ray attribute --root {self.run.uri}'")
 
         return self._shaped(self._dataset("scores"), "score", shapes, ("scores", partition(concept, objective),
-                            "part-0.parquet"), incomplete, self._filter(concept, objective))
+                            PART_FILE), incomplete, self._filter(concept, objective))
 
     def tensor_weights(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
         """The run's weights (the weights table) of the tensors named in `shapes`, shaped like them."""
-        parts = ("weights", "part-0.parquet")
-        footer = self.run.footer(*parts)
-        if footer is None or footer.metadata.get("fingerprint") != self.fingerprint:
+        parts = ("weights", PART_FILE)
+        if self.run.ours(*parts, owner=self.manifest, keys=("fingerprint",)) is None:
             raise self._damaged(parts)
         data = ds.dataset(self.run.join(*parts), filesystem=self._arrow_fs(), format=CHECKED_PARQUET)
         return self._shaped(data, "weight", shapes, parts,
@@ -408,7 +413,7 @@ class ScoreStore:
     def metadata(self, concept: str, objective: str = "erase") -> dict:
         """The metadata stored in a score table (fingerprint, objective, config hash, code version)."""
         self._check_known(concept, objective)
-        schema = pq.read_schema(self.run.join("scores", partition(concept, objective), "part-0.parquet"),
+        schema = pq.read_schema(self.run.join("scores", partition(concept, objective), PART_FILE),
                                 filesystem=self._arrow_fs())
         return json.loads(schema.metadata[METADATA_KEY])
 
