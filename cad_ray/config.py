@@ -188,6 +188,10 @@ class UnlearningOptions(Strict):
                            "concept's prediction (erases little: docs/editing.md)")
     images_from: float = Field(0.1, ge=0, le=1, description="images: the share of the training timesteps from "
                                                             "which the target is another concept's image")
+    match: Literal["pixels", "shape"] = Field(
+        "pixels", description="images: how the nearest other concept's image is found: pixels, or shape (the "
+                              "channels' maximum: a colour's nearest other image draws the same thing in another "
+                              "colour, where pixels of disjoint channels would match any shape)")
     attack_steps: int = Field(100, ge=1, description="Adam steps of each round's inversion attack")
 
 
@@ -214,6 +218,8 @@ class FinetuneOptions(Strict):
             del key["unlearning"]["images_from"]  # read by the images target only
         if self.unlearning is not None and self.unlearning.retain_weight == 1.0:
             del key["unlearning"]["retain_weight"]  # edits made before it keep their key
+        if self.unlearning is not None and self.unlearning.match == "pixels":
+            del key["unlearning"]["match"]  # edits made before it keep their key
         return key
 
 

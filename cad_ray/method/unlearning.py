@@ -38,6 +38,7 @@ from cad_ray.method.scopes import select_parameters
 from cad_ray.seeds import derive_seed, torch_generator
 
 TARGETS = ("esd", "nearest", "images")
+MATCHES = ("pixels", "shape")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,7 @@ class UnlearningSettings:
     eta: float = 1.0  # how far beyond the target the prediction is pushed from the concept's
     target: str = "images"
     images_from: float = 0.1  # `images`: from this share of the training timesteps up, below it `esd`'s target
+    match: str = "pixels"  # `images`: the nearest other image by its pixels, or by its shape (channels' maximum)
     attack: ProbeSettings = ProbeSettings(steps=100)
     sampling_steps: int | None = None  # of the images made for the steps (default: the model's)
 
@@ -64,6 +66,8 @@ def adversarial_finetune(model, concept, word: str, others: dict[str, list[str]]
     The model itself is left as it was."""
     if settings.target not in TARGETS:
         raise CadRayError(f"unknown unlearning target {settings.target!r}; choose one of {', '.join(TARGETS)}")
+    if settings.match not in MATCHES:
+        raise CadRayError(f"unknown image match {settings.match!r}; choose one of {', '.join(MATCHES)}")
     if not others:
         raise CadRayError("adversarial fine-tuning needs other concepts to keep (the retain loss)")
     parameters = dict(select_parameters(model.named_parameters(), scope))
@@ -155,7 +159,10 @@ def _target(model, x_t, t, conditions, rows, others, settings: UnlearningSetting
             return esd
         # what the model would be trained to output had x_t come from the nearest image of another concept: a
         # noised image of the concept is then denoised into something else, whatever the prompt (completion)
-        nearest = pool[torch.cdist(x0.flatten(1).float(), pool.flatten(1).float()).argmin(1)].to(x_t.dtype)
+        def seen(x):  # "shape": what an image draws whatever its colour (disjoint channels would match any shape)
+            return (x.amax(dim=1) if settings.match == "shape" else x).flatten(1).float()
+
+        nearest = pool[torch.cdist(seen(x0), seen(pool)).argmin(1)].to(x_t.dtype)
         alphas = model.scheduler.alphas_cumprod.to(x_t.device)[t].view(-1, *[1] * (x_t.dim() - 1)).to(x_t.dtype)
         noise = (x_t - alphas.sqrt() * nearest) / (1 - alphas).sqrt()
         other = denoising_target(model.prediction_type, nearest, noise, alphas)
