@@ -213,3 +213,19 @@ def test_guidance_steers_a_stable_diffusion_pipeline_through_its_vae(tiny_sd_fol
     plain = ClassifierGuidance(brightness, "bright", 0.0).sample(model, ["a church"], 4, seed=0, steps=4).images
     steered = ClassifierGuidance(brightness, "bright", 1.0).sample(model, ["a church"], 4, seed=0, steps=4).images
     assert steered.mean() > plain.mean() + 0.01
+
+
+def test_the_nearest_other_image_by_shape_draws_the_same_thing_in_another_colour():
+    """The unlearning's `images` target for a colour: a blue bar's nearest other image by shape is the red bar,
+    while by pixels (no channel shared) it is whichever other image has the least ink."""
+    from cad_ray.method.unlearning import nearest_images
+
+    def bar(channel, rows):
+        image = -torch.ones(3, 8, 8)
+        image[channel, rows, 2:6] = 1
+        return image
+
+    blue_bar = bar(2, slice(0, 8))[None]
+    pool = torch.stack([bar(0, slice(0, 8)), bar(1, slice(3, 4))])  # a red bar; a short green stroke
+    assert torch.equal(nearest_images(blue_bar, pool, "shape")[0], pool[0])
+    assert torch.equal(nearest_images(blue_bar, pool, "pixels")[0], pool[1])

@@ -149,6 +149,16 @@ def adversarial_finetune(model, concept, word: str, others: dict[str, list[str]]
                 p.copy_(original[n])
 
 
+def nearest_images(x0: torch.Tensor, pool: torch.Tensor, match: str = "pixels") -> torch.Tensor:
+    """For each image of `x0`, the nearest image of `pool` (N, C, H, W), by its pixels or by its shape: the
+    channels' maximum, what an image draws whatever its colour (images in disjoint channels are all equally far
+    by pixels, so the nearest would be any shape)."""
+    def seen(x):
+        return (x.amax(dim=1) if match == "shape" else x).flatten(1).float()
+
+    return pool[torch.cdist(seen(x0), seen(pool)).argmin(1)]
+
+
 def _target(model, x_t, t, conditions, rows, others, settings: UnlearningSettings, x0=None, pool=None):
     """What the edited model should predict at (x_t, t) under every condition (on the unedited weights)."""
     own = model.predict_noise(x_t, t, conditions[0])
@@ -159,10 +169,7 @@ def _target(model, x_t, t, conditions, rows, others, settings: UnlearningSetting
             return esd
         # what the model would be trained to output had x_t come from the nearest image of another concept: a
         # noised image of the concept is then denoised into something else, whatever the prompt (completion)
-        def seen(x):  # "shape": what an image draws whatever its colour (disjoint channels would match any shape)
-            return (x.amax(dim=1) if settings.match == "shape" else x).flatten(1).float()
-
-        nearest = pool[torch.cdist(seen(x0), seen(pool)).argmin(1)].to(x_t.dtype)
+        nearest = nearest_images(x0, pool, settings.match).to(x_t.dtype)
         alphas = model.scheduler.alphas_cumprod.to(x_t.device)[t].view(-1, *[1] * (x_t.dim() - 1)).to(x_t.dtype)
         noise = (x_t - alphas.sqrt() * nearest) / (1 - alphas).sqrt()
         other = denoising_target(model.prediction_type, nearest, noise, alphas)
