@@ -346,7 +346,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
     from cad_ray.method.edits import EDITS
     from cad_ray.method.scopes import never_selected
     from cad_ray.models import load_model
-    from cad_ray.stages.edit_workers import edit_masks
+    from cad_ray.stages.edit_workers import edit_masks, edit_uce
     from cad_ray.store import ScoreStore
 
     edit = EDITS.get(args.edit)
@@ -437,28 +437,6 @@ def _edit_on_finetuned(args: argparse.Namespace, edit, store, model, selection, 
     zeroed = editor.zeroed(edit.name, args.target, text, args.ratio or 1.0)
     where = run.uri_under(*edit_folder(finetuned, args.target))
     return f"fine-tuned ({where})" + (f", then {zeroed} components zeroed ({selection})" if edit.zeroes else "")
-
-
-def edit_uce(store, model, target: str) -> int:
-    """UCE on `model` in place, with the run's concepts and its evaluation section's `uce` options; returns the
-    number of tensors rewritten."""
-    import torch
-
-    from cad_ray.config import parse_config
-    from cad_ray.method.baselines import uce_for_concept
-    from cad_ray.method.editing import _forget_fingerprint
-
-    config = store.config
-    specs = {c.name: c for c in config.concepts}
-    if target not in specs:
-        raise CadRayError(f"concept {target!r} is not in the run; it has {', '.join(specs)}")
-    weights = uce_for_concept(model, specs, target, config.evaluation.uce)
-    parameters = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in weights.items():
-            parameters[name].copy_(value)
-    _forget_fingerprint(model)
-    return len(weights)
 
 
 def cmd_run(args: argparse.Namespace) -> None:

@@ -280,7 +280,7 @@ DEFAULT_SEARCH_RATIOS = [0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2]
 def check_selection_prefixes(text: str) -> None:
     """Refuse a selection part with two objective prefixes or two method prefixes (`erase:amplify:ff/...`): the
     parser would silently keep one of them."""
-    from cad_ray.method.objectives import OBJECTIVES
+    from cad_ray.method.objectives import OBJECTIVES  # torch: imported where a config is checked
 
     for part in str(text).split("|"):
         prefixes, rest = [], part
@@ -298,7 +298,7 @@ def check_selection_prefixes(text: str) -> None:
 
 
 def _check_selection(text: str) -> str:
-    from cad_ray.method.editing import Selection
+    from cad_ray.method.editing import Selection  # torch: imported where a config is checked
 
     try:
         check_selection_prefixes(text)
@@ -488,7 +488,7 @@ class AttributionConfig(Strict):
     def _residual_follows_its_first_edit(self):
         listing = [c.name for c in self.concepts if "residual" in c.objectives]
         if listing:
-            from cad_ray.method.editing import Selection
+            from cad_ray.method.editing import Selection  # torch: imported where a config is checked
 
             try:
                 after = Selection.parse(self.residual.after)

@@ -148,11 +148,11 @@ def test_select_global_picks_what_the_full_stable_argsort_picked(dtype, largest)
 
 
 def test_select_global_keeps_float32_input_in_float32(monkeypatch):
-    import cad_ray.store.tables as tables
+    import cad_ray.method.editing as editing
 
     seen = []
-    real = tables.first_k
-    monkeypatch.setattr(tables, "first_k", lambda key, k: seen.append(key.dtype) or real(key, k))
+    real = editing.first_k
+    monkeypatch.setattr(editing, "first_k", lambda key, k: seen.append(key.dtype) or real(key, k))
     select({"a": np.ones((4, 3), np.float32)}, ratio=0.5, granularity="global")
     assert seen == [np.float32]
 

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from cad_ray.digits import COLOUR_NAMES, DIGIT_WORDS
+from cad_ray.digits.judges import builtin_judges
+from cad_ray.errors import CadRayError
+from cad_ray.labels import label_key
 
 
 class DigitsJudge:
@@ -10,16 +16,11 @@ class DigitsJudge:
     distance to real digits."""
 
     def __init__(self):
-        from cad_ray.digits.judges import builtin_judges
-
         self.judges = builtin_judges()
 
     def judge(self, images: np.ndarray, labels: list[str]) -> dict:
-        from cad_ray.digits import COLOUR_NAMES
-
-        from cad_ray.stages.evaluation import label_key  # a prompt set's "Seven" is the digit seven
-
         predicted = self.judges.digit_words(images)  # "none" for an image that is no digit at all (noise)
+        # label_key: a prompt set's "Seven" is the digit seven
         return {"predicted": predicted, "correct": [p == label_key(l) for p, l in zip(predicted, labels)],
                 "predicted_colour": [COLOUR_NAMES[c] for c in self.judges.colours(images)],
                 "features": list(self.judges.features(images).astype(np.float32))}
@@ -27,13 +28,6 @@ class DigitsJudge:
     def log_probability(self, images, label: str):
         """log p(label | image) per image, with gradients ((N, H, W, 3) tensor in [0, 1]): the digit judge for a
         digit, the colour judge for a colour (the guidance probe steers sampling with it)."""
-        import torch
-
-        from cad_ray.digits import COLOUR_NAMES, DIGIT_WORDS
-        from cad_ray.errors import CadRayError
-
-        from cad_ray.stages.evaluation import label_key
-
         key = label_key(label)
         if key in DIGIT_WORDS:
             logits, index = self.judges.digit_net(images.max(dim=-1).values), DIGIT_WORDS.index(key)

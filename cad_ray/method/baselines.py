@@ -199,19 +199,6 @@ def uce_weights(model, erase: list[str], preserve: list[str], guide: str = " ", 
     return out
 
 
-def uce_for_concept(model, specs: dict, target: str, options) -> dict[str, torch.Tensor]:
-    """UCE's new weights for `target` among the run's concept `specs` (name -> ConceptSpec): its prompts mapped to
-    `options.guide`, the prompts of the concepts `options.preserve` names kept (`evaluation.uce` options). The one
-    place `cad-ray evaluate` and `cad-ray edit` make it."""
-    from cad_ray.method.concepts import build_concept
-    from cad_ray.method.editing import contrast_concepts
-
-    kept = [] if options.preserve == "none" else contrast_concepts(target, list(specs), options.preserve)
-    prompts = lambda name: list(build_concept(specs[name], model).prompts)  # noqa: E731
-    return uce_weights(model, prompts(target), [p for c in kept for p in prompts(c)], options.guide, options.lamb,
-                       options.erase_scale, options.preserve_scale)
-
-
 def erase_pair(model, prompt: str, guide: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(erase tokens, guide tokens), aligned as the published code: from each prompt's last word (index
     length - 2, before the end token) to the end of the sequence, both slices cut to the same length."""

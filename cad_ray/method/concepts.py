@@ -5,21 +5,20 @@ from __future__ import annotations
 
 import torch
 
-from cad_ray.config import ConceptSpec
+from cad_ray.digits.concepts import digits_concept
 from cad_ray.errors import CadRayError
 from cad_ray.method.objectives import Concept
 from cad_ray.models.base import NEGATIVE_PROMPT
 
 
-def build_concept(spec: ConceptSpec, model) -> Concept:
-    """The Concept for a config entry; prompts are checked against the model's tokenizer here, before any work."""
+def build_concept(spec, model) -> Concept:
+    """The Concept for a config entry (a `cad_ray.config.ConceptSpec`: name, prompts, base_prompt); prompts are
+    checked against the model's tokenizer here, before any work."""
     images = None
     if spec.prompts is not None:
         prompts = list(spec.prompts)
         bases = [spec.base_prompt] if isinstance(spec.base_prompt, str) else list(spec.base_prompt or [])
     elif model.kind == "digits":
-        from cad_ray.digits.concepts import digits_concept
-
         prompts, bases, real = digits_concept(spec.name)
         images = model.to_latents(real)
     else:

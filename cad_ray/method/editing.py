@@ -16,13 +16,17 @@ A selection is only made from a score table whose model fingerprint is the model
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
 from cad_ray.errors import CadRayError
-from cad_ray.method.scopes import select_parameters
+from cad_ray.method.attribution import reencoded, resolve_chunk_size
+from cad_ray.method.baselines import check_method, conceptprune_masks
+from cad_ray.method.objectives import OBJECTIVES, point_values
+from cad_ray.method.ranking import first_k
+from cad_ray.method.scopes import reads_text_encoder, scope_matcher, select_parameters
 from cad_ray.seeds import numpy_rng
 
 GRANULARITIES = ("global", "tensor", "row", "neuron")
@@ -71,8 +75,6 @@ def select(scores: dict[str, np.ndarray], ratio: float | None = None, count: int
         return min(int(ratio * n) if rounding == "floor" else max(1, int(round(ratio * n))), n)
 
     if granularity == "global":
-        from cad_ray.store.tables import first_k
-
         # one copy of the scores in their own dtype (float32 stays float32: negation and order are exact in it);
         # the how_many first of a stable ascending sort of -score (largest) or score, found by partition
         flat = np.concatenate([s.reshape(-1) for s in scores.values()])
@@ -192,15 +194,11 @@ class Selection:
     @property
     def parts(self) -> list["Selection"]:
         """The parts of a union, each on its own (one part for a plain selection)."""
-        from dataclasses import replace
-
         return [replace(self, also=None)] + (self.also.parts if self.also is not None else [])
 
     def with_method(self, method: str, contrast: str | None = None) -> "Selection":
         """The same parts ranked by another method's scores (and optionally another contrast): the followers'
         selections (`gradient`, `magnitude`)."""
-        from dataclasses import replace
-
         return replace(self, method=method, contrast=self.contrast if contrast is None else contrast,
                        also=None if self.also is None else self.also.with_method(method, contrast))
 
@@ -208,11 +206,6 @@ class Selection:
     def parse(cls, text: str) -> "Selection":
         """`[objective:][method:]scope/granularity/contrast[-aggregate][/floor][/skill]`, parts joined by `|`, or
         a preset name (`published`, `conceptprune`)."""
-        from dataclasses import replace
-
-        from cad_ray.method.baselines import check_method
-        from cad_ray.method.objectives import OBJECTIVES
-
         if text in PRESETS:
             return PRESETS[text]
         head, bar, tail = str(text).partition("|")
@@ -251,15 +244,13 @@ PRESETS = {"published": Selection(scope="ff", granularity="row", contrast="none"
                                      method="conceptprune", rule="skill")}
 
 
-def contrast_concepts(target: str, concepts: list[str], contrast: str) -> list[str]:
+def contrast_concepts(target: str, concepts: list[str], contrast: str, kind_of) -> list[str]:
     """The concepts a contrast ranks the target against: every other one (`others`), or those of its own kind
-    (`kind`: for the digits world, the other digits of a digit and the other colours of a colour; for other
-    models every other concept)."""
-    from cad_ray.digits.concepts import concept_kind
-
+    (`kind`: `kind_of(name)`, e.g. the digits world's `concept_kind`: the other digits of a digit and the other
+    colours of a colour; every other concept where `kind_of` gives None)."""
     others = [c for c in concepts if c != target]
-    if contrast == "kind" and concept_kind(target) is not None:
-        others = [c for c in others if concept_kind(c) == concept_kind(target)]
+    if contrast == "kind" and kind_of(target) is not None:
+        others = [c for c in others if kind_of(c) == kind_of(target)]
     return others if contrast != "none" else []
 
 
@@ -270,8 +261,6 @@ def selection_masks(scores_of, target: str, others: list[str], selection: Select
     of a selection: a union's parts may rank other objectives' scores, which `ScoreStore.masks` reads.
     `protected` (`scopes.never_selected`): components that are never taken, whatever their score; the
     ratio's count goes to the next ones."""
-    from cad_ray.method.scopes import scope_matcher
-
     if selection.also is not None:
         raise CadRayError(f"selection {selection}: a union of parts is made by ScoreStore.masks, part by part")
     inside = scope_matcher(selection.scope)
@@ -281,8 +270,6 @@ def selection_masks(scores_of, target: str, others: list[str], selection: Select
         raise CadRayError(f"selection scope {selection.scope!r} holds none of the run's scored tensors")
     protected = protected or {}
     if selection.rule == "skill":
-        from cad_ray.method.baselines import conceptprune_masks
-
         masks = conceptprune_masks(own, ratio)
         return {n: masks.get(n, np.zeros(s.shape, dtype=bool)) & ~protected.get(n, False)
                 for n, s in target_scores.items()}
@@ -323,8 +310,6 @@ def random_like(masks: dict[str, np.ndarray], granularity: str, seed: int,
     With `scope` (the selection's), drawn among that scope's tensors only, as the selection was: a run over
     `ff+attn2+tokens` must not answer a choice of words with random feed-forward rows."""
     if scope is not None:
-        from cad_ray.method.scopes import scope_matcher
-
         inside = scope_matcher(scope)
         pool = {n: m for n, m in masks.items() if inside(n, torch.empty(m.shape, device="meta"))}
         drawn = random_like(pool, granularity, seed)
@@ -362,6 +347,15 @@ def check_fingerprint(model, table_fingerprint: str, what: str = "the score tabl
 
 def _forget_fingerprint(model) -> None:
     model._fingerprint = None  # the weights changed: the next fingerprint() hashes them again
+
+
+@torch.no_grad()
+def set_weights(model, weights: dict[str, torch.Tensor]) -> None:
+    """Give some tensors new values in place, for good (a closed-form edit such as UCE's)."""
+    params = dict(model.named_parameters())
+    for name, value in weights.items():
+        params[name].copy_(value)
+    _forget_fingerprint(model)
 
 
 def _mask_tensors(model, masks: dict[str, np.ndarray]) -> list[tuple[torch.nn.Parameter, torch.Tensor]]:
@@ -440,10 +434,6 @@ def finetune(model, concept, objective, scope: str, samples: list[int], seed: in
     prediction made by the original weights, or with `negative_guidance` eta beyond it, to
     base - eta * (concept - base) as ESD does. With `masks`, only the masked components move. Returns the new
     values of the scoped tensors; the model itself is left as it was."""
-    from cad_ray.method.attribution import reencoded, resolve_chunk_size
-    from cad_ray.method.objectives import point_values
-    from cad_ray.method.scopes import reads_text_encoder
-
     if steps < 1:
         raise CadRayError(f"fine-tuning needs at least one step, got {steps}")
     chunk_size = resolve_chunk_size(chunk_size)  # "auto": 64 on any device, since it sets the minibatch below

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from cad_ray.errors import CadRayError
+from cad_ray.s3 import s3_filesystem  # noqa: F401 (re-exported: its old home)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 BUILTIN_DIGITS = Path(__file__).resolve().parent.parent / "assets" / "digits-model"
@@ -20,17 +21,6 @@ BUILTIN_DIGITS = Path(__file__).resolve().parent.parent / "assets" / "digits-mod
 
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
-
-
-def s3_filesystem():
-    """An s3fs filesystem configured from the environment / standard AWS config only.
-
-    `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`) points at a non-AWS endpoint such as MinIO or moto.
-    """
-    import s3fs
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint} if endpoint else {})
 
 
 def cache_dir() -> Path:

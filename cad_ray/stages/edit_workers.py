@@ -15,12 +15,14 @@ import numpy as np
 import pandas as pd
 
 from cad_ray.config import AttributionConfig, EvaluationOptions
+from cad_ray.digits.concepts import concept_kind
 from cad_ray.errors import CadRayError
 from cad_ray.judges import judge_batch, load_judge
 from cad_ray.method.attribution import CAD
-from cad_ray.method.baselines import uce_for_concept
+from cad_ray.method.baselines import uce_weights
 from cad_ray.method.concepts import build_concept
 from cad_ray.method.editing import (Selection, check_fingerprint, contrast_concepts, edited, finetune, random_like,
+                                    set_weights,
                                     selection_masks, union_masks, weights_replaced)
 from cad_ray.method.edits import EDITS, NONE, RECOVERY
 from cad_ray.method.probes import ProbeSettings, concept_word
@@ -99,13 +101,13 @@ class EditWorker:
         (every other concept where it has no kind)."""
         u = self.options.finetune.unlearning
         names = [c.name for c in self.config.concepts]
-        kept = contrast_concepts(concept.name, names, "kind") or [n for n in names if n != concept.name]
+        kept = contrast_concepts(concept.name, names, "kind", concept_kind) or [n for n in names if n != concept.name]
         others = {n: list(self.build_concept(next(c for c in self.config.concepts if c.name == n), self.model).prompts)
                   for n in kept}
         settings = UnlearningSettings(rounds=u.rounds, steps=u.steps, lr=u.lr, images=u.images,
                                       retain_images=u.retain_images, retain_weight=u.retain_weight, eta=u.eta,
                                       target=u.target,
-                                      images_from=u.images_from,
+                                      images_from=u.images_from, match=u.match,
                                       attack=ProbeSettings(steps=u.attack_steps), sampling_steps=self.options.steps)
         return adversarial_finetune(self.model, concept, concept_word(concept.name), others,
                                     self.config.scope, masks, settings, self.config.seed)
@@ -300,3 +302,26 @@ def brightness(images: np.ndarray) -> list[float]:
     that an edit left nearly black (six's tokens+ff pick, docs/editing.md) as that digit; this sees it."""
     lit = np.clip(np.asarray(images, dtype=np.float32), 0, 1).max(axis=-1).reshape(len(images), -1)
     return [float(v) for v in np.percentile(lit, 99, axis=1)]
+
+
+def uce_for_concept(model, specs: dict, target: str, options) -> dict[str, torch.Tensor]:
+    """UCE's new weights for `target` among the run's concept `specs` (name -> ConceptSpec): its prompts mapped to
+    `options.guide`, the prompts of the concepts `options.preserve` names kept (`evaluation.uce` options). The one
+    place `cad-ray evaluate` and `cad-ray edit` make it."""
+    kept = [] if options.preserve == "none" else contrast_concepts(target, list(specs), options.preserve,
+                                                                          concept_kind)
+    prompts = lambda name: list(build_concept(specs[name], model).prompts)  # noqa: E731
+    return uce_weights(model, prompts(target), [p for c in kept for p in prompts(c)], options.guide, options.lamb,
+                       options.erase_scale, options.preserve_scale)
+
+
+def edit_uce(store: ScoreStore, model, target: str) -> int:
+    """UCE on `model` in place, with the run's concepts and its evaluation section's `uce` options (what
+    `cad-ray edit --edit uce` saves); returns the number of tensors rewritten."""
+    config = store.config
+    specs = {c.name: c for c in config.concepts}
+    if target not in specs:
+        raise CadRayError(f"concept {target!r} is not in the run; it has {', '.join(specs)}")
+    weights = uce_for_concept(model, specs, target, config.evaluation.uce)
+    set_weights(model, weights)
+    return len(weights)

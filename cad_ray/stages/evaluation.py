@@ -30,6 +30,7 @@ import time
 import pandas as pd
 
 from cad_ray.config import AttributionConfig, EvaluationOptions
+from cad_ray.digits.concepts import concept_kind
 from cad_ray.errors import CadRayError
 from cad_ray.judges import reference_features
 from cad_ray.method.editing import Selection, contrast_concepts
@@ -136,7 +137,7 @@ def check_contrasts(options: EvaluationOptions, store: ScoreStore) -> None:
                 if part.objective and target not in concepts:
                     raise CadRayError(f"selection {text!r} ranks {target!r} by its {objective} scores, but the run "
                                       f"has none; list {objective} among its objectives in the config")
-                if part.contrast != "none" and not contrast_concepts(target, concepts, part.contrast):
+                if part.contrast != "none" and not contrast_concepts(target, concepts, part.contrast, concept_kind):
                     raise CadRayError(f"selection {text!r} ranks {target!r} against other concepts "
                                       f"({part.contrast}), but the run has {objective} scores for "
                                       f"{', '.join(concepts)} only; attribute them too, or choose contrast "

@@ -15,6 +15,7 @@ from cad_ray.digits import DIGIT_WORDS
 from cad_ray.digits.concepts import concept_kind
 from cad_ray.digits.prompts import SELECTION_SEED_OFFSET, digits_prompt_set  # noqa: F401 (re-exported)
 from cad_ray.errors import CadRayError
+from cad_ray.labels import label_key  # noqa: F401 (re-exported: its old home)
 from cad_ray.store import ScoreStore
 
 LABEL_COLUMNS = ("class", "artist", "categories", "label")
@@ -76,12 +77,6 @@ def target_kind(target: str) -> str:
 def target_rows(prompts: pd.DataFrame, target: str) -> pd.Series:
     """The rows that ask for the target (a colour: asked in that colour; else: its label)."""
     return prompts["colour"] == target if target_kind(target) == "colour" else names_label(prompts["label"], target)
-
-
-def label_key(text) -> str:
-    """A label or concept name with case and spaces aside: a concept is named `english_springer`, a prompt set's
-    class is "English springer"."""
-    return str(text).strip().lower().replace(" ", "_")
 
 
 def check_prompt_labels(prompts: pd.DataFrame, options: EvaluationOptions, store: ScoreStore) -> None:

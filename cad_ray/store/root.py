@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cad_ray.errors import CadRayError
+from cad_ray.s3 import s3_filesystem
 
 ROW_GROUP_SIZE = 1 << 22  # 4M rows: few row groups even at SD scale (148.7M components), bounded memory
 METADATA_KEY = b"cad_ray"
@@ -71,8 +72,6 @@ def belongs(footer: Footer, owner: dict, keys: tuple[str, ...] = RUN_KEYS, rows:
 def filesystem(root: str):
     """(fsspec filesystem, path without protocol) for a local path or an s3:// URI."""
     if str(root).startswith("s3://"):
-        from cad_ray.models.loading import s3_filesystem
-
         bucket = str(root)[len("s3://"):].split("/")[0]
         if not bucket:
             raise CadRayError(f"{root!r} names no bucket; an S3 root is s3://bucket/prefix")

@@ -13,9 +13,14 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from cad_ray.config import AttributionConfig, parse_config
+from cad_ray.digits.concepts import concept_kind
 from cad_ray.errors import CadRayError
 from cad_ray.store.root import METADATA_KEY, PART_FILE, RunRoot, belongs
-from cad_ray.store.tables import first_k, partition
+from cad_ray.method.ranking import first_k
+from cad_ray.store.tables import partition
+
+# cad_ray.method.editing and .baselines are imported inside the methods that use them, for start-up speed only: they
+# import torch, which the plain queries ('cad-ray top', 'layers', 'overlap') never need
 
 
 # Parquet that verifies page checksums where the writer stored them (`RunRoot.write_parts` does)
@@ -269,9 +274,9 @@ class ScoreStore:
             own = part.objective or objective
             stored = scored_partition(own, part.method)
             concepts = [c for c, o in pairs if o == stored]
-            picked.append(selection_masks(lambda c: scores_of(c, own, part.method), target,
-                                          contrast_concepts(target, concepts, part.contrast), part, ratio, largest,
-                                          protected))
+            others = contrast_concepts(target, concepts, part.contrast, concept_kind)
+            picked.append(selection_masks(lambda c: scores_of(c, own, part.method), target, others, part, ratio,
+                                          largest, protected))
         return union_masks(picked)
 
     def edit_parts(self, selection, ratio: float) -> list:
