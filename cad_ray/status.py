@@ -9,13 +9,13 @@ import pandas as pd
 
 from cad_ray.config import AttributionConfig, ValidationOptions
 from cad_ray.errors import CadRayError
-from cad_ray.store import RunRoot
+from cad_ray.store import PART_FILE, RunRoot, partition
 
 
 def root_status(root: str) -> pd.DataFrame:
     """One row per stage: stage, complete, done, total (None where the root does not say), where."""
+    # the stages import torch: imported here, so that `cad-ray status` of a bad root answers fast
     from cad_ray.stages.attribution import damaged_tables, plan_shards
-    from cad_ray.store import partition
     from cad_ray.stages.validation import MANIFEST as VALIDATION_MANIFEST
     from cad_ray.stages.validation import plan_validation
 
@@ -29,7 +29,7 @@ def root_status(root: str) -> pd.DataFrame:
         # a (concept, objective)'s shards are removed once its tables are written (scores last), so its scores
         # file counts them as done; a damaged table is listed in "where" and repaired by a re-run
         return run.join(*shard.path) in present or \
-            run.join("scores", partition(shard.concept, shard.objective), "part-0.parquet") in present
+            run.join("scores", partition(shard.concept, shard.objective), PART_FILE) in present
     try:
         config = AttributionConfig.model_validate(manifest["config"])
     except Exception as e:  # a manifest from another version of cad-ray, or edited by hand
@@ -50,9 +50,9 @@ def root_status(root: str) -> pd.DataFrame:
                      "done": sum(run.join(*s.path) in present for s in planned), "total": len(planned),
                      "where": "_validation/"})
     blocks = sum(1 for p in present if p.startswith(run.join("_evaluation") + "/") and p.endswith(".parquet"))
-    if blocks or run.join("evaluation", "part-0.parquet") in present:
+    if blocks or run.join("evaluation", PART_FILE) in present:
         # the number of blocks depends on the prompt set, which only the config names
-        rows.append({"stage": "evaluation", "complete": run.join("evaluation", "part-0.parquet") in present,
+        rows.append({"stage": "evaluation", "complete": run.join("evaluation", PART_FILE) in present,
                      "done": blocks, "total": None, "where": "_evaluation/"})
     rows.append({"stage": "report", "complete": run.join("report.html") in present, "done": None, "total": None,
                  "where": "report.html"})

@@ -34,6 +34,7 @@ import torch
 from cad_ray.errors import CadRayError
 from cad_ray.method.objectives import denoising_target
 from cad_ray.method.scopes import special_token_ids
+from cad_ray.models.base import NEGATIVE_PROMPT
 from cad_ray.seeds import derive_seed, torch_generator
 
 PROBES = ("inversion", "completion", "soft-prompt", "guidance")
@@ -202,7 +203,7 @@ class SoftPrompt:
     @torch.no_grad()
     def initial(self, model) -> torch.Tensor:
         """The floor's sequence: the empty prompt's encoding."""
-        return model.encode([""])[0].detach()
+        return model.encode([NEGATIVE_PROMPT])[0].detach()
 
     def fit(self, model, x0: torch.Tensor, seed: int = 0) -> torch.Tensor:
         with torch.enable_grad():

@@ -35,6 +35,7 @@ from cad_ray.method.objectives import denoising_target
 from cad_ray.method.probes import (ProbeSettings, TextualInversion, concept_images, cycled, learned_word,
                                    noised_batch)
 from cad_ray.method.scopes import select_parameters
+from cad_ray.models.base import NEGATIVE_PROMPT
 from cad_ray.seeds import derive_seed, torch_generator
 
 TARGETS = ("esd", "nearest", "images")
@@ -83,7 +84,7 @@ def adversarial_finetune(model, concept, word: str, others: dict[str, list[str]]
         x0 = concept_images(model, prompts, settings.images, derive_seed(seed, "unlearn", concept.name), steps)
         kept = {name: concept_images(model, p, settings.retain_images, derive_seed(seed, "retain", name), steps)
                 for name, p in others.items()}
-        empty = model.encode([""])
+        empty = model.encode([NEGATIVE_PROMPT])
     attack = TextualInversion(model, word, prompts, settings.attack)
     generator = torch_generator(seed, "unlearn-steps", concept.name)
     optimizer = torch.optim.Adam(list(moving.values()), lr=settings.lr)

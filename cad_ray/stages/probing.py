@@ -27,11 +27,11 @@ from cad_ray.method.concepts import build_concept
 from cad_ray.method.edits import NONE, amplifying
 from cad_ray.method.probes import (ClassifierGuidance, ProbeSettings, SoftPrompt, TextualInversion, complete,
                                    concept_images, concept_word, cycled)
-from cad_ray.models import load_model
+from cad_ray.models import NEGATIVE_PROMPT, load_model
 from cad_ray.seeds import derive_seed
 from cad_ray.stages.edit_workers import ImageJudge
 from cad_ray.stages.panels import target_kind
-from cad_ray.store import RunRoot, ScoreStore
+from cad_ray.store import PART_FILE, RunRoot, ScoreStore
 
 UNIT_KEY = ["edit", "target", "selection", "ratio", "guidance", "probe"]
 NEVER_LEARNED = "never-learned"
@@ -112,13 +112,13 @@ class ProbeWorker(ImageJudge):
         with applied:
             if name == "completion":
                 for strength in self.options.probe.strengths:
-                    for wording, asked in (("own", cycled(prompts, n)), ("empty", [""] * n)):
+                    for wording, asked in (("own", cycled(prompts, n)), ("empty", [NEGATIVE_PROMPT] * n)):
                         images = complete(model, start, asked, strength, seed, steps=steps, guidance=guidance).images
                         results.append((f"{strength:g}/{wording}", asked, images))
             elif name == "guidance":
                 log_probability = self._log_probability()
                 for scale in self.options.probe.guidance_scales:
-                    for wording, asked in (("own", prompts), ("empty", [""])):
+                    for wording, asked in (("own", prompts), ("empty", [NEGATIVE_PROMPT])):
                         probe = ClassifierGuidance(log_probability, target, scale)
                         images = probe.sample(model, asked, n, seed, steps=steps, guidance=guidance).images
                         results.append((f"{scale:g}/{wording}", cycled(asked, n), images))
@@ -207,7 +207,7 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
         return {"units": 0}
     run_root = RunRoot(root)
     store = ScoreStore(root)
-    if not run_root.exists("evaluation_summary", "part-0.parquet"):
+    if not run_root.exists("evaluation_summary", PART_FILE):
         raise CadRayError(f"{root} has no evaluation_summary/: the probes attack the edits it judged; run "
                           "'cad-ray evaluate' first")
     missing = [p for t, p in options.probe.references.items() if t in options.targets
@@ -215,7 +215,7 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
     if missing:
         raise CadRayError(f"evaluation.probe.references: {missing[0]} holds no model (model_index.json)")
     started = time.time()
-    evaluation = run_root.read_table("evaluation_summary", "part-0.parquet").to_pandas()
+    evaluation = run_root.read_table("evaluation_summary", PART_FILE).to_pandas()
     meta = probe_meta(config, store)
     units = probe_units(evaluation, options)
     if overwrite:
@@ -231,7 +231,7 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
     summary = summarize_probes(table, options.probe.margin)
     verdicts = probe_verdicts(summary, evaluation)
     for name, frame in (("probes", table), ("probe_summary", summary), ("probe_verdicts", verdicts)):
-        run_root.write_table(pa.Table.from_pandas(frame, preserve_index=False), name, "part-0.parquet",
+        run_root.write_table(pa.Table.from_pandas(frame, preserve_index=False), name, PART_FILE,
                              metadata=meta)
     return {"units": len(units), "units_computed": len(pending), "seconds": time.time() - started,
             "verdicts": verdicts, "summary": summary}
