@@ -218,7 +218,7 @@ def weights_folder(path: str, judge: str) -> Path:
 def load_pretrained(cls, folder: Path):
     """`cls.from_pretrained` on a judge's weights folder (see `weights_folder`), on the CPU, in eval mode, with
     cad_ray.models' checks (safetensors, or pickles that load with weights_only) and one-line errors."""
-    from cad_ray.models.loading import load_component, quiet_libraries
+    from cad_ray.models.components import load_component, quiet_libraries
 
     quiet_libraries()
     return load_component(cls, folder.parent, folder.name).eval()

@@ -12,6 +12,7 @@ import torch
 from cad_ray.digits import IMAGE_SIZE, VOCABULARY, DigitsTokenizer
 from cad_ray.errors import CadRayError
 from cad_ray.models.base import TextToImageModel
+from cad_ray.models.components import load_component, load_scheduler
 
 PIPELINE_CLASS = "CadRayDigitsPipeline"
 
@@ -120,7 +121,6 @@ class DigitsModel(TextToImageModel):
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        from cad_ray.models.loading import load_component, load_scheduler
 
         folder = Path(folder)
         unet = load_component(UNet2DConditionModel, folder, "unet")

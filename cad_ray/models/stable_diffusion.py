@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from cad_ray.models.base import TextToImageModel
+from cad_ray.models.components import load_component, load_scheduler
 
 
 class StableDiffusionModel(TextToImageModel):
@@ -69,7 +70,6 @@ class StableDiffusionModel(TextToImageModel):
         from transformers import CLIPTextModel, CLIPTokenizer
 
         from cad_ray.errors import CadRayError
-        from cad_ray.models.loading import load_component, load_scheduler
 
         folder = Path(folder)
         unet = load_component(UNet2DConditionModel, folder, "unet")
