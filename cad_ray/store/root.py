@@ -1,13 +1,11 @@
 """The run root: one place for paths (local or s3://), atomic writes, the part-file footer check and the
-manifest."""
+manifest. Where files are and how one is written whole is `files`'s; the root's lock is `lock`'s."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
-import time
 import uuid
 from contextlib import contextmanager
 from pathlib import PurePosixPath
@@ -17,35 +15,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cad_ray.errors import CadRayError
-from cad_ray.s3 import s3_filesystem
+from cad_ray.store.files import atomic_local_file, filesystem, hidden_temporary
+from cad_ray.store.lock import LOCK, RootLock
 
 ROW_GROUP_SIZE = 1 << 22  # 4M rows: few row groups even at SD scale (148.7M components), bounded memory
 METADATA_KEY = b"cad_ray"
 PART_FILE = "part-0.parquet"  # the one file of a table (or of a table's partition): <table>/[<partition>/]PART_FILE
 RUN_KEYS = ("fingerprint", "config_hash")  # what makes a part file the run's: its model and its config
-
-
-LOCK = "_lock.json"
-
-
-def _lock_is_stale(holder: dict) -> bool:
-    """A lock whose process is gone (on this host) or is this very process."""
-    import socket
-
-    if holder.get("host") != socket.gethostname():
-        return False  # another machine's driver: nothing here can tell whether it still runs
-    pid = holder["pid"]
-    if pid == os.getpid():
-        return True
-    if pid <= 0:
-        return False  # kill(0 or negative) signals process groups: it says nothing about one driver
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return True  # gone, or a pid no process can have
-    except PermissionError:
-        return False
-    return False
 
 
 def is_damage(error: Exception) -> bool:
@@ -67,43 +43,6 @@ def belongs(footer: Footer, owner: dict, keys: tuple[str, ...] = RUN_KEYS, rows:
     """Whether a part file's footer carries `owner`'s `keys` (the same values in its metadata) and, where given,
     `rows` rows: written for this run (model, config, options), not another's."""
     return all(footer.metadata.get(k) == owner[k] for k in keys) and (rows is None or footer.rows == rows)
-
-
-def filesystem(root: str):
-    """(fsspec filesystem, path without protocol) for a local path or an s3:// URI."""
-    if str(root).startswith("s3://"):
-        bucket = str(root)[len("s3://"):].split("/")[0]
-        if not bucket:
-            raise CadRayError(f"{root!r} names no bucket; an S3 root is s3://bucket/prefix")
-        if not re.fullmatch(r"[a-zA-Z0-9.\-_]{1,255}", bucket):  # botocore's own check, made before any request
-            raise CadRayError(f"{bucket!r} is not a valid S3 bucket name (letters, digits, '.', '-', '_')")
-
-        return s3_filesystem(), str(root)[len("s3://"):].rstrip("/")
-    import fsspec
-
-    return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(str(root)))
-
-
-def hidden_temporary(target: str) -> str:
-    """A temporary name beside `target` that starts with a dot, so that Parquet dataset readers (which skip
-    names starting with '.' or '_') never pick up a file left half-written by a crash."""
-    path = PurePosixPath(target)
-    return str(path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}"))
-
-
-@contextmanager
-def atomic_local_file(target: str):
-    """A temporary path to write; renamed onto the local `target` only when the block ends without error."""
-    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
-    tmp = hidden_temporary(target)
-    try:
-        yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 MANIFEST_KEYS = ("config", "config_hash", "fingerprint")  # what every reader of a run's _manifest.json needs
@@ -150,8 +89,8 @@ def check_output(out: str, folder: bool = False, allowed: tuple[str, ...] = (), 
         raise CadRayError(f"cannot write {out}: {e.strerror or e}") from None
 
 
-class RunRoot:
-    """Reading and writing the files of one run root."""
+class RunRoot(RootLock):
+    """Reading and writing the files of one run root (and holding its lock: `RootLock`)."""
 
     def __init__(self, root: str):
         self.fs, self.path = filesystem(str(root))  # before the slashes go: "s3://" is no local folder "s3:"
@@ -290,132 +229,6 @@ class RunRoot:
             if is_damage(e):
                 return False
             raise CadRayError(f"cannot read {self.uri_under(*parts)}: {type(e).__name__}: {e}") from None
-
-    def create_exclusively(self, data: bytes, *parts: str) -> bool:
-        """Write the file `parts` only if it does not exist, in one step that no other writer can interleave with:
-        True if this call created it, False if it existed. Local: a complete temporary file hard-linked onto the
-        name (link fails if the name exists; a reader never sees a half-written file), or where the filesystem has
-        no hard links an O_EXCL create. S3: a conditional put (If-None-Match: *), which AWS S3, MinIO and moto
-        honour; on an endpoint that ignores the condition (or refuses it as NotImplemented: then a look and a plain
-        put) two writers can both succeed, which `locked` then catches by reading the file back."""
-        target = self.join(*parts)
-        if self.is_s3:
-            try:
-                self.fs.pipe_file(target, data, mode="create")
-                return True
-            except FileExistsError:  # s3fs's word for PreconditionFailed
-                return False
-            except OSError as e:
-                if "PreconditionFailed" in repr(e.__cause__):
-                    return False
-                if "NotImplemented" not in repr(e.__cause__):
-                    raise CadRayError(f"cannot write {self.uri_under(*parts)}: {type(e).__name__}: {e}") from None
-                # an endpoint without conditional writes: look, then put (the caller reads the file back)
-                if self.fs.exists(target):
-                    return False
-                self.fs.pipe_file(target, data)
-                return True
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = hidden_temporary(target)
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, target)
-                return True
-            except FileExistsError:
-                return False
-            except OSError:  # no hard links here (some FUSE and SMB mounts): an exclusive create
-                try:
-                    with open(target, "xb") as f:
-                        f.write(data)
-                    return True
-                except FileExistsError:
-                    return False
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
-    def _lock_holder(self) -> dict | None:
-        """The driver holding the root's lock, None if there is no lock; a lock that is not ours to read is
-        refused in one line (it may be held: it is never taken over)."""
-        try:
-            holder = json.loads(self.read_bytes(LOCK))
-        except FileNotFoundError:
-            return None  # none, or released between the look and the read
-        except ValueError as e:
-            problem = f"is corrupt ({e})"
-        else:
-            if isinstance(holder, dict) and isinstance(holder.get("host"), str) \
-                    and isinstance(holder.get("pid"), int) and not isinstance(holder.get("pid"), bool):
-                return holder
-            problem = "is not a lock written by cad-ray (it needs a pid and a host)"
-        raise CadRayError(f"{self.uri_under(LOCK)} {problem}; if no cad-ray command is writing to this root, "
-                          "remove it")
-
-    def _take_over(self, stale: dict) -> None:
-        """Remove a stale lock, but only that one: locally it is first renamed aside (one renamer wins) and put back
-        if what was moved is not the lock judged stale (another driver's new lock). On S3 there is no rename: the
-        stale lock is deleted, and two drivers taking over the same stale lock at the same moment can both
-        succeed (a live lock is never removed unless it appeared between the read and the delete)."""
-        target = self.join(LOCK)
-        if self.is_s3:
-            self.fs.rm_file(target)
-            return
-        aside = hidden_temporary(target)
-        try:
-            os.rename(target, aside)
-        except FileNotFoundError:
-            return  # another driver took it over first
-        try:
-            with open(aside, "rb") as f:
-                moved = json.loads(f.read())
-        except ValueError:
-            moved = None
-        if moved != stale:  # a new lock: put it back where it was (unless yet another one appeared)
-            try:
-                os.link(aside, target)
-            except FileExistsError:
-                pass
-        os.unlink(aside)
-
-    @contextmanager
-    def locked(self, stage: str):
-        """Hold the root's lock while a stage writes to it, so that a second driver on the same root refuses at
-        once instead of computing everything twice. The lock is taken by an exclusive create
-        (`create_exclusively`), so two drivers starting at the same moment never both hold it. A lock left by a
-        driver that died (same host, process gone) is taken over; so is one this process holds."""
-        import socket
-
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage, "token": uuid.uuid4().hex,
-              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        data = (json.dumps(me, indent=1, sort_keys=True) + "\n").encode()
-        for attempt in range(3):
-            if self.create_exclusively(data, LOCK):
-                break
-            holder = self._lock_holder()
-            if holder is None:
-                continue  # released meanwhile: try again
-            if not _lock_is_stale(holder):
-                raise CadRayError(f"another cad-ray {holder.get('stage', 'command')} (pid {holder.get('pid')} on "
-                                  f"{holder.get('host')}, since {holder.get('started')}) is writing to {self.uri}; "
-                                  f"wait for it to finish, or remove {self.uri_under(LOCK)} if it is gone")
-            self._take_over(holder)
-        else:
-            raise CadRayError(f"another cad-ray command took the lock on {self.uri} at the same moment; wait for it")
-        if (self._lock_holder() or {}).get("token") != me["token"]:  # an S3 endpoint that ignores If-None-Match
-            raise CadRayError(f"another cad-ray command took the lock on {self.uri} at the same moment; wait for it")
-        try:
-            yield
-        finally:
-            try:
-                mine = (self._lock_holder() or {}).get("token") == me["token"]
-            except CadRayError:
-                mine = False  # replaced by something that is not ours to remove
-            if mine:
-                self.fs.rm_file(self.join(LOCK))
 
     def remove(self, *parts: str) -> None:
         if self.exists(*parts):

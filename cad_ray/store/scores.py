@@ -1,4 +1,5 @@
-"""`ScoreStore`: queries over the score tables of a completed run, streaming where a table is large."""
+"""`ScoreStore`: queries over the score tables of a completed run, streaming where a table is large. What the scores
+say an edit takes (a specific ranking, a selection's masks) is `selections`'s."""
 
 from __future__ import annotations
 
@@ -13,29 +14,23 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from cad_ray.config import AttributionConfig, parse_config
-from cad_ray.digits.concepts import concept_kind
 from cad_ray.errors import CadRayError
-from cad_ray.store.root import METADATA_KEY, PART_FILE, RunRoot, belongs
 from cad_ray.method.ranking import first_k
+from cad_ray.store.root import METADATA_KEY, PART_FILE, RunRoot, belongs
+from cad_ray.store.rows import row_group_starts, rows_at
+from cad_ray.store.selections import SelectionQueries, scored_partition
 from cad_ray.store.tables import partition
 
-# cad_ray.method.editing and .baselines are imported inside the methods that use them, for start-up speed only: they
-# import torch, which the plain queries ('cad-ray top', 'layers', 'overlap') never need
-
+# cad_ray.method.baselines is imported inside the method that uses it, for start-up speed only: it imports torch,
+# which the plain queries ('cad-ray top', 'layers', 'overlap') never need
 
 # Parquet that verifies page checksums where the writer stored them (`RunRoot.write_parts` does)
 CHECKED_PARQUET = ds.ParquetFileFormat(
     default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True))
 
 
-def scored_partition(objective: str, method: str) -> str:
-    """The `objective=` partition holding a method's scores: CAD's and the ones derived from them under the
-    objective, a baseline with statistics of its own (`conceptprune`) under its name."""
-    return "conceptprune" if method == "conceptprune" else objective
-
-
-class ScoreStore:
-    """Queries over the score tables of a completed run.
+class ScoreStore(SelectionQueries):
+    """Queries over the score tables of a completed run (and what they say an edit takes: `SelectionQueries`).
 
     A run that has not completed is refused unless `allow_incomplete=True`.
     """
@@ -167,7 +162,7 @@ class ScoreStore:
         try:
             with self.run.fs.open(self.run.join(*parts), "rb") as f:
                 table = pq.ParquetFile(f, page_checksum_verification=True)
-                starts = _row_group_starts(table)
+                starts = row_group_starts(table)
                 # the score column alone, a row group at a time, keeping the k best with their row numbers: the
                 # k smallest of -score (or score), ties to the earlier row, that is the run's tensor order, then
                 # index (as the final sort below orders them)
@@ -182,7 +177,7 @@ class ScoreStore:
                     key, position = key[keep], position[keep]
                 order = np.lexsort((position, key))
                 key, position = key[order], position[order]
-                rows = _rows_at(table, starts, position)
+                rows = rows_at(table, starts, position)
         except (pa.ArrowInvalid, OSError):
             raise self._damaged(parts) from None
         best = pd.DataFrame({"tensor": rows["tensor"], "index": rows["index"],
@@ -204,7 +199,7 @@ class ScoreStore:
         try:
             with self.run.fs.open(self.run.join(*parts), "rb") as f:
                 table = pq.ParquetFile(f, page_checksum_verification=True)
-                found = _rows_at(table, _row_group_starts(table), position, "weight")
+                found = rows_at(table, row_group_starts(table), position, "weight")
         except (pa.ArrowInvalid, OSError):
             raise self._damaged(parts) from None
         if found["tensor"] != list(rows["tensor"]) or not np.array_equal(found["index"], rows["index"].to_numpy()):
@@ -224,76 +219,6 @@ class ScoreStore:
         rows = self._with_weights(rows, ["weight"])[["tensor", "index", "weight", "score"]]
         rows.insert(0, "rank", np.arange(1, len(rows) + 1))
         return rows
-
-    def specific(self, concept: str, against: list[str] | None = None, objective: str = "erase", k: int = 20,
-                 aggregate: str = "mean", negative: bool = False) -> pd.DataFrame:
-        """The k components most specific to `concept`: ranked by what it needs and the concepts `against` do not
-        (`cad_ray.method.editing.specific_scores`: scores normalised per concept, the others' mean or max
-        subtracted). `against` defaults to every other concept with scores of this objective in the run."""
-        from cad_ray.method.editing import specific_scores
-
-        if k < 1:
-            raise CadRayError(f"k must be at least 1, got {k}")
-        have = [c for c, o in self.concepts().itertuples(index=False) if o == objective]
-        against = [c for c in have if c != concept] if against is None else list(against)
-        missing = [c for c in [concept, *against] if c not in have]
-        if missing:
-            raise CadRayError(f"no {objective} scores for {', '.join(missing)} in {self.run.uri}; a specific ranking "
-                              f"needs scores of the same objective, model and scope; the run has {', '.join(have)}")
-        if not against or against == [concept]:
-            raise CadRayError(f"a specific ranking of {concept!r} needs other concepts' {objective} scores in the "
-                              f"run; it has only {', '.join(have)}")
-        target = self.tensor_scores(concept, objective)
-        ranked = specific_scores(target, [self.tensor_scores(c, objective) for c in against if c != concept],
-                                 aggregate, largest=not negative)
-        names = list(ranked)
-        flat = np.concatenate([ranked[n].reshape(-1) for n in names])
-        sizes = np.cumsum([0] + [ranked[n].size for n in names])
-        key = flat if negative else -flat
-        pick = np.argsort(key, kind="stable")[:k]
-        pick = pick[(flat[pick] < 0) if negative else (flat[pick] > 0)]
-        tensor_of = np.searchsorted(sizes, pick, side="right") - 1
-        rows = pd.DataFrame({"tensor": [names[i] for i in tensor_of], "index": pick - sizes[tensor_of],
-                             "score": [target[names[i]].reshape(-1)[j] for i, j in zip(tensor_of, pick - sizes[tensor_of])],
-                             "specific": flat[pick]})
-        rows.insert(0, "rank", np.arange(1, len(rows) + 1))
-        return rows
-
-    def masks(self, target: str, selection, ratio: float, objective: str = "erase", largest: bool = True,
-              scores_of=None, protected: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-        """The components a zeroing edit of `target` takes by `selection` (a `Selection` or its text): its scores,
-        and for a contrast those of the other concepts of the objective in this run; for a union, each part's
-        (of its own objective, `objective` where it names none), joined. `scores_of(concept, objective,
-        method)` may supply cached tensor scores; `protected` (`scopes.never_selected(model)`) is never taken."""
-        from cad_ray.method.editing import contrast_concepts, selection_masks, union_masks
-
-        scores_of = scores_of or self.tensor_scores
-        pairs = list(self.concepts().itertuples(index=False))
-        picked = []
-        for part, ratio in self.edit_parts(selection, ratio):
-            own = part.objective or objective
-            stored = scored_partition(own, part.method)
-            concepts = [c for c, o in pairs if o == stored]
-            others = contrast_concepts(target, concepts, part.contrast, concept_kind)
-            picked.append(selection_masks(lambda c: scores_of(c, own, part.method), target, others, part, ratio,
-                                          largest, protected))
-        return union_masks(picked)
-
-    def edit_parts(self, selection, ratio: float) -> list:
-        """The (part, ratio) pairs an edit by `selection` zeroes: each part of a union at the edit's ratio, and
-        before a part that ranks `residual` scores, the first edit those scores were computed after (the run's
-        `residual.after` at `residual.after_ratio`): the residual's components draw the concept only on the
-        model that edit leaves."""
-        from cad_ray.method.editing import Selection
-
-        chosen = selection if isinstance(selection, Selection) else Selection.parse(selection)
-        out = []
-        for part in chosen.parts:
-            if part.objective == "residual":
-                first = self.config.residual
-                out.append((Selection.parse(first.after), float(first.after_ratio)))
-            out.append((part, ratio))
-        return out
 
     def layers(self, concept: str | None = None, objective: str | None = None) -> pd.DataFrame:
         if concept is not None:
@@ -434,35 +359,3 @@ def _derived(rows: pd.DataFrame, weight: np.ndarray, derived: list[str]) -> pd.D
         with np.errstate(divide="ignore", invalid="ignore"):
             out["grad"] = np.where(w != 0, rows["score"].to_numpy(dtype=np.float64) / w, np.nan).astype(np.float32)
     return out
-
-
-def _row_group_starts(table: pq.ParquetFile) -> np.ndarray:
-    """The first row number of each row group of a Parquet file, and its row count last."""
-    return np.cumsum([0] + [table.metadata.row_group(g).num_rows for g in range(table.num_row_groups)])
-
-
-def _rows_at(table: pq.ParquetFile, starts: np.ndarray, position: np.ndarray, column: str | None = None) -> dict:
-    """{"tensor": names, "index": numpy, column: numpy} of the rows at `position` (row numbers) of a (tensor, index,
-    value) Parquet file, reading only the row groups that hold them. A row group whose statistics say it holds
-    one tensor and as many consecutive indices as rows (what `score_parts` and `weight_parts` write: a tensor's
-    indices in order, a row group a slice of them) gives tensor and index without a read; others are read."""
-    names = table.schema_arrow.names
-    group = np.searchsorted(starts, position, side="right") - 1
-    found = {"tensor": [None] * len(position), "index": np.empty(len(position), dtype=np.int64)}
-    if column is not None:
-        found[column] = np.empty(len(position), dtype=np.float64)
-    for g in map(int, np.unique(group)):
-        at = np.flatnonzero(group == g)
-        offset = position[at] - starts[g]
-        meta = table.metadata.row_group(g)
-        tensor, index = (meta.column(names.index(c)).statistics for c in ("tensor", "index"))
-        known = (tensor is not None and index is not None and tensor.has_min_max and index.has_min_max
-                 and tensor.min == tensor.max and index.max - index.min + 1 == meta.num_rows)
-        read = ([] if column is None else [column]) + ([] if known else ["tensor", "index"])
-        rows = table.read_row_group(g, columns=read).take(pa.array(offset)) if read else None
-        for i, name in zip(at, [tensor.min] * len(at) if known else rows.column("tensor").to_pylist()):
-            found["tensor"][i] = name
-        found["index"][at] = index.min + offset if known else rows.column("index").to_numpy()
-        if column is not None:
-            found[column][at] = rows.column(column).to_numpy()
-    return found
