@@ -10,9 +10,12 @@ import io
 import numpy as np
 import pandas as pd
 
+from cad_ray.digits import DIGIT_WORDS
+from cad_ray.digits.quality import image_grid
 from cad_ray.method.edits import is_reference
+from cad_ray.plots import erase_verdicts, layer_summary, ratio_sweep, validation_scatter
 from cad_ray.stages.summary import target_kind, target_rows
-from cad_ray.store import RunRoot, ScoreStore
+from cad_ray.store import RunRoot, ScoreStore, atomic_local_file
 
 TEMPLATE = "report.html.j2"  # in cad_ray/assets: the page's layout; this module computes what goes in it
 
@@ -81,7 +84,6 @@ def pearson_sentence(summary: pd.DataFrame) -> str:
 def _grid_png(pngs: list[bytes], columns: int) -> bytes:
     from PIL import Image
 
-    from cad_ray.digits.quality import image_grid
 
     images = np.stack([np.asarray(Image.open(io.BytesIO(p)).convert("RGB"), dtype=np.float64) / 255 for p in pngs])
     out = io.BytesIO()
@@ -96,7 +98,6 @@ def _optional(run: RunRoot, store: ScoreStore, name: str) -> pd.DataFrame | None
 def build_report(root: str) -> str:
     import jinja2
 
-    from cad_ray.plots import erase_verdicts, layer_summary, ratio_sweep
 
     run, store = RunRoot(root), ScoreStore(root)
     pairs = store.concepts()
@@ -151,7 +152,6 @@ def build_report(root: str) -> str:
 def _scatters(run: RunRoot, store: ScoreStore, concepts) -> list[str]:
     """Each validated concept's scatter, drawn from the validation table (so that an older root's plot reads as
     today's), else the PNG the validation stage stored."""
-    from cad_ray.plots import validation_scatter
 
     table = store.table("validation") if run.exists("validation") else None
     out = []
@@ -213,7 +213,6 @@ def _labelled_grid_png(rows: list[tuple[str, list[bytes]]], columns: int, per_li
     in order, left to right."""
     from PIL import Image, ImageDraw, ImageFont
 
-    from cad_ray.digits.quality import image_grid
 
     decoded = [[np.asarray(Image.open(io.BytesIO(p)).convert("RGB"), dtype=np.float64) / 255 for p in pngs[:columns]]
                for _, pngs in rows]
@@ -239,7 +238,6 @@ def _labelled_grid_png(rows: list[tuple[str, list[bytes]]], columns: int, per_li
 
 def _label_order(label: str) -> tuple:
     """The digits world's labels in their own order (zero to nine), any other label after them by name."""
-    from cad_ray.digits import DIGIT_WORDS
 
     key = str(label).strip().lower()
     return (DIGIT_WORDS.index(key), "") if key in DIGIT_WORDS else (len(DIGIT_WORDS), str(label))
@@ -281,7 +279,6 @@ def write_report(root: str, out: str | None = None) -> str:
     """Write the report to `out` (a local file) or to <root>/report.html; returns where it is."""
     text = build_report(root).encode()
     if out:
-        from cad_ray.store import atomic_local_file
 
         with atomic_local_file(out) as tmp:
             with open(tmp, "wb") as f:

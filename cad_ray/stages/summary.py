@@ -8,6 +8,8 @@ import numpy as np
 import pandas as pd
 
 from cad_ray.config import SearchOptions
+from cad_ray.digits import COLOUR_NAMES, real_digits, render
+from cad_ray.digits.judges import builtin_judges, frechet_distance
 from cad_ray.method.edits import amplifying, is_reference, picked_by
 from cad_ray.stages.panels import label_key, names_label, own_wording, target_kind, target_rows  # noqa: F401
 
@@ -17,8 +19,6 @@ BRIGHTNESS_MIN = SearchOptions.model_fields["brightness_min"].default
 
 def real_features() -> np.ndarray:
     """Digit-judge features of the real digits (the reference of the Frechet distance)."""
-    from cad_ray.digits import COLOUR_NAMES, real_digits, render
-    from cad_ray.digits.judges import builtin_judges
 
     images, _ = real_digits()
     return builtin_judges().features(np.concatenate([render(images, c) for c in COLOUR_NAMES]))
@@ -77,7 +77,6 @@ def summarize_evaluation(table: pd.DataFrame, reference: np.ndarray | None = Non
     `clean` (target <= 20% on own and unseen wordings, everything else >= 90% of its accuracy and >= 80% of its
     brightness); `picked`: the setting the
     search chose on the selection split; `best`: each (edit, target)'s best trade-off among its rows."""
-    from cad_ray.digits.judges import frechet_distance
 
     table = table[table["split"] == "test"] if "split" in table else table
     picks = picks or {}
