@@ -62,7 +62,8 @@ class ColourNet(nn.Module):
 
 
 def intensity(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    images = torch.as_tensor(np.asarray(images, dtype=np.float32))
+    """Each pixel's ink whatever its colour: the channels' maximum (a tensor keeps its gradients)."""
+    images = images.float() if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images, np.float32))
     return images.max(dim=-1).values
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from cad_ray.digits import COLOUR_NAMES, DIGIT_WORDS
-from cad_ray.digits.judges import builtin_judges
+from cad_ray.digits.judges import builtin_judges, intensity
 from cad_ray.errors import CadRayError
 from cad_ray.labels import label_key
 
@@ -30,7 +30,7 @@ class DigitsJudge:
         digit, the colour judge for a colour (the guidance probe steers sampling with it)."""
         key = label_key(label)
         if key in DIGIT_WORDS:
-            logits, index = self.judges.digit_net(images.max(dim=-1).values), DIGIT_WORDS.index(key)
+            logits, index = self.judges.digit_net(intensity(images)), DIGIT_WORDS.index(key)
         elif key in COLOUR_NAMES:
             logits, index = self.judges.colour_net(images), COLOUR_NAMES.index(key)
         else:

@@ -93,18 +93,9 @@ EDITS: dict[str, Edit] = {e.name: e for e in _EDITS}
 RECOVERY = "finetune+cad-amplify"
 
 
-def edit_names() -> list[str]:
-    return list(EDITS)
-
-
 def edit_help() -> str:
     """One line per edit: its name and what it does (the CLI's help)."""
     return "; ".join(f"{e.name}: {e.summary}" for e in _EDITS)
-
-
-def followers(name: str) -> list[str]:
-    """The edits that use `name`'s setting."""
-    return [e.name for e in _EDITS if e.follows == name]
 
 
 def picked_by(name: str) -> str:
