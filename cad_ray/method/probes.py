@@ -252,10 +252,7 @@ def _epsilon(kind: str, out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor)
 
 def _output(kind: str, eps: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """`_epsilon`'s inverse: the model output of type `kind` that stands for the noise `eps` at x."""
-    if kind == "epsilon":
-        return eps
-    x0 = (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
-    return x0 if kind == "sample" else alpha.sqrt() * eps - (1 - alpha).sqrt() * x0
+    return denoising_target(kind, (x - (1 - alpha).sqrt() * eps) / alpha.sqrt(), eps, alpha)
 
 
 class ClassifierGuidance:
