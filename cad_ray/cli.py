@@ -160,10 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  "help": "ablation fractions, each in (0, 1)"}),
                 ("--concepts", {"nargs": "+", "default": None, "help": "concepts to validate (default: all)"}),
                 ("--in-sample", {"action": "store_true", "help": "evaluate on the attribution's own samples"})])
-    command("evaluate", cmd_evaluate, "edit the model and judge the images (Ray Data job)",
+    command("evaluate", cmd_evaluate, "edit the model and judge the images (Ray job)",
             "Make every edit of the config's 'evaluation:' section (cad-erase, random, cad-amplify at each ratio; "
             "finetune, cad-finetune, finetune+cad-amplify), generate images of every prompt with the same seeds "
-            "before and after, judge them with Ray Data actors and write evaluation/ (one row per image) and "
+            "before and after, judge them on Ray actors and write evaluation/ (one row per image) and "
             "evaluation_summary/ (accuracy of the target and of the others, Frechet distance, best ratio) under "
             "--root. With evaluation.probes (inversion, completion, soft-prompt), every erasing edit is then "
             "attacked: is the concept gone from the model or only from its words (probes/, probe_summary/, "

@@ -1,6 +1,7 @@
-"""The Ray layer: one driver that runs any stage's work units on Ray actors that load the model once (one GPU
-each where the cluster has GPUs, a CPU share otherwise), or in this process; and Ray Data for generating and
-judging images.
+"""The Ray layer: one driver that runs any stage's work units (shards, edits, blocks of images to make and
+judge) on Ray actors that load the model once (one GPU each where the cluster has GPUs, a CPU share
+otherwise), or in this process. Plain actors with `max_restarts=0`, not Ray Data's pool: a lost actor's work is
+moved here and a replacement started, and Ray has no restart to warn about.
 
 Thin by design: what a unit is, how it is computed and how a stage's tables are finished live in
 `cad_ray.stages.*`, which never import Ray. A stage's `run(config, root, executor, ...)` asks the `Executor`
@@ -44,9 +45,9 @@ class WorkerHost:
 
 
 def _unwrap(error: Exception) -> Exception:
-    """The user-facing error inside a Ray task error (or a Ray Data error around one), if there is one."""
+    """The user-facing error inside a Ray task error (a wrapper's cause, a few levels down), if there is one."""
     seen = error
-    for _ in range(8):  # Ray Data wraps the task error once more
+    for _ in range(8):
         if isinstance(seen, CadRayError):
             return seen
         seen = getattr(seen, "cause", None) or seen.__cause__
@@ -207,7 +208,7 @@ def worker_pool(worker_class, config: AttributionConfig, root: str, address: str
 class Executor:
     """Where a stage's calls run: pools of Ray actors (one pool per worker class, opened on first use) or this
     process (`local`). A stage asks for `first` (one call, e.g. the model's fingerprint), `map` (many units, with
-    a progress bar) and `judge_frames` (image rows through Ray Data), then the driver closes the pools."""
+    a progress bar) and `judge_frames` (image rows), then the driver closes the pools."""
 
     def __init__(self, config: AttributionConfig, root: str, address: str | None = None, local: bool = False,
                  progress: bool = True):
@@ -256,40 +257,16 @@ class Executor:
     def workers_lost(self) -> int:
         return sum(p.lost for p in self.pools.values())
 
-    def judge_frames(self, worker_class, frames: list, batch_size: int, worker_kwargs: dict, on_rows) -> int:
-        """Every row of `frames` through `worker_class(**worker_kwargs)(rows)`: Ray Data's `map_batches` on an
-        actor pool (a GPU per actor where there are GPUs), or in this process. `on_rows(frame)` gets each
-        judged frame as it comes. Returns the number of actors."""
+    def judge_frames(self, worker_class, frames: list, on_rows) -> int:
+        """Every frame through `worker_class(config, root)(frame)` on the pool's actors (a GPU each where there are
+        GPUs), or in this process; `on_rows(judged)` gets each judged frame as it finishes. The pool stays open,
+        with its model loaded, for the stage's next frames. Returns the number of workers."""
         if not frames:
             return 0
-        if self.local:
-            worker = worker_class(**worker_kwargs, threads=CPU_WORKER_THREADS)
-            for frame in frames:
-                on_rows(worker(frame))
-            return 1
-        import ray
-
-        if not ray.is_initialized():
-            ray.init(address=self.address or "local", log_to_driver=False,
-                     include_dashboard=False if self.address is None else None, configure_logging=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False  # the stage's bar counts the blocks
-        resources = ray.cluster_resources()
-        gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 1))
-        actors = max(1, self.config.workers or (gpus if gpus else cpus))
-        # on CPUs the actors leave a little CPU for Ray Data's own tasks, which would otherwise wait forever
-        request = {"num_gpus": 1} if gpus else {"num_cpus": min(1.0, 0.9 * cpus / actors)}
-        judged = ray.data.from_pandas(frames).map_batches(
-            worker_class, fn_constructor_kwargs=dict(worker_kwargs, threads=None if gpus else CPU_WORKER_THREADS),
-            batch_size=batch_size, batch_format="pandas",
-            # at least one actor, not all: the GPU count can still include a node that was just lost, and Ray
-            # Data would wait forever for an actor it cannot place; the others start as Ray places them
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors, initial_size=actors), **request)
-        try:
-            for batch in judged.iter_batches(batch_format="pandas", batch_size=None):
-                on_rows(batch)
-        except Exception as e:
-            raise _unwrap(e) from None
-        return actors
+        pool = self.pool(worker_class)
+        for _, judged in pool.map([(i, "__call__", (frame,)) for i, frame in enumerate(frames)]):
+            on_rows(judged)
+        return pool.size
 
 
 def run_stage(stage, config: AttributionConfig, root: str, address: str | None = None, local: bool = False,

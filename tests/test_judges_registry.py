@@ -325,7 +325,7 @@ print(len(specs), sorted(m for m in sys.modules if m.split(".")[0] == "torchvisi
 
 
 def test_the_sd_evaluation_stage_runs_a_panel_of_the_new_judges(tiny_sd_folder, tiny_judges, tmp_path):
-    """The plumbing inside the evaluation stage (in this process; the same ImageJudge runs in Ray Data's actors):
+    """The plumbing inside the evaluation stage (in this process; the same ImageJudge runs on the Ray actors):
     Imagenette-style prompts on a tiny SD model, the ImageNet judge's verdict, NudeNet's columns where it is
     installed, DINOv2 features for the Frechet distance."""
     from cad_ray.config import parse_config

@@ -434,6 +434,7 @@ def test_evaluate_with_a_search_picks_on_selection_and_reports_the_test_split(sm
     picks = result["picks"]
     erase = summary[summary["edit"] == "cad-erase"]
     assert len(erase) == 1 and erase["picked"].all()
+    assert summary[summary["edit"] == "none"]["picked"].isna().all()  # nothing searched for the unedited model
     assert (erase["selection"].iloc[0], erase["ratio"].iloc[0]) == picks[("cad-erase", "seven")][:2]
     assert erase["selection"].iloc[0] in ("all/global/others-mean", "all/row/none")
     published = summary[summary["edit"] == "cad-erase-published"]

@@ -179,7 +179,7 @@ class EvaluationOptions(Strict):
     guidance: float | None = Field(None, description="guidance of the images (default: the model's)")
     amplify_guidance: float = Field(1.0, description="guidance at which CAD-Amplify is judged (weak conditioning)")
     steps: int | None = Field(None, ge=1, description="sampling steps (default: the model's)")
-    batch_size: int = Field(50, ge=1, description="rows per Ray Data batch")
+    batch_size: int = Field(50, ge=1, description="rows per block: a unit of image work, written as it finishes")
     judge: dict | None = Field(None, description="judge: {name: <registered judge>, **options}; default: the "
                                "digits judges for the digits model (see docs/editing.md)")
     finetune: FinetuneOptions = Field(default_factory=FinetuneOptions)

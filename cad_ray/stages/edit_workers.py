@@ -253,7 +253,7 @@ class Editor:
 
 
 class ImageJudge(Editor):
-    """Generates and judges batches of rows (a Ray Data `map_batches` class, or called in-process).
+    """Generates and judges batches of rows (on a Ray actor of the executor's pool, or in-process).
 
     Loads the model once; each edit is applied for its rows and undone, so rows of any edits can share a
     batch. Images depend on (edit, prompt, seed, guidance) only, never on the batch they fall in.
@@ -267,6 +267,9 @@ class ImageJudge(Editor):
         model, store = load_scored_model(config, root, device)
         super().__init__(config, RunRoot(root), model, store)
         self.judges = load_judge(self.options.judge, self.model.kind)
+
+    def fingerprint(self) -> str:  # a Ray pool's first call: it loads the model
+        return self.model.fingerprint()
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         out = []

@@ -146,8 +146,8 @@ def check_contrasts(options: EvaluationOptions, store: ScoreStore) -> None:
 
 def run(config: AttributionConfig, root: str, executor, overwrite: bool = False) -> dict:
     """The stage: make the fine-tuned edits (units: (edit, target) on actors); with a search, pick each target's
-    setting on the selection split; then generate and judge the test split (units: blocks of rows, through
-    Ray Data), each block written as it finishes so that a killed driver resumes; finish with evaluation/ and
+    setting on the selection split; then generate and judge the test split (units: blocks of rows, on actors
+    that keep the model loaded), each block written as it finishes so that a killed driver resumes; finish with evaluation/ and
     evaluation_summary/."""
     import pyarrow as pa
     from tqdm.auto import tqdm
@@ -214,13 +214,13 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
                     bar.update(1)
 
         frames = [pending[n].assign(block=i) for i, n in enumerate(names)]
-        counts["actors"] = max(counts["actors"], executor.judge_frames(
-            ImageJudge, frames, options.batch_size, {"config": config, "root": root}, save))
+        counts["actors"] = max(counts["actors"], executor.judge_frames(ImageJudge, frames, save))
         bar.close()
         return pd.concat([run_root.read_table("_evaluation", n).to_pandas() for n in blocks], ignore_index=True)
 
     picks, searched = search_rounds(options, prompts, judge) if options.search else ({}, 0)
     table = judge(plan_test_rows(options, prompts, picks))
+    executor.close_pool(ImageJudge)
     summary, images = finish_evaluation(run_root, store, options, table, picks)
     return {"summary": summary, "images": images + searched, "images_selection": searched, "picks": picks,
             "actors": max(counts["actors"], 1), "run_seconds": time.time() - started, "edits_made": len(todo),

@@ -61,9 +61,6 @@ class ProbeWorker(ImageJudge):
     images judged by the evaluation's judges. The attacks learn from the unedited model's images of the target,
     the same for every edit (seeded by the target), and are sampled on seeds they never saw."""
 
-    def fingerprint(self) -> str:  # a Ray pool's first call: it loads the model
-        return self.model.fingerprint()
-
     def _start_images(self, target: str):
         """(images the attacks learn from, images completion starts from): the unedited model's."""
         key = ("probe-images", target)
