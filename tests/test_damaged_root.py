@@ -493,3 +493,121 @@ def test_edit_without_a_selection_uses_the_roots_own(small_run, tmp_path, capsys
     status, explicit, err = _run([*edit, "--selection", "ff/row/none", "--out", str(tmp_path / "b")], capsys)
     assert status == 0, err
     assert "(ff/row/none)" in default and default.split(";")[0].split(":")[1] == explicit.split(";")[0].split(":")[1]
+
+
+def _nothing_new(folder: Path, before: set) -> None:
+    assert {str(p.relative_to(folder)) for p in folder.rglob("*")} == before
+
+
+def test_a_malformed_s3_endpoint_is_one_line_in_every_command(small_run, tmp_path, capsys, monkeypatch):
+    """Issue 26: AWS_ENDPOINT_URL=garbage (or http://, or http://[::1) ended every reader of an s3:// root in
+    aiobotocore's ValueError; it is one line naming the root, the error and the variable, before any request."""
+    from cad_ray.errors import CadRayError
+    from cad_ray.store import RunRoot
+
+    monkeypatch.chdir(tmp_path)
+    config = config_file(tmp_path, "small")
+    before = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")}
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    root = ["--root", "s3://bucket/run"]
+    commands = [["top", *root, "--concept", "seven"], ["status", *root], ["layers", *root, "--concept", "seven"],
+                ["overlap", *root, "--a", "seven", "--b", "red"], ["validate", *root, "--local", "--quiet"],
+                ["evaluate", *root, "--local", "--quiet"], ["report", *root],
+                ["edit", *root, "--edit", "cad-erase", "--target", "seven", "--ratio", "0.1", "--out", "edited"],
+                ["attribute", "--config", config, *root, "--local", "--quiet"]]
+    for endpoint, error in (("garbage", "Invalid endpoint: garbage"), ("http://", "Invalid endpoint: http://"),
+                            ("http://[::1", r"Invalid IPv6 URL")):
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        for argv in commands:
+            err = _one_line_refusal(argv, f"cannot read s3://bucket/run: ValueError: {error}", capsys)
+            assert f"AWS_ENDPOINT_URL={endpoint!r}" in err, err
+    _nothing_new(tmp_path, before)
+    # an access error while reading a root's manifest (local or S3) is one line too, never a traceback
+    run = RunRoot(small_run)
+
+    def denied(*args, **kwargs):
+        raise PermissionError("Access Denied")
+
+    monkeypatch.setattr(run.fs, "cat_file", denied)
+    import pytest
+
+    with pytest.raises(CadRayError, match=r"cannot read .*_manifest.json: PermissionError: Access Denied"):
+        run.read_manifest()
+
+
+def test_a_root_that_looks_like_a_url_is_refused_and_no_local_folder_is_made(small_run, tmp_path, capsys,
+                                                                             monkeypatch):
+    """Issue 26: S3://, s3:/, s3:bucket, s3a://, gs://, http:// roots used to become local folders ('./S3:/...')."""
+    monkeypatch.chdir(tmp_path)
+    config = config_file(tmp_path, "small")
+    before = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")}
+    supported = r"only local paths and s3://bucket/path are supported"
+    for root, hint in (("S3://bucket/run", "did you mean s3://bucket/run"),
+                       ("s3:/bucket/run", "did you mean s3://bucket/run"),
+                       ("s3:bucket/run", "did you mean s3://bucket/run"),
+                       ("s3a://bucket/run", "did you mean s3://bucket/run"), ("gs://bucket/run", ""),
+                       ("http://x/run", ""), ("a:b", r"written \./a:b")):
+        for argv in (["attribute", "--config", config, "--root", root, "--local", "--quiet"],
+                     ["top", "--root", root, "--concept", "seven"], ["status", "--root", root],
+                     ["validate", "--root", root, "--config", config, "--local", "--quiet"]):
+            err = _one_line_refusal(argv, f"'{re.escape(root)}' is not a root cad-ray can use: {supported}", capsys)
+            assert hint in err or re.search(hint, err), err
+    _nothing_new(tmp_path, before)
+    # a local folder with a colon in its name, deeper in the path or written ./NAME, is a root as before
+    shutil.copytree(small_run, tmp_path / "runs" / "a:b")
+    shutil.copytree(small_run, tmp_path / "c:d")
+    for root in ("runs/a:b", "./c:d"):
+        status, out, err = _run(["top", "--root", root, "--concept", "seven", "--k", "2"], capsys)
+        assert status == 0 and "transformer_blocks" in out, err
+
+
+def test_a_manifest_field_of_the_wrong_type_is_a_corrupt_manifest(small_run, tmp_path, capsys):
+    """Issue 26: 'config': [] (or null, or 5), 'stage_options': [] ... ended validate and edit in a TypeError,
+    and top and report read such a manifest as whole; each is the corrupt-manifest line, and nothing changes."""
+    root = tmp_path / "run"
+    shutil.copytree(small_run, root)
+    good = json.loads((root / "_manifest.json").read_text())
+    commands = [["validate", "--root", str(root), "--local", "--quiet"],
+                ["evaluate", "--root", str(root), "--local", "--quiet"],
+                ["edit", "--root", str(root), "--edit", "cad-erase", "--target", "seven", "--ratio", "0.1", "--out",
+                 str(tmp_path / "edited")],
+                ["top", "--root", str(root), "--concept", "seven"], ["report", "--root", str(root)],
+                ["status", "--root", str(root)],
+                ["attribute", "--config", config_file(tmp_path, "small"), "--root", str(root), "--local", "--quiet"]]
+    for field, value, what in (("config", [], "a list, not a mapping"), ("config", None, "null, not a mapping"),
+                               ("config", 5, "a number, not a mapping"),
+                               ("stage_options", [], "a list, not a mapping"),
+                               ("stage_options", None, "null, not a mapping"),
+                               ("fingerprint", 5, "a number, not a string"),
+                               ("config_hash", None, "null, not a string"),
+                               ("complete", "yes", "a string, not true or false"),
+                               ("objective_values", [], "a list, not a mapping")):
+        (root / "_manifest.json").write_text(json.dumps({**good, field: value}))
+        for argv in commands:
+            _one_line_refusal(argv, rf"_manifest.json is corrupt: its '{field}' is {what}; was it edited by hand\?",
+                              capsys, str(root))
+    assert not (tmp_path / "edited").exists()
+
+
+def test_a_model_cache_that_cannot_be_made_is_one_line_before_any_request(tmp_path, capsys, monkeypatch):
+    """Issue 26: CAD_RAY_CACHE=/proc/cache or somefile/sub ended an s3:// model's download in FileNotFoundError or
+    NotADirectoryError, after the bucket's listing; it is one line, before any request to S3."""
+    import cad_ray.models.loading as loading
+
+    def no_request(uri=None):
+        raise AssertionError(f"a request to S3 ({uri}) before the cache was checked")
+
+    for name in ("connected_s3_filesystem", "s3_filesystem"):
+        monkeypatch.setattr(loading, name, no_request, raising=False)
+    (tmp_path / "a-file").write_text("x")
+    out = tmp_path / "x.png"
+    for cache, reason in (("/proc/cad-ray-cache", "No such file or directory"),
+                          (str(tmp_path / "a-file" / "sub"), "Not a directory")):
+        monkeypatch.setenv("CAD_RAY_CACHE", cache)
+        _one_line_refusal(["sample", "--prompt", "seven", "--n", "1", "--steps", "2", "--model",
+                           "s3://modelbucket/models/digits", "--out", str(out)],
+                          rf"CAD_RAY_CACHE={re.escape(cache)} cannot be written \({reason}\); point it at a writable "
+                          "folder", capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"] and (tmp_path / "a-file").read_text() == "x"

@@ -15,7 +15,7 @@ from pathlib import Path
 from cad_ray.errors import CadRayError
 from cad_ray.models.components import (PICKLE_SUFFIXES, check_pickle, component_uses_safetensors,  # noqa: F401
                                        load_component, load_scheduler, quiet_libraries)
-from cad_ray.s3 import s3_filesystem  # noqa: F401 (re-exported: its old home)
+from cad_ray.s3 import connected_s3_filesystem, s3_filesystem  # noqa: F401 (s3_filesystem re-exported: its old home)
 
 BUILTIN_DIGITS = Path(__file__).resolve().parent.parent / "assets" / "digits-model"
 
@@ -31,13 +31,32 @@ def cache_dir() -> Path:
     return folder
 
 
+def _cache_error(folder: Path, error: OSError) -> CadRayError:
+    named = "CAD_RAY_CACHE=" if "CAD_RAY_CACHE" in os.environ else "the model cache "
+    return CadRayError(f"{named}{folder} cannot be written ({error.strerror or error}); point "
+                       f"{'it' if named.startswith('CAD') else 'CAD_RAY_CACHE'} at a writable folder")
+
+
+def made_cache_dir() -> Path:
+    """`cache_dir()`, made where it is not (before any request: a cache that cannot be made is one line, not a
+    traceback after the listing). Whether it can be written is found where a model is to be copied into it: a
+    read-only cache that already holds the model serves it."""
+    folder = cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _cache_error(folder, e) from None
+    return folder
+
+
 def fetch_s3_folder(uri: str) -> Path:
     """Copy an `s3://` model folder to the local cache (once per content version) and return its path."""
     key = uri.rstrip("/")
     if any(part in ("..", ".") for part in key.removeprefix("s3://").split("/")):
         raise CadRayError(f"{uri}: an s3:// model key with '.' or '..' parts names no folder of a bucket; "
                           "write the key in full")
-    fs = s3_filesystem()
+    cache = made_cache_dir()  # before any request
+    fs = connected_s3_filesystem(uri)
     try:
         listing = fs.find(key, detail=True)
     except Exception as e:  # botocore/aiobotocore raise many types; all mean "cannot read this URI"
@@ -46,11 +65,18 @@ def fetch_s3_folder(uri: str) -> Path:
         raise CadRayError(f"cannot read {uri}: no such model folder (nothing under that prefix)")
     version = hashlib.sha256(json.dumps(
         sorted((k, str(v.get("ETag", v.get("size")))) for k, v in listing.items())).encode()).hexdigest()[:16]
-    local = cache_dir() / "s3" / key.removeprefix("s3://").replace("/", "_") / version
+    local = cache / "s3" / key.removeprefix("s3://").replace("/", "_") / version
     if not (local / ".complete").exists():
-        local.mkdir(parents=True, exist_ok=True)
-        fs.get(key.removeprefix("s3://").rstrip("/") + "/", str(local) + "/", recursive=True)
-        (local / ".complete").write_text(uri)
+        try:
+            local.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _cache_error(cache, e) from None
+        try:
+            fs.get(key.removeprefix("s3://").rstrip("/") + "/", str(local) + "/", recursive=True)
+            (local / ".complete").write_text(uri)
+        except Exception as e:  # a full disk, a lost connection: the folder stays incomplete, fetched again next time
+            raise CadRayError(f"cannot copy {uri} into {local}: {type(e).__name__}: "
+                              f"{' '.join(str(e).split())}") from None
     return local
 
 

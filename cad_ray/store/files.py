@@ -10,7 +10,9 @@ from contextlib import contextmanager
 from pathlib import PurePosixPath
 
 from cad_ray.errors import CadRayError
-from cad_ray.s3 import s3_filesystem
+from cad_ray.s3 import connected_s3_filesystem
+
+SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")  # what a URL starts with: s3:, gs:, http:, file:
 
 
 def filesystem(root: str):
@@ -22,10 +24,29 @@ def filesystem(root: str):
         if not re.fullmatch(r"[a-zA-Z0-9.\-_]{1,255}", bucket):  # botocore's own check, made before any request
             raise CadRayError(f"{bucket!r} is not a valid S3 bucket name (letters, digits, '.', '-', '_')")
 
-        return s3_filesystem(), str(root)[len("s3://"):].rstrip("/")
+        return connected_s3_filesystem(str(root)), str(root)[len("s3://"):].rstrip("/")
+    check_local(str(root))
     import fsspec
 
     return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(str(root)))
+
+
+def check_local(root: str) -> None:
+    """Refuse a root that is not s3://bucket/... but starts like a URL (S3://, s3:/, s3a://, gs://, http://), which
+    would otherwise become a local folder named after the scheme ('./S3:/bucket/run'). A local folder whose name
+    has a colon is written ./NAME (or lies deeper: runs/a:b)."""
+    scheme = SCHEME.match(root)
+    if scheme is None:
+        return
+    rest = root[scheme.end():].lstrip("/")
+    if scheme.group(1).lower() in ("s3", "s3a", "s3n") and rest:
+        hint = f"; did you mean s3://{rest}?"
+    elif "//" not in root:
+        hint = f" (a local folder named so is written ./{root})"
+    else:
+        hint = ""
+    raise CadRayError(f"{root!r} is not a root cad-ray can use: only local paths and s3://bucket/path are "
+                      f"supported{hint}")
 
 
 def hidden_temporary(target: str) -> str:

@@ -46,6 +46,19 @@ def belongs(footer: Footer, owner: dict, keys: tuple[str, ...] = RUN_KEYS, rows:
 
 
 MANIFEST_KEYS = ("config", "config_hash", "fingerprint")  # what every reader of a run's _manifest.json needs
+# the type of each field of a run's _manifest.json that the code reads (where present): a mapping, a string, a bool
+MANIFEST_TYPES = {"config": dict, "config_hash": str, "fingerprint": str, "complete": bool, "stage_options": dict,
+                  "objective_values": dict}
+JSON_KINDS = {dict: "a mapping", list: "a list", str: "a string", bool: "true or false", int: "a number",
+              float: "a number", type(None): "null"}
+
+
+def wrong_types(manifest: dict, types: dict[str, type]) -> list[str]:
+    """What is wrong with the types of a manifest's fields ("its 'config' is a list, not a mapping")."""
+    return [f"its {key!r} is {JSON_KINDS.get(type(manifest[key]), type(manifest[key]).__name__)}, not "
+            f"{JSON_KINDS[kind]}" for key, kind in types.items() if key in manifest and type(manifest[key]) is not kind]
+
+
 ROOT_MARKERS = ("_manifest.json", LOCK)  # a folder holding either is a run root (the lock: one being started)
 
 
@@ -105,8 +118,19 @@ class RunRoot(RootLock):
         """A path under the root as a URI (s3:// kept): a root or a model location in its own right."""
         return "/".join([self.uri, *parts])
 
+    @contextmanager
+    def _reading(self, *parts: str):
+        """An error of access while reading `parts` (a permission refused, a lost connection) as one line naming
+        it; FileNotFoundError passes (callers read it as "absent")."""
+        try:
+            yield
+        except (PermissionError, ConnectionError, TimeoutError) as e:
+            raise CadRayError(f"cannot read {self.uri_under(*parts)}: {type(e).__name__}: "
+                              f"{' '.join(str(e).split())}") from None
+
     def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.join(*parts))
+        with self._reading(*parts):
+            return self.fs.exists(self.join(*parts))
 
     def check_writable(self) -> None:
         """Fail early, before any compute, if the root cannot be written."""
@@ -150,7 +174,8 @@ class RunRoot(RootLock):
                 f.write(data)
 
     def read_bytes(self, *parts: str) -> bytes:
-        return self.fs.cat_file(self.join(*parts))
+        with self._reading(*parts):
+            return self.fs.cat_file(self.join(*parts))
 
     def write_table(self, table: pa.Table, *parts: str, metadata: dict | None = None,
                     byte_stream_split: tuple[str, ...] = ()) -> None:
@@ -254,11 +279,15 @@ class RunRoot(RootLock):
             manifest = json.loads(self.read_bytes(*parts))
         except ValueError as e:
             raise CadRayError(f"{self.uri_under(*parts)} is corrupt: {e}") from None
-        needed = MANIFEST_KEYS if parts == ("_manifest.json",) else ()
+        run_manifest = parts == ("_manifest.json",)
+        needed = MANIFEST_KEYS if run_manifest else ()
         if not isinstance(manifest, dict) or any(k not in manifest for k in needed):
             what = f"lacks {', '.join(k for k in needed if k not in manifest)}" if isinstance(manifest, dict) else \
                 f"holds a {type(manifest).__name__}, not a mapping"
             raise CadRayError(f"{self.uri_under(*parts)} is corrupt: it {what}; was it edited by hand?")
+        wrong = wrong_types(manifest, MANIFEST_TYPES) if run_manifest else []
+        if wrong:
+            raise CadRayError(f"{self.uri_under(*parts)} is corrupt: {', '.join(wrong)}; was it edited by hand?")
         return manifest
 
     def write_manifest(self, manifest: dict, *parts: str) -> None:
