@@ -225,7 +225,34 @@ def test_a_prompt_label_that_is_no_digit_is_refused_before_any_image(small_run, 
     prompts.write_text("prompt,evaluation_seed,class\nseven,1,seven\nthe digit seven,2,Seven\n")
     _refused(["evaluate", "--root", root, "--prompts", str(prompts), "--local", "--quiet"],
              r"every row asks for a target \(seven\)", capsys)
+    if os.path.exists("/dev/zero"):  # a device is refused, not read until memory runs out
+        _refused(["evaluate", "--root", root, "--prompts", "/dev/zero", "--local", "--quiet"], "is not a file",
+                 capsys)
     assert snapshot(root) == before
+
+
+def test_edit_refuses_an_unwritable_out_and_a_run_with_no_selection_before_any_compute(small_run, tmp_path, capsys):
+    """The small run's config names no evaluation.selection (the default all/global/none, which breaks the model
+    at an erase's ratio) and no search ran: `cad-ray edit` asks for --selection instead of taking it; an --out
+    that cannot be written is said before the edit is made, and leaves nothing."""
+    root = str(tmp_path / "run")
+    shutil.copytree(small_run, root)
+    before = snapshot(root)
+    edit = ["edit", "--root", root, "--edit", "cad-erase", "--target", "seven", "--ratio", "0.1"]
+    _refused([*edit, "--out", str(tmp_path / "e")], "names no selection for cad-erase.*give --selection", capsys)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    _refused([*edit, "--selection", "ff/global/none", "--out", str(blocker / "e")], "cannot write --out", capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "run"] and blocker.read_text() == "not a folder"
+    assert snapshot(root) == before
+    # asked for, that selection breaks the model: its dark noise is no digit to the judges (it was judged
+    # "seven" in 3 of 8 images before dim images had to match a digit's shape more closely)
+    from cad_ray.digits.judges import builtin_judges
+    from cad_ray.models import load_model
+
+    assert main([*edit, "--selection", "all/global/none", "--out", str(tmp_path / "broken")]) == 0
+    images = load_model(str(tmp_path / "broken")).sample(["the digit seven"] * 8, seed=0, ids=range(8)).images
+    assert builtin_judges().digit_words(images) == ["none"] * 8
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -260,12 +287,27 @@ def test_a_manifest_that_is_no_manifest_is_one_line(manifest, message, small_run
 
 
 @pytest.mark.parametrize("config, message", [({"max_length": 1}, "max_length, a whole number of at least 3"),
-                                             ({"max_length": "ten"}, "max_length"), ([], "max_length")])
+                                             ({"max_length": "ten"}, "max_length"), ([], "max_length"),
+                                             ({"max_length": 100000}, "text encoder reads at most 10 positions"),
+                                             ("200 more words", "text encoder reads at most .* and 32 words")])
 def test_a_malformed_digits_tokenizer_is_one_line(config, message, tmp_path, capsys):
     folder = tmp_path / "digits"
     shutil.copytree(DIGITS_MODEL, folder)
-    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
+    if config == "200 more words":  # words the text encoder has no embedding for
+        vocabulary = folder / "tokenizer" / "vocab.json"
+        vocabulary.write_text(json.dumps(json.loads(vocabulary.read_text()) + [f"w{k}" for k in range(200)]))
+    else:
+        (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
     _refused(["sample", "--prompt", "seven", "--model", str(folder), "--out", str(tmp_path / "x.png")], message, capsys)
+
+
+def test_a_device_this_machine_lacks_is_one_line(tmp_path, capsys):
+    """Checked where the model is moved (a config may name a cluster's GPUs), one line on every path."""
+    _refused(["sample", "--prompt", "seven", "--n", "1", "--steps", "2", "--device", "cuda:99", "--out",
+              str(tmp_path / "x.png")], "device 'cuda:99': this machine", capsys)
+    _refused(["attribute", "--config", config_file(tmp_path, "d", device="cuda:99"), "--root", str(tmp_path / "r"),
+              "--local", "--quiet"], "device 'cuda:99': this machine", capsys)
+    assert not (tmp_path / "x.png").exists()
 
 
 @pytest.mark.parametrize("device", ["foo", "meta"])

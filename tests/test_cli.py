@@ -162,7 +162,7 @@ def test_edit_makes_every_edit_of_the_registry(tmp_path, capsys):
     from cad_ray.models import load_model
 
     root = str(tmp_path / "root")
-    config = small_config(evaluation={"finetune": {"steps": 2, "samples": 2}})
+    config = small_config(evaluation={"finetune": {"steps": 2, "samples": 2}, "selection": "ff/global/none"})
     run_attribution(config, root, local=True, progress=False)
     original = dict(load_model().named_parameters())
     for name, edit in EDITS.items():

@@ -233,7 +233,7 @@ def test_every_reader_names_a_damaged_table(small_run, tmp_path, capsys):
     for argv in (["validate", "--root", str(root), "--local", "--quiet"],
                  ["evaluate", "--root", str(root), "--local", "--quiet"],
                  ["edit", "--root", str(root), "--edit", "cad-erase", "--target", "seven", "--ratio", "0.1",
-                  "--out", str(tmp_path / "edited")]):
+                  "--selection", "ff/global/none", "--out", str(tmp_path / "edited")]):
         _one_line_refusal(argv, "scores/concept=seven/objective=erase/part-0.parquet is missing or damaged",
                           capsys, str(root))
 
@@ -341,7 +341,8 @@ def test_no_command_writes_into_a_run_root_but_its_own_tables(small_run, tmp_pat
     any work; the root's own report.html stays writable; '.' as edit's new folder works."""
     root = tmp_path / "run"
     shutil.copytree(small_run, root)
-    edit = ["edit", "--root", str(root), "--edit", "cad-erase", "--target", "seven", "--ratio", "0.1", "--out"]
+    edit = ["edit", "--root", str(root), "--edit", "cad-erase", "--target", "seven", "--ratio", "0.1",
+            "--selection", "ff/global/none", "--out"]
     inside = [["report", "--root", str(root), "--out", str(root / "_manifest.json")],
               ["report", "--root", str(root), "--out", str(root / SCORES)],
               ["report", "--root", str(tmp_path / "elsewhere"), "--out", str(root / "report.html")],

@@ -100,7 +100,7 @@ def test_scores_of_another_model_are_refused(small_run):
 def test_cli_edit_saves_a_loadable_model_and_refuses_bad_input(small_run, tmp_path, capsys):
     out = tmp_path / "erased"
     assert main(["edit", "--root", small_run, "--edit", "cad-erase", "--target", "seven", "--ratio", "0.01",
-                 "--out", str(out)]) == 0
+                 "--selection", "all/global/none", "--out", str(out)]) == 0
     edited_model, original = load_model(str(out)), load_model()
     assert edited_model.fingerprint() != original.fingerprint()
     scores = ScoreStore(small_run).tensor_scores("seven", "erase")

@@ -411,13 +411,14 @@ def test_the_prior_objective_denoises_the_same_images_under_the_base_prompt(digi
         assert torch.equal(amplify.cond, digits_model.encode(["seven"] * 3 + ["a 7"] * 3))
 
 
-def test_evaluate_with_a_search_picks_on_selection_and_reports_the_test_split(small_run, tmp_path):
+def test_evaluate_with_a_search_picks_on_selection_and_reports_the_test_split(small_run, tmp_path, capsys):
     """The whole stage with a search: the selection split picks each edit's setting, the tables hold only test-split
     images, the picked row is marked, and random follows cad-erase's pick."""
     import shutil
 
     from conftest import small_config
 
+    from cad_ray.cli import main
     from cad_ray.distributed import run_evaluation
 
     root = str(tmp_path / "run")
@@ -435,6 +436,10 @@ def test_evaluate_with_a_search_picks_on_selection_and_reports_the_test_split(sm
     erase = summary[summary["edit"] == "cad-erase"]
     assert len(erase) == 1 and erase["picked"].all()
     assert summary[summary["edit"] == "none"]["picked"].isna().all()  # nothing searched for the unedited model
+    # cad-ray edit without --selection takes the search's pick (the config's own is the default all/global/none)
+    assert main(["edit", "--root", root, "--edit", "cad-erase", "--target", "seven", "--ratio", "0.05",
+                 "--out", str(tmp_path / "edited")]) == 0
+    assert f"({erase['selection'].iloc[0]})" in capsys.readouterr().out
     assert (erase["selection"].iloc[0], erase["ratio"].iloc[0]) == picks[("cad-erase", "seven")][:2]
     assert erase["selection"].iloc[0] in ("all/global/others-mean", "all/row/none")
     published = summary[summary["edit"] == "cad-erase-published"]

@@ -79,7 +79,8 @@ def cmd_quality(args: argparse.Namespace) -> None:
     model = load_model(args.model, device=args.device)
     if model.kind != "digits":
         raise CadRayError("quality judges exist for the digits model only")
-    summary = quality_summary(digits_quality(model, args.n, args.seed, args.guidance, args.steps))
+    summary = quality_summary(digits_quality(model, args.n, args.seed, args.guidance, args.steps,
+                                                    progress=True))
     summary.update(seed=args.seed, guidance=args.guidance or model.default_guidance,
                    steps=args.steps or model.default_steps, meets_bar=meets_quality_bar(summary))
     text = json.dumps(summary, indent=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 from pathlib import Path
 
 from cad_ray.errors import CadRayError
@@ -102,11 +103,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_edit(args: argparse.Namespace) -> None:
     """Any edit of the registry (`cad_ray.method.edits`), made as the evaluation makes it, saved as a folder."""
-    from cad_ray.method.editing import Selection, check_fingerprint, check_ratio, select, unselectable, zero_components
+    from cad_ray.method.editing import Selection, check_fingerprint, check_ratio
     from cad_ray.method.edits import EDITS
-    from cad_ray.method.scopes import never_selected
     from cad_ray.models import load_model
-    from cad_ray.stages.edit_workers import edit_masks, edit_uce
     from cad_ray.store import ScoreStore
 
     edit = EDITS.get(args.edit)
@@ -138,13 +137,54 @@ def cmd_edit(args: argparse.Namespace) -> None:
     store = ScoreStore(args.root)
     model = load_model(args.model if args.model else store.config.model)
     check_fingerprint(model, store.fingerprint)
-    if args.selection is None:  # the root's own: its config's evaluation.selection (the evaluation's, where it ran)
-        args.selection = stage_config(args.root, None, "evaluation", {}).evaluation.selection
+    if args.selection is None and edit.zeroes and not edit.selection:
+        args.selection = _recommended_selection(args.root, edit, args.target)
     selection = Selection.parse(edit.selection or args.selection) if edit.zeroes else None
     if selection is not None and edit.method:
         selection = selection.with_method(edit.method, edit.contrast)
     target = Path(os.path.realpath(out))  # '.' or 'x/..' has no name to put a temporary folder beside
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:  # before any compute: a place that cannot be written is said now, not after the edit
+        tmp.mkdir(parents=True)
+    except OSError as e:
+        raise CadRayError(f"cannot write --out {args.out}: {e.strerror or e}") from None
+    try:
+        what = _make_edit(args, edit, store, model, selection, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        target.rmdir()  # empty, checked above
+    os.replace(tmp, target)
+    print(f"wrote {out}: {args.edit} of {args.target!r}, {what}; load it with --model {out}")
+
+
+def _recommended_selection(root: str, edit, target: str) -> str:
+    """The selection a zeroing edit takes where --selection is not given: the one the root's evaluation search
+    picked for the target, else the root's evaluation.selection where its config names one. The default
+    `all/global/none` ranks every scored tensor together: at an erase's ratio it breaks the model, so it is
+    never taken unasked."""
+    from cad_ray.method.edits import picked_by
+    from cad_ray.store import PART_FILE, RunRoot
+
+    footer = RunRoot(root).footer("evaluation", PART_FILE)
+    for pick in ((footer[0].get("picks") if footer else None) or []):
+        if list(pick[:2]) == [picked_by(edit.name), target]:
+            return pick[2]
+    chosen = stage_config(root, None, "evaluation", {}).evaluation.selection
+    if chosen == "all/global/none":
+        raise CadRayError(f"the run in {root} names no selection for {edit.name} (no search picked one for "
+                          f"{target!r}, and its evaluation.selection is the default all/global/none, which zeroes "
+                          "the top of every scored tensor together): give --selection, e.g. attn2/global/kind-mean")
+    return chosen
+
+
+def _make_edit(args: argparse.Namespace, edit, store, model, selection, tmp: Path) -> str:
+    """Apply the edit to `model` and save it to `tmp`; returns what was done."""
+    from cad_ray.method.editing import select, unselectable, zero_components
+    from cad_ray.method.scopes import never_selected
+    from cad_ray.stages.edit_workers import edit_masks, edit_uce
+
     if edit.applied_by == "closed-form":
         zeroed = edit_uce(store, model, args.target)
         model.save_pretrained(tmp)
@@ -164,10 +204,7 @@ def cmd_edit(args: argparse.Namespace) -> None:
         zeroed = zero_components(model, masks)
         model.save_pretrained(tmp)
         what = f"{zeroed} components zeroed ({selection})"
-    if target.exists():
-        target.rmdir()  # empty, checked above
-    os.replace(tmp, target)
-    print(f"wrote {out}: {args.edit} of {args.target!r}, {what}; load it with --model {out}")
+    return what
 
 
 def _edit_on_finetuned(args: argparse.Namespace, edit, store, model, selection, tmp: Path) -> str:

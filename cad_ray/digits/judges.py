@@ -31,6 +31,11 @@ NO_DIGIT_WORD = "none"  # its word (`digit_words`)
 REJECT_COMPONENTS = 12  # principal components of the real digits' normalised ink that a digit lies near
 REJECT_QUANTILE = 0.999  # the threshold: this quantile of the real training digits' distances
 INK_FLOOR = 0.1  # an image whose brightest pixel is below this has no ink: no digit
+# a dim image (brightest pixel below DIM_PEAK: under any real digit at half brightness) must lie as near the
+# digits' subspace as this quantile of the real digits: at low contrast the shape is the only evidence, and a broken
+# model's dark noise lies between the 99% and 99.9% real distances (docs/editing.md)
+DIM_PEAK = 0.4
+DIM_QUANTILE = 0.99
 
 
 class DigitNet(nn.Module):
@@ -76,12 +81,15 @@ def normalised_ink(images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.nd
 
 class DigitReject:
     """Whether an image is a digit at all: its normalised ink's distance to the real digits' principal subspace
-    (`REJECT_COMPONENTS` components) is at most `threshold`, and its brightest pixel is at least `ink_floor`.
-    Fitted on real digits only (`fit`), like the judges."""
+    (`REJECT_COMPONENTS` components) is at most `threshold`, and its brightest pixel is at least `ink_floor`; a
+    dim one (brightest pixel below `dim_peak`) lies within `dim_threshold`. Fitted on real digits only (`fit`),
+    like the judges."""
 
-    def __init__(self, mean: np.ndarray, basis: np.ndarray, threshold: float, ink_floor: float = INK_FLOOR):
+    def __init__(self, mean: np.ndarray, basis: np.ndarray, threshold: float, ink_floor: float = INK_FLOOR,
+                 dim_threshold: float = np.inf, dim_peak: float = DIM_PEAK):
         self.mean, self.basis = np.asarray(mean, np.float64), np.asarray(basis, np.float64)
         self.threshold, self.ink_floor = float(threshold), float(ink_floor)
+        self.dim_threshold, self.dim_peak = float(dim_threshold), float(dim_peak)
 
     @classmethod
     def fit(cls, intensities: np.ndarray, components: int = REJECT_COMPONENTS,
@@ -91,7 +99,9 @@ class DigitReject:
         mean = ink.mean(axis=0)
         _, _, vt = np.linalg.svd(ink - mean, full_matrices=False)
         reject = cls(mean, vt[:components], np.inf)
-        reject.threshold = float(np.quantile(reject.distance(intensities[..., None]), quantile))
+        distances = reject.distance(intensities[..., None])
+        reject.threshold = float(np.quantile(distances, quantile))
+        reject.dim_threshold = float(np.quantile(distances, DIM_QUANTILE))
         return reject
 
     def distance(self, images: np.ndarray) -> np.ndarray:
@@ -103,17 +113,23 @@ class DigitReject:
 
     def is_digit(self, images: np.ndarray) -> np.ndarray:
         _, peak = normalised_ink(images)
-        return (peak >= self.ink_floor) & (self.distance(images) <= self.threshold)
+        distance = self.distance(images)
+        return (peak >= self.ink_floor) & (distance <= self.threshold) & \
+            ((peak >= self.dim_peak) | (distance <= self.dim_threshold))
 
     def tensors(self) -> dict:
         return {"mean": torch.from_numpy(self.mean), "basis": torch.from_numpy(np.ascontiguousarray(self.basis)),
                 "threshold": torch.tensor([self.threshold], dtype=torch.float64),
-                "ink_floor": torch.tensor([self.ink_floor], dtype=torch.float64)}
+                "ink_floor": torch.tensor([self.ink_floor], dtype=torch.float64),
+                "dim_threshold": torch.tensor([self.dim_threshold], dtype=torch.float64),
+                "dim_peak": torch.tensor([self.dim_peak], dtype=torch.float64)}
 
     @classmethod
     def from_tensors(cls, tensors: dict) -> "DigitReject":
+        # a reject saved before the dim rule: none (dim_threshold infinite)
         return cls(tensors["mean"].numpy(), tensors["basis"].numpy(), float(tensors["threshold"][0]),
-                   float(tensors["ink_floor"][0]))
+                   float(tensors["ink_floor"][0]), float(tensors.get("dim_threshold", torch.tensor([np.inf]))[0]),
+                   float(tensors.get("dim_peak", torch.tensor([DIM_PEAK]))[0]))
 
 
 def real_digits_reject() -> DigitReject:

@@ -9,20 +9,27 @@ from cad_ray.digits import COLOUR_NAMES, canonical_prompt, parse_prompt
 
 
 def judge_samples(model, prompts: list[str], seed: int, guidance: float | None = None, steps: int | None = None,
-                  judges=None, batch_size: int = 200) -> pd.DataFrame:
-    """Sample one image per prompt (image k from seed stream k) and judge it: one row per image."""
+                  judges=None, batch_size: int = 200, progress: bool = False) -> pd.DataFrame:
+    """Sample one image per prompt (image k from seed stream k) and judge it: one row per image. `progress`:
+    a bar of images judged, and one of the current batch's sampling steps."""
+    from tqdm.auto import tqdm
+
     from cad_ray.digits.judges import builtin_judges
 
     judges = judges or builtin_judges()
     rows = []
+    bar = tqdm(total=len(prompts), unit="image", desc="judged", disable=not progress)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        images = model.sample(chunk, seed=seed, guidance=guidance, steps=steps, ids=range(start, start + len(chunk))).images
+        images = model.sample(chunk, seed=seed, guidance=guidance, steps=steps, ids=range(start, start + len(chunk)),
+                              progress=progress).images
+        bar.update(len(chunk))
         digits, colours = judges.digits(images, reject=True), judges.colours(images)  # -1: no digit
         for prompt, d, c in zip(chunk, digits, colours):
             asked = parse_prompt(prompt)
             rows.append({"prompt": prompt, "digit": asked.digit, "colour": asked.colour,
                          "predicted_digit": int(d), "predicted_colour": COLOUR_NAMES[int(c)]})
+    bar.close()
     table = pd.DataFrame(rows)
     table["digit_correct"] = table["digit"] == table["predicted_digit"]
     table["colour_correct"] = table["colour"] == table["predicted_colour"]
@@ -30,10 +37,10 @@ def judge_samples(model, prompts: list[str], seed: int, guidance: float | None =
 
 
 def digits_quality(model, n_per_prompt: int, seed: int = 0, guidance: float | None = None,
-                   steps: int | None = None, judges=None) -> pd.DataFrame:
+                   steps: int | None = None, judges=None, progress: bool = False) -> pd.DataFrame:
     """Judge `n_per_prompt` samples of every (digit, colour) prompt ("a red seven", ...)."""
     prompts = [canonical_prompt(d, c) for d in range(10) for c in COLOUR_NAMES for _ in range(n_per_prompt)]
-    return judge_samples(model, prompts, seed, guidance, steps, judges)
+    return judge_samples(model, prompts, seed, guidance, steps, judges, progress=progress)
 
 
 def quality_summary(table: pd.DataFrame) -> dict:

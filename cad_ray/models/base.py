@@ -80,6 +80,25 @@ class Trajectory:
         return self.latents[:-1] if self.inputs is None else self.inputs
 
 
+def check_available(device: str | torch.device) -> None:
+    """Refuse, in one line, a device this machine's torch cannot compute on (checked where the model is moved,
+    on the worker, not when the config is read: a config written on a laptop may name a cluster's GPUs)."""
+    device = torch.device(device)
+    kind = device.type
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise CadRayError(f"device {str(device)!r}: this machine's torch sees no CUDA GPU; use cpu, or run "
+                              "where there is one")
+        if device.index is not None and device.index >= count:
+            raise CadRayError(f"device {str(device)!r}: this machine has {count} CUDA GPU(s), cuda:0 to "
+                              f"cuda:{count - 1}")
+    elif kind == "mps" and not torch.backends.mps.is_available():
+        raise CadRayError(f"device {str(device)!r}: this machine's torch has no MPS support; use cpu")
+    elif kind == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise CadRayError(f"device {str(device)!r}: this machine's torch sees no XPU; use cpu")
+
+
 class TextToImageModel:
     """A text-to-image diffusion model: `unet` (UNet2DConditionModel) plus `scheduler` (diffusers)."""
 
@@ -131,6 +150,7 @@ class TextToImageModel:
         return next(self.unet.parameters()).dtype
 
     def to(self, device: str | torch.device) -> "TextToImageModel":
+        check_available(device)
         for module in self.weight_modules().values():
             module.to(device)
         return self

@@ -126,6 +126,11 @@ class DigitsModel(TextToImageModel):
         unet = load_component(UNet2DConditionModel, folder, "unet")
         text_encoder = load_component(CLIPTextModel, folder, "text_encoder")
         tokenizer = DigitsTokenizer.from_pretrained(folder / "tokenizer")
+        text = text_encoder.config  # a tokenizer the text encoder cannot read fails at the first prompt, not here
+        if tokenizer.max_length > text.max_position_embeddings or len(tokenizer.vocabulary) > text.vocab_size:
+            raise CadRayError(f"malformed digits tokenizer in {folder / 'tokenizer'}: max_length "
+                              f"{tokenizer.max_length} and {len(tokenizer.vocabulary)} words, where the text encoder "
+                              f"reads at most {text.max_position_embeddings} positions and {text.vocab_size} words")
         scheduler = load_scheduler(folder, index)
         sampling = index.get("sampling")
         if sampling is not None and not (isinstance(sampling, dict) and set(sampling) <= {"guidance", "steps"}

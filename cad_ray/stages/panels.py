@@ -7,6 +7,8 @@ a class); `colour` the colour it asks for ("" for none); `template` its wording 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 
@@ -21,9 +23,19 @@ from cad_ray.store import ScoreStore
 LABEL_COLUMNS = ("class", "artist", "categories", "label")
 
 
+PROMPT_SET_LIMIT = 256 << 20  # 256 MiB: COCO-30k's prompts are 3 MB
+
+
 def read_prompt_set(path: str) -> pd.DataFrame:
     """A benchmark prompt CSV read as it is: `prompt`, `evaluation_seed` and a label column (`class`, `artist`
     or `categories`, else empty) become (prompt, seed, label); other columns are kept."""
+    if "://" not in str(path) and os.path.exists(path) and not os.path.isdir(path):
+        # a device or a pipe (/dev/zero) would be read until memory runs out; a data dump is no prompt set
+        if not os.path.isfile(path):
+            raise CadRayError(f"prompt set {path} is not a file")
+        if os.path.getsize(path) > PROMPT_SET_LIMIT:
+            raise CadRayError(f"prompt set {path} is larger than {PROMPT_SET_LIMIT >> 20} MiB; it is no prompt "
+                              "CSV (prompt, evaluation_seed, label)")
     try:
         table = pd.read_csv(path)
     except (OSError, ValueError) as e:
