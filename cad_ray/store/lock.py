@@ -144,8 +144,9 @@ class RootLock:
             if holder is None:
                 continue  # released meanwhile: try again
             if not _lock_is_stale(holder):
+                since = f", since {holder['started']}" if holder.get("started") else ""  # a lock made by hand
                 raise CadRayError(f"another cad-ray {holder.get('stage', 'command')} (pid {holder.get('pid')} on "
-                                  f"{holder.get('host')}, since {holder.get('started')}) is writing to {self.uri}; "
+                                  f"{holder.get('host')}{since}) is writing to {self.uri}; "
                                   f"wait for it to finish, or remove {self.uri_under(LOCK)} if it is gone")
             self._take_over(holder)
         else:
