@@ -7,6 +7,7 @@ errors exit with 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -257,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"cad-ray {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `cad-ray top ... | head`: the reader has what it wanted; no traceback, as any Unix tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        return 141
     except Exception as e:  # S3 unreachable or refused (no credentials, a closed endpoint): botocore's own words
         if not type(e).__module__.startswith(("botocore", "aiobotocore")):
             raise

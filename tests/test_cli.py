@@ -187,3 +187,12 @@ def test_edit_makes_every_edit_of_the_registry(tmp_path, capsys):
 def build_parser_help(command: str) -> str:
     parser = build_parser()
     return " ".join(parser._subparsers._group_actions[0].choices[command].format_help().split())
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_without_a_traceback(small_run):
+    """`cad-ray top ... | head -1`: more rows than a pipe holds, and the reader gone after the first line."""
+    cli = os.path.join(os.path.dirname(sys.executable), "cad-ray")
+    done = subprocess.run(f"'{cli}' top --root '{small_run}' --concept seven --k 3000 | head -1", shell=True,
+                          capture_output=True, text=True)
+    assert done.stdout.strip() == "" or "top positive" in done.stdout
+    assert "Traceback" not in done.stderr and "Broken pipe" not in done.stderr, done.stderr
