@@ -248,6 +248,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_reader_gone() -> bool:
+    """stdout is a pipe whose reading end is closed (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & (select.POLLERR | select.POLLHUP) for _, event in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll here, or stdout is no file
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -259,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cad-ray {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `cad-ray top ... | head`: the reader has what it wanted; no traceback, as any Unix tool
+        if not _stdout_reader_gone():  # another pipe's break (a socket, a worker) is a failure: raised
+            raise
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
         return 141
     except Exception as e:  # S3 unreachable or refused (no credentials, a closed endpoint): botocore's own words

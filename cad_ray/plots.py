@@ -139,7 +139,7 @@ def erase_verdicts(summary: pd.DataFrame) -> bytes:
     the worst share of its accuracy anything else keeps, and how bright everything else stays (where the table
     measured it); the 20%, 90% and 80% lines of "clean"."""
     plt = _pyplot()
-    rows = summary[summary["edit"].isin(VERDICT_EDITS) & (summary["picked"].fillna(False).astype(bool) | summary["edit"].map(one_setting))]
+    rows = summary[summary["edit"].isin(VERDICT_EDITS) & (summary["picked"] | summary["edit"].map(one_setting))]
     from cad_ray.digits import COLOUR_NAMES, DIGIT_WORDS
 
     known = list(DIGIT_WORDS + COLOUR_NAMES)  # the digits world in its own order, anything else after it

@@ -79,8 +79,8 @@ def test_one_row_per_judged_image(evaluated):
     assert list(none["seed"]) == list(cad["seed"]) == list(rand["seed"])
     summary = pd.read_parquet(os.path.join(root, "evaluation_summary"))
     assert set(summary["edit"]) == {"none", "cad-erase", "random"}
-    # no search ran: no row says it was picked, or not picked
-    assert summary["picked"].isna().all() and summary["selection_passed"].isna().all()
+    # no search ran: every row says so, and none is picked
+    assert not summary["searched"].any() and not summary["picked"].any()
     # the summary's accuracies are the image table's, recomputed here from the rows
     for row in summary[summary["edit"] != "none"].itertuples():
         rows = table[(table["edit"] == row.edit) & (table["ratio"] == row.ratio)]

@@ -435,7 +435,7 @@ def test_evaluate_with_a_search_picks_on_selection_and_reports_the_test_split(sm
     picks = result["picks"]
     erase = summary[summary["edit"] == "cad-erase"]
     assert len(erase) == 1 and erase["picked"].all()
-    assert summary[summary["edit"] == "none"]["picked"].isna().all()  # nothing searched for the unedited model
+    assert erase["searched"].all() and not summary[summary["edit"] == "none"]["searched"].any()
     # cad-ray edit without --selection takes the search's pick (the config's own is the default all/global/none)
     assert main(["edit", "--root", root, "--edit", "cad-erase", "--target", "seven", "--ratio", "0.05",
                  "--out", str(tmp_path / "edited")]) == 0

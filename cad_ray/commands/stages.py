@@ -144,14 +144,17 @@ def cmd_edit(args: argparse.Namespace) -> None:
         selection = selection.with_method(edit.method, edit.contrast)
     target = Path(os.path.realpath(out))  # '.' or 'x/..' has no name to put a temporary folder beside
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    made = tmp  # the outermost folder this command creates: removed again if the edit fails
+    while not made.parent.exists():
+        made = made.parent
     try:  # before any compute: a place that cannot be written is said now, not after the edit
-        tmp.mkdir(parents=True)
+        tmp.mkdir(parents=True, exist_ok=True)  # exist_ok: one left by a killed edit of the same pid
     except OSError as e:
         raise CadRayError(f"cannot write --out {args.out}: {e.strerror or e}") from None
     try:
         what = _make_edit(args, edit, store, model, selection, tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(made, ignore_errors=True)
         raise
     if target.exists():
         target.rmdir()  # empty, checked above
@@ -174,8 +177,9 @@ def _recommended_selection(root: str, edit, target: str) -> str:
     chosen = stage_config(root, None, "evaluation", {}).evaluation.selection
     if chosen == "all/global/none":
         raise CadRayError(f"the run in {root} names no selection for {edit.name} (no search picked one for "
-                          f"{target!r}, and its evaluation.selection is the default all/global/none, which zeroes "
-                          "the top of every scored tensor together): give --selection, e.g. attn2/global/kind-mean")
+                          f"{target!r}, and its evaluation.selection is all/global/none, which ranks every scored "
+                          "tensor together and breaks the model at an erase's ratio): give --selection, e.g. "
+                          "attn2/global/kind-mean")
     return chosen
 
 

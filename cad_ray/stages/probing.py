@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from contextlib import nullcontext
 
@@ -208,7 +209,7 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
         raise CadRayError(f"{root} has no evaluation_summary/: the probes attack the edits it judged; run "
                           "'cad-ray evaluate' first")
     missing = [p for t, p in options.probe.references.items() if t in options.targets
-               and not (RunRoot(p).is_s3 or RunRoot(p).exists("model_index.json"))]
+               and not (str(p).startswith("s3://") or os.path.isfile(os.path.join(p, "model_index.json")))]
     if missing:
         raise CadRayError(f"evaluation.probe.references: {missing[0]} holds no model (model_index.json)")
     started = time.time()
