@@ -16,7 +16,7 @@ from cad_ray.commands.attribution import cmd_attribute, cmd_layers, cmd_overlap,
 from cad_ray.commands.inspection import LISTING_WIDTH, cmd_judges, cmd_report, cmd_status, judge_lines
 from cad_ray.commands.sampling import SHOWN_ONE_BY_ONE, cmd_quality, cmd_sample, judged_line, write_atomically
 from cad_ray.commands.stages import cmd_edit, cmd_evaluate, cmd_validate, stage_config
-from cad_ray.errors import CadRayError
+from cad_ray.errors import CadRayError, described
 from cad_ray.method.edits import edit_help
 
 # the commands' names, importable from here as before they moved to cad_ray.commands
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # S3 unreachable or refused (no credentials, a closed endpoint): botocore's own words
         if not type(e).__module__.startswith(("botocore", "aiobotocore")):
             raise
-        print(f"cad-ray {args.command}: error: S3: {type(e).__name__}: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"cad-ray {args.command}: error: S3: {described(e)}", file=sys.stderr)
         return 1
     return 0
 

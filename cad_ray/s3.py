@@ -28,7 +28,7 @@ def connected_s3_filesystem(uri: str):
     """`s3_filesystem()` with its client made (no request is sent): what the environment gets wrong before any
     request (a malformed endpoint URL, an unknown AWS profile) is one line naming `uri`, not a traceback from
     the first read."""
-    from cad_ray.errors import CadRayError
+    from cad_ray.errors import CadRayError, described
 
     fs = s3_filesystem()
     try:
@@ -37,5 +37,5 @@ def connected_s3_filesystem(uri: str):
         endpoint = endpoint_setting()
         hint = f" ({endpoint[0]}={endpoint[1]!r} must be an endpoint URL such as http://host:9000)" \
             if endpoint and isinstance(e, ValueError) else ""
-        raise CadRayError(f"cannot read {uri}: {type(e).__name__}: {' '.join(str(e).split())}{hint}") from None
+        raise CadRayError(f"cannot read {uri}: {described(e)}{hint}") from None
     return fs

@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from cad_ray.errors import CadRayError
+from cad_ray.errors import CadRayError, described
 from cad_ray.models.components import (PICKLE_SUFFIXES, check_pickle, component_uses_safetensors,  # noqa: F401
                                        load_component, load_scheduler, quiet_libraries)
 from cad_ray.s3 import connected_s3_filesystem, s3_filesystem  # noqa: F401 (s3_filesystem re-exported: its old home)
@@ -75,8 +75,7 @@ def fetch_s3_folder(uri: str) -> Path:
             fs.get(key.removeprefix("s3://").rstrip("/") + "/", str(local) + "/", recursive=True)
             (local / ".complete").write_text(uri)
         except Exception as e:  # a full disk, a lost connection: the folder stays incomplete, fetched again next time
-            raise CadRayError(f"cannot copy {uri} into {local}: {type(e).__name__}: "
-                              f"{' '.join(str(e).split())}") from None
+            raise CadRayError(f"cannot copy {uri} into {local}: {described(e)}") from None
     return local
 
 

@@ -14,7 +14,7 @@ from typing import Iterable, NamedTuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cad_ray.errors import CadRayError
+from cad_ray.errors import CadRayError, described
 from cad_ray.store.files import atomic_local_file, filesystem, hidden_temporary
 from cad_ray.store.lock import LOCK, RootLock
 
@@ -125,8 +125,7 @@ class RunRoot(RootLock):
         try:
             yield
         except (PermissionError, ConnectionError, TimeoutError) as e:
-            raise CadRayError(f"cannot read {self.uri_under(*parts)}: {type(e).__name__}: "
-                              f"{' '.join(str(e).split())}") from None
+            raise CadRayError(f"cannot read {self.uri_under(*parts)}: {described(e)}") from None
 
     def exists(self, *parts: str) -> bool:
         with self._reading(*parts):
