@@ -35,14 +35,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (part of what makes a run reproducible)")
     parser.add_argument("--out", default="cad_ray/assets/digits-model", help="folder to write the model to")
     parser.add_argument("--log-every", type=int, default=100)
-    parser.add_argument("--exclude", nargs="+", default=[], metavar="DIGIT",
-                        help="digits (words: three) whose images are left out of training: a never-learned reference")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="CONCEPT",
+                        help="digits (words: three) and colours (red) whose images are left out of training: a "
+                             "never-learned reference for each of them")
     args = parser.parse_args(argv)
 
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
-    from cad_ray.digits import DIGIT_WORDS, real_digits, training_batch
+    from cad_ray.digits import COLOUR_NAMES, DIGIT_WORDS, real_digits, training_batch
     from cad_ray.models.digits import SCHEDULER_CONFIG, DigitsModel
 
     torch.set_num_threads(args.threads)
@@ -62,16 +63,20 @@ def main(argv: list[str] | None = None) -> None:
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup))) * 0.95 + 0.05
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    unknown = sorted(set(args.exclude) - set(DIGIT_WORDS))
+    unknown = sorted(set(args.exclude) - set(DIGIT_WORDS) - set(COLOUR_NAMES))
     if unknown:
-        parser.error(f"--exclude takes digit words ({', '.join(DIGIT_WORDS)}), not {', '.join(unknown)}")
+        parser.error(f"--exclude takes digit and colour words ({', '.join(DIGIT_WORDS + COLOUR_NAMES)}), "
+                     f"not {', '.join(unknown)}")
+    colours = tuple(c for c in COLOUR_NAMES if c not in args.exclude)
+    if not colours:
+        parser.error("--exclude leaves no colour to draw the digits in")
     labels = real_digits()[1]
-    excluded = [DIGIT_WORDS.index(word) for word in args.exclude]
+    excluded = [DIGIT_WORDS.index(word) for word in args.exclude if word in DIGIT_WORDS]
     indices = np.flatnonzero(~np.isin(labels, excluded))
     alphas = noise_scheduler.alphas_cumprod
     log, running, start = [], [], time.time()
     for step in tqdm(range(args.steps), desc="training", unit="step", mininterval=5):
-        images, prompts = training_batch(rng, args.batch_size, indices)
+        images, prompts = training_batch(rng, args.batch_size, indices, colours=colours)
         x0 = DigitsModel.to_latents(images)
         noise = torch.randn_like(x0)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x0),))

@@ -68,3 +68,16 @@ def test_training_batches_drop_prompts_for_guidance_and_match_their_images():
         asked = parse_prompt(p)
         if asked.colour:
             assert COLOUR_NAMES[colours[k]] == asked.colour
+
+
+def test_a_never_learned_reference_sees_no_image_in_a_left_out_colour():
+    """jobs/train_digits.py --exclude red: no training image is drawn in red, whatever its prompt says."""
+    from cad_ray.digits.judges import builtin_judges
+
+    images, prompts = training_batch(np.random.default_rng(0), 1000, np.arange(1797),
+                                     colours=("white", "green", "blue"))
+    drawn = {COLOUR_NAMES[c] for c in builtin_judges().colours(images)}
+    assert drawn == {"white", "green", "blue"}
+    assert not any("red" in p for p in prompts)
+    everything = training_batch(np.random.default_rng(0), 1000, np.arange(1797))[0]
+    assert "red" in {COLOUR_NAMES[c] for c in builtin_judges().colours(everything)}

@@ -162,6 +162,13 @@ def test_probe_blocks_are_judged_beside_their_ceiling_and_resume(small_run, tmp_
     third = run_evaluation(config, root, local=True, progress=False)["probes"]
     assert third["units_computed"] == 1
     pd.testing.assert_frame_equal(pd.read_parquet(Path(root) / "probes"), images)
+    # no image depends on the margin or on the other targets' references: changing them makes nothing again
+    probe = {**PROBE_EVALUATION["probe"], "margin": 1.0, "references": {"seven": str(NEVER_THREE),
+                                                                        "three": str(NEVER_THREE)}}
+    wider = small_config(evaluation={**PROBE_EVALUATION, "probe": probe})
+    fourth = run_evaluation(wider, root, local=True, progress=False)["probes"]
+    assert fourth["units_computed"] == 0
+    assert pd.read_parquet(Path(root) / "probe_summary")["within"].dropna().all()  # margin 1: all within
 
     from cad_ray.stages.report import build_report, probe_table
 

@@ -154,18 +154,23 @@ class DigitsTokenizer:
 
 
 def training_batch(rng: np.random.Generator, batch_size: int, indices: np.ndarray,
-                   p_uncond: float = 0.1, p_no_colour: float = 0.2) -> tuple[np.ndarray, list[str]]:
+                   p_uncond: float = 0.1, p_no_colour: float = 0.2,
+                   colours: tuple[str, ...] = COLOUR_NAMES) -> tuple[np.ndarray, list[str]]:
     """Random (image, prompt) pairs for training: RGB images in [0, 1] and prompts of the grammar.
 
     With probability `p_uncond` the prompt is empty (prompt dropout, so that classifier-free guidance
-    works); with probability `p_no_colour` it names the digit only and the image has any colour.
+    works); with probability `p_no_colour` it names the digit only and the image has any of `colours`
+    (a never-learned reference leaves a colour out of them: no image is drawn in it).
     """
     images, labels = real_digits()
     pick = rng.choice(indices, size=batch_size)
-    colours = rng.integers(0, len(COLOUR_NAMES), size=batch_size)
+    if colours == COLOUR_NAMES:  # the shipped model's draw, kept so that its seed reproduces it
+        drawn = rng.integers(0, len(COLOUR_NAMES), size=batch_size)
+    else:
+        drawn = np.array([COLOUR_NAMES.index(c) for c in colours])[rng.integers(0, len(colours), size=batch_size)]
     out = np.empty((batch_size, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
     prompts = []
-    for k, (i, c) in enumerate(zip(pick, colours)):
+    for k, (i, c) in enumerate(zip(pick, drawn)):
         colour = COLOUR_NAMES[c]
         out[k] = render(images[i], colour)
         u = rng.random()

@@ -141,8 +141,10 @@ class ProbeWorker(ImageJudge):
 def probe_meta(config: AttributionConfig, store: ScoreStore) -> dict:
     """What every probe image depends on besides its unit (in each part's name)."""
     options = config.evaluation
-    # the guidance scales only in the guidance probe's parts: parts written before it existed stay valid
-    unused = set() if "guidance" in options.probes else {"guidance_scales"}
+    # the guidance scales only in the guidance probe's parts: parts written before it existed stay valid. No
+    # image depends on the references (a reference's folder is in its own unit) or the margin (read by the
+    # summary): adding a reference computes its units only
+    unused = {"references", "margin"} | (set() if "guidance" in options.probes else {"guidance_scales"})
     return {"fingerprint": store.fingerprint, "config_hash": store.manifest["config_hash"],
             "evaluation": options.options_hash(), "probe": options.probe.model_dump(mode="json", exclude=unused)}
 
