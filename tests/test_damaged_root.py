@@ -8,6 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import yaml
 from conftest import SMALL
@@ -311,6 +312,10 @@ def test_a_half_written_fine_tuned_edit_is_made_again(small_run, tmp_path, capsy
     weights.write_bytes(whole[:1000])
     assert _run(argv, capsys)[0] == 0
     assert weights.read_bytes() == whole and (folder / "_complete.json").exists()
+    # the edit's cost, kept beside it, is the summary's edit_seconds; the unedited rows have none
+    summary = pd.read_parquet(root / "evaluation_summary").set_index("edit")["edit_seconds"]
+    assert summary["finetune"] == json.loads((folder / "cost.json").read_text())["seconds"] > 0
+    assert np.isnan(summary["none"])
 
 
 def test_quiet_prints_only_the_result_line(tmp_path):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from cad_ray.config import AttributionConfig, EvaluationOptions
 from cad_ray.digits.concepts import concept_kind
@@ -35,6 +36,7 @@ from cad_ray.store import (PART_FILE, SCORE_SCHEMA, RunRoot, ScoreStore, aggrega
                            table_metadata)
 
 EDIT_MARKER = "_complete.json"
+EDIT_COST = "cost.json"  # how long the edit took to make, beside its marker (the marker is compared as a key)
 
 
 def edit_folder(edit: str, target: str) -> tuple[str, ...]:
@@ -93,8 +95,11 @@ class EditWorker:
             self._save_model(edit, target)
             if any(EDITS[e].after == edit for e in self.options.edits):  # recovery needs its amplify scores
                 self._attribute_amplify(edit, target, concept)
+        seconds = time.time() - start
+        self.run.write_manifest({"seconds": round(seconds, 1), "threads": torch.get_num_threads(),
+                                 "device": str(self.model.device)}, *edit_folder(edit, target), EDIT_COST)
         self.run.write_manifest(finetune_key(self.options, self.store), *edit_folder(edit, target), EDIT_MARKER)
-        return {"edit": edit, "target": target, "seconds": time.time() - start}
+        return {"edit": edit, "target": target, "seconds": seconds}
 
     def _unlearned(self, concept, masks) -> dict:
         """Adversarial unlearning of `concept` on the masked components; the other concepts of its kind kept
@@ -260,8 +265,6 @@ class ImageJudge(Editor):
     """
 
     def __init__(self, config: AttributionConfig, root: str, device: str | None = None, threads: int | None = None):
-        import torch
-
         if threads:
             torch.set_num_threads(threads)
         model, store = load_scored_model(config, root, device)

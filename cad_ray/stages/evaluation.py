@@ -38,7 +38,7 @@ from cad_ray.method.edits import EDITS, NONE, RECOVERY, picked_by  # noqa: F401 
 from cad_ray.store import PART_FILE, RunRoot, ScoreStore
 # the parts, re-exported under their old paths
 from cad_ray.digits.prompts import SELECTION_SEED_OFFSET, digits_prompt_set  # noqa: F401
-from cad_ray.stages.edit_workers import (EDIT_MARKER, EditWorker, ImageJudge, brightness, edit_folder,  # noqa: F401
+from cad_ray.stages.edit_workers import (EDIT_COST, EDIT_MARKER, EditWorker, ImageJudge, brightness, edit_folder,  # noqa: F401
                                          finetune_key, load_scored_model)
 from cad_ray.stages.panels import (LABEL_COLUMNS, check_prompt_labels, edit_rows, label_key, names_label,  # noqa: F401
                                    own_wording, prompt_panels, read_prompt_set, target_kind, target_rows)
@@ -227,6 +227,15 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
             "blocks_computed": counts["computed"], "blocks_skipped": counts["skipped"]}
 
 
+def edit_seconds(run: RunRoot, edit: str, target: str) -> float:
+    """How long a fine-tuned edit took to make (its folder's cost file); NaN for the other edits, whose cost is
+    the attribution's, shared by every edit of the run, or a closed form of seconds made where its images are."""
+    if edit not in EDITS or EDITS[edit].applied_by != "fine-tuning":
+        return float("nan")
+    cost = run.read_manifest(*edit_folder(edit, target), EDIT_COST)
+    return float(cost["seconds"]) if cost else float("nan")  # an edit made before costs were kept
+
+
 def finish_evaluation(run: RunRoot, store: ScoreStore, options: EvaluationOptions, table: pd.DataFrame,
                       picks: dict):
     """evaluation/ (one row per test-split image, in a fixed order) and evaluation_summary/."""
@@ -241,6 +250,7 @@ def finish_evaluation(run: RunRoot, store: ScoreStore, options: EvaluationOption
         reference = real_features() if store.manifest.get("model") == "builtin:digits" \
             else reference_features(options.judge)
     summary = summarize_evaluation(table, reference, picks)
+    summary["edit_seconds"] = [edit_seconds(run, r.edit, r.target) for r in summary.itertuples()]
     meta = evaluation_metadata(store.manifest, options)
     meta["picks"] = [[edit, target, *pick] for (edit, target), pick in sorted(picks.items())]
     stored = table.drop(columns=[c for c in ("features",) if c in table])
