@@ -7,7 +7,9 @@ reproduces the shipped weights (same seed, same torch build, same thread count).
     python jobs/train_digits.py --exclude three --out runs/never-three
 
 trains a reference that never saw a three (its images are left out of the data, its words stay in the vocabulary
-with their untrained embeddings): the completeness probes' "as erased as never learned" line (docs/editing.md). Training data are the
+with their untrained embeddings): the completeness probes' "as erased as never learned" line (docs/editing.md).
+`--exclude zero four seven eight red white` leaves out several digits and colours at once (no image is drawn in a
+left-out colour): one reference for each of them (tests/fixtures/never-*). Training data are the
 real scikit-learn digits in four colours with prompts from the digits grammar (cad_ray.digits); the judges
 are trained separately (jobs/train_judges.py) and never see generated images.
 """
