@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from cad_ray.errors import CadRayError
+from cad_ray.judges.pretrained import load_pretrained, preprocessor_settings, resize_and_crop, weights_folder
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -66,8 +67,6 @@ class ImageNetJudge:
     Logits are kept as features."""
 
     def __init__(self, weights: str, label_to_class: dict[str, str] | None = None, batch_size: int = 32):
-        from cad_ray.judges import load_pretrained, preprocessor_settings, weights_folder
-
         folder = weights_folder(weights, "imagenet")  # a missing folder fails before transformers loads
         from transformers import AutoModelForImageClassification
 
@@ -105,8 +104,6 @@ class ImageNetJudge:
 
     def judge(self, images: np.ndarray, labels: list[str]) -> dict:
         import torch
-
-        from cad_ray.judges import resize_and_crop
 
         self.check_labels(labels)
         logits = []

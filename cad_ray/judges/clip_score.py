@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from cad_ray.errors import CadRayError
+from cad_ray.judges.pretrained import load_pretrained, preprocessor_settings, resize_and_crop, weights_folder
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
@@ -32,8 +33,6 @@ class ClipScoreJudge:
     Prompts longer than the text encoder's window are truncated, as the published scripts' tokenizer does."""
 
     def __init__(self, weights: str, batch_size: int = 32):
-        from cad_ray.judges import load_pretrained, preprocessor_settings, weights_folder
-
         folder = weights_folder(weights, "clip-score")  # a missing folder fails before transformers loads
         from transformers import CLIPModel, CLIPTokenizer
 
@@ -55,8 +54,6 @@ class ClipScoreJudge:
 
     def scores(self, images: np.ndarray, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         import torch
-
-        from cad_ray.judges import resize_and_crop
 
         scores, cosines = [], []
         with torch.no_grad():

@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from cad_ray.errors import CadRayError
+from cad_ray.judges.pretrained import load_pretrained, resize_and_crop, weights_folder
+from cad_ray.models.loading import fetch_s3_folder, is_s3
+from cad_ray.s3 import s3_filesystem
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 IMAGE_COLUMNS = ("image_png", "image", "png", "jpg", "jpeg", "bytes")  # the first one a table has holds its images
@@ -41,8 +44,6 @@ def parquet_images(tables: list, where: str) -> list[np.ndarray]:
 def reference_images(source: str) -> list[np.ndarray]:
     """The reference images: a Parquet file, or a folder (local or s3://) of Parquet files or of image files."""
     import pyarrow.parquet as pq
-
-    from cad_ray.models.loading import fetch_s3_folder, is_s3, s3_filesystem
 
     try:
         if str(source).endswith(".parquet"):
@@ -77,8 +78,6 @@ class DinoV2Judge:
     normalisation."""
 
     def __init__(self, weights: str, reference: str | None = None, size: int = 224, batch_size: int = 32):
-        from cad_ray.judges import load_pretrained, weights_folder
-
         folder = weights_folder(weights, "fd-dinov2")  # a missing folder fails before transformers loads
         from transformers import Dinov2Model
 
@@ -88,8 +87,6 @@ class DinoV2Judge:
     def features(self, images) -> np.ndarray:
         """Features of a batch (N, H, W, 3) or of a list of images of any sizes."""
         import torch
-
-        from cad_ray.judges import resize_and_crop
 
         out = []
         with torch.no_grad():

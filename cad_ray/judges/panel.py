@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from cad_ray.errors import CadRayError
+from cad_ray.judges import judge_batch, load_judge
 
 
 class PanelJudge:
@@ -14,8 +15,6 @@ class PanelJudge:
     (fd-dinov2) when the panel has one, else from the first judge that gives them (a classifier's logits)."""
 
     def __init__(self, judges: list[dict]):
-        from cad_ray.judges import load_judge
-
         if not judges or not all(isinstance(j, dict) and j.get("name") for j in judges):
             raise CadRayError("judge 'panel' needs 'judges': a list of judge specs, each {name: <registered judge>, "
                               "...options}")
@@ -27,8 +26,6 @@ class PanelJudge:
         self.features_from = with_reference[0] if with_reference else None
 
     def judge(self, images: np.ndarray, labels: list[str], prompts: list[str] | None = None) -> dict:
-        from cad_ray.judges import judge_batch
-
         out = {}
         for position, (name, judge) in enumerate(zip(self.names, self.judges)):
             columns = judge_batch(judge, images, labels, prompts)
