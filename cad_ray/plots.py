@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pandas as pd
 
+from cad_ray.digits import COLOUR_NAMES, DIGIT_WORDS
 from cad_ray.method.edits import erasing, one_setting
 
 
@@ -140,8 +141,6 @@ def erase_verdicts(summary: pd.DataFrame) -> bytes:
     measured it); the 20%, 90% and 80% lines of "clean"."""
     plt = _pyplot()
     rows = summary[summary["edit"].isin(VERDICT_EDITS) & (summary["picked"] | summary["edit"].map(one_setting))]
-    from cad_ray.digits import COLOUR_NAMES, DIGIT_WORDS
-
     known = list(DIGIT_WORDS + COLOUR_NAMES)  # the digits world in its own order, anything else after it
     targets = sorted(set(rows["target"]), key=lambda name: (known.index(name) if name in known else len(known), name))
     edits = [e for e in VERDICT_EDITS if e in set(rows["edit"])]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from cad_ray.errors import CadRayError, described
+
 
 def endpoint_setting() -> tuple[str, str] | None:
     """(variable, value) of the environment variable that names the S3 endpoint, None where none does."""
@@ -28,8 +30,6 @@ def connected_s3_filesystem(uri: str):
     """`s3_filesystem()` with its client made (no request is sent): what the environment gets wrong before any
     request (a malformed endpoint URL, an unknown AWS profile) is one line naming `uri`, not a traceback from
     the first read."""
-    from cad_ray.errors import CadRayError, described
-
     fs = s3_filesystem()
     try:
         fs.connect()

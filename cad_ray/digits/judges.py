@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cad_ray.digits import COLOUR_NAMES, IMAGE_SIZE
+from cad_ray.digits import COLOUR_NAMES, DIGIT_WORDS, IMAGE_SIZE, real_digits, split_indices
 from cad_ray.errors import CadRayError
 
 JUDGES_DIR = Path(__file__).resolve().parent.parent / "assets" / "judges"
@@ -134,8 +134,6 @@ class DigitReject:
 
 def real_digits_reject() -> DigitReject:
     """The reject fitted on the real training digits (the judges' own split), for a judges folder without one."""
-    from cad_ray.digits import real_digits, split_indices
-
     images, labels = real_digits()
     train, _ = split_indices(len(labels))
     return DigitReject.fit(images[train])
@@ -165,8 +163,6 @@ class DigitsJudges:
 
     def digit_words(self, images: np.ndarray) -> list[str]:
         """Each image's digit as a word ("seven"), or NO_DIGIT_WORD ("none") for an image that is no digit."""
-        from cad_ray.digits import DIGIT_WORDS
-
         return [NO_DIGIT_WORD if d == NO_DIGIT else DIGIT_WORDS[d] for d in self.digits(images, reject=True)]
 
     @torch.no_grad()

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from cad_ray.digits import COLOUR_NAMES, canonical_prompt, parse_prompt
+from cad_ray.digits.judges import builtin_judges
 
 
 def judge_samples(model, prompts: list[str], seed: int, guidance: float | None = None, steps: int | None = None,
@@ -13,8 +14,6 @@ def judge_samples(model, prompts: list[str], seed: int, guidance: float | None =
     """Sample one image per prompt (image k from seed stream k) and judge it: one row per image. `progress`:
     a bar of images judged, and one of the current batch's sampling steps."""
     from tqdm.auto import tqdm
-
-    from cad_ray.digits.judges import builtin_judges
 
     judges = judges or builtin_judges()
     rows = []

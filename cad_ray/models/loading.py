@@ -15,6 +15,8 @@ from pathlib import Path
 from cad_ray.errors import CadRayError, described
 from cad_ray.models.components import (PICKLE_SUFFIXES, check_pickle, component_uses_safetensors,  # noqa: F401
                                        load_component, load_scheduler, quiet_libraries)
+from cad_ray.models.digits import PIPELINE_CLASS, DigitsModel
+from cad_ray.models.stable_diffusion import StableDiffusionModel
 from cad_ray.s3 import connected_s3_filesystem, s3_filesystem  # noqa: F401 (s3_filesystem re-exported: its old home)
 
 BUILTIN_DIGITS = Path(__file__).resolve().parent.parent / "assets" / "digits-model"
@@ -109,9 +111,6 @@ def read_model_index(folder: Path) -> dict:
 
 def load_model(path_or_uri: str | os.PathLike | None = None, device: str | None = None, dtype=None):
     """Load a text-to-image model: the built-in digits model (default), or an SD pipeline folder / `s3://` URI."""
-    from cad_ray.models.digits import PIPELINE_CLASS, DigitsModel
-    from cad_ray.models.stable_diffusion import StableDiffusionModel
-
     quiet_libraries()
     folder, source = resolve_model_folder(path_or_uri)
     index = read_model_index(folder)

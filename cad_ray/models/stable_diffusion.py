@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cad_ray.errors import CadRayError
 from cad_ray.models.base import TextToImageModel
 from cad_ray.models.components import load_component, load_scheduler
 
@@ -68,8 +69,6 @@ class StableDiffusionModel(TextToImageModel):
     def from_pretrained(cls, folder: str | Path, index: dict, source: str = "") -> "StableDiffusionModel":
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
-
-        from cad_ray.errors import CadRayError
 
         folder = Path(folder)
         unet = load_component(UNet2DConditionModel, folder, "unet")
