@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -30,11 +31,16 @@ import pyarrow as pa
 
 from cad_ray import __version__
 from cad_ray.method.attribution import CAD, GradientSum
+from cad_ray.method.baselines import ConceptPrune
+from cad_ray.method.concepts import build_concept
+from cad_ray.method.editing import edited
+from cad_ray.method.objectives import make_objective
 from cad_ray.method.scopes import never_selected
 from cad_ray.config import LATER_STAGES, AttributionConfig
 from cad_ray.errors import CadRayError
-from cad_ray.store import (METADATA_KEY, PART_FILE, SCORE_SCHEMA, WEIGHT_SCHEMA, RunRoot, aggregate_tables, is_damage,
-                           partition, score_parts, table_metadata, weight_parts)
+from cad_ray.models import load_model
+from cad_ray.store import (METADATA_KEY, PART_FILE, SCORE_SCHEMA, WEIGHT_SCHEMA, RunRoot, ScoreStore, aggregate_tables,
+                           is_damage, partition, score_parts, table_metadata, weight_parts)
 
 RESULT_TABLES = ("scores", "neurons", "layers")
 WEIGHT_ROW_GROUP_SIZE = 1 << 16  # 256 KB of float32 weights: a look-up of 100 rows reads at most 100 of them
@@ -70,15 +76,11 @@ def model_for(config: AttributionConfig, device: str | None = None):
     """The config's model on `device`, else on the config's device, else on a GPU where there is one."""
     import torch
 
-    from cad_ray.models import load_model
-
     return load_model(config.model, device=device or config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def objective_for(config: AttributionConfig, name: str, points_per_sample: int | None = None):
     """The config's objective; `points_per_sample` (when given) overrides the config's."""
-    from cad_ray.method.objectives import make_objective
-
     options = getattr(config, name).model_dump()
     if points_per_sample is not None:
         options["points_per_sample"] = points_per_sample
@@ -89,8 +91,6 @@ class AttributionWorker:
     """Loads the model once and computes shards; the same class runs in-process or as a Ray actor."""
 
     def __init__(self, config: AttributionConfig, root: str, device: str | None = None):
-        from cad_ray.method.concepts import build_concept
-
         self.config, self.run = config, RunRoot(root)
         start = time.time()
         self.model = model_for(config, device)
@@ -105,8 +105,6 @@ class AttributionWorker:
         """CAD under an objective, or a baseline's scoring (`conceptprune`): partial sums, then tables."""
         if objective not in self.estimators:
             if objective == "conceptprune":
-                from cad_ray.method.baselines import ConceptPrune
-
                 options = self.config.conceptprune
                 self.estimators[objective] = ConceptPrune(self.model, options.timesteps, options.guidance,
                                                           options.steps, self.config.seed, self.config.batch)
@@ -125,11 +123,6 @@ class AttributionWorker:
     def first_edit(self, concept: str, objective: str):
         """The model as the objective sees it: for `residual`, with its `after` edit of the concept zeroed (ranked
         by this run's tables of the other objectives, written before the residual's shards run); else as is."""
-        from contextlib import nullcontext
-
-        from cad_ray.method.editing import edited
-        from cad_ray.store import ScoreStore
-
         if objective != "residual":
             return nullcontext()
         if concept not in self.first_edits:  # read once per concept: every shard and the reduce need it

@@ -29,6 +29,9 @@ import pyarrow as pa
 from cad_ray import __version__
 from cad_ray.config import AttributionConfig, ValidationOptions
 from cad_ray.errors import CadRayError
+from cad_ray.method.concepts import build_concept
+from cad_ray.plots import overlap_heatmap, validation_scatter
+from cad_ray.stages.attribution import model_for, objective_for
 from cad_ray.store import PART_FILE, RUN_KEYS, RunRoot, ScoreStore, partition
 from cad_ray.method.estimators import (AblationEvaluator, Coar, FirstOrder, SecondOrder, SecondOrderSketch,
                                       bootstrap_interval, concentration, jaccard, pearson, quadratic_terms,
@@ -98,9 +101,6 @@ class ValidationWorker:
     """Loads the model once; computes actual-change and sketch shards (in-process or as a Ray actor)."""
 
     def __init__(self, config: AttributionConfig, root: str, device: str | None = None):
-        from cad_ray.method.concepts import build_concept
-        from cad_ray.stages.attribution import model_for, objective_for
-
         self.config, self.options, self.run = config, config.validation, RunRoot(root)
         self.model = model_for(config, device)
         self.specs = {c.name: c for c in config.concepts}
@@ -271,8 +271,6 @@ def overlap(tops: dict[str, np.ndarray], objective: str) -> pd.DataFrame:
 
 def finish_validation(config: AttributionConfig, root: str, manifest: dict) -> dict:
     """Read the shards and the score tables, write the validation tables and plots, mark the validation done."""
-    from cad_ray.plots import overlap_heatmap, validation_scatter
-
     run, store, options = RunRoot(root), ScoreStore(root), config.validation
     concepts = validation_concepts(config, options)
     meta = {"fingerprint": manifest["fingerprint"], "config_hash": manifest["config_hash"],
