@@ -50,7 +50,7 @@ def _finite_float(text: str) -> float:
 
 
 def _device(text: str) -> str:
-    from cad_ray.config import check_device
+    from cad_ray.config import check_device  # pydantic: imported where --device is given, not for --help
 
     try:
         return check_device(text)
@@ -68,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         print(f"\n=== cad-ray {stage} ===", flush=True)
         stage_args = build_parser().parse_args([stage, *extra, *common])
         stage_args.func(stage_args)
-    from cad_ray.stages.report import write_report
+    from cad_ray.stages.report import write_report  # torch, pandas: imported where the pipeline runs
 
     print(f"\nreport: {write_report(root)}")
 

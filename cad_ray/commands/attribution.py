@@ -1,5 +1,6 @@
 """`cad-ray attribute` and the queries of its scores: `top`, `layers`, `overlap`.
-Libraries (torch, pandas, Ray) are imported inside the commands, lazy for start-up speed."""
+Libraries (torch, numpy, pandas, pyarrow, pydantic, Ray), and the modules of cad_ray that import them, are
+imported inside the commands, lazy for start-up speed (`cad-ray --help` imports none of them)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,13 @@
 """What a run root and the install hold: `cad-ray status`, `cad-ray report`, `cad-ray judges`.
-Libraries (torch, pandas, Ray) are imported inside the commands, lazy for start-up speed."""
+Libraries (torch, numpy, pandas, pyarrow, pydantic, Ray), and the modules of cad_ray that import them, are
+imported inside the commands, lazy for start-up speed (`cad-ray --help` imports none of them)."""
 
 from __future__ import annotations
 
 import argparse
 
 from cad_ray.errors import CadRayError
+from cad_ray.judges import judge_listing
 
 
 def cmd_status(args: argparse.Namespace) -> None:
@@ -43,8 +45,6 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_judges(args: argparse.Namespace) -> None:
-    from cad_ray.judges import judge_listing
-
     spec = None
     if args.config:  # the judge a config names, with the options giving its weights: it can say "ready"
         from cad_ray.config import load_config

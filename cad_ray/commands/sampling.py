@@ -1,5 +1,6 @@
 """`cad-ray sample` and `cad-ray quality`: images of a model and the judges' verdicts on them.
-Libraries (torch, pandas, Ray) are imported inside the commands, lazy for start-up speed."""
+Libraries (torch, numpy, pandas, pyarrow, pydantic, Ray), and the modules of cad_ray that import them, are
+imported inside the commands, lazy for start-up speed (`cad-ray --help` imports none of them)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The stages after the attribution: `cad-ray validate`, `cad-ray evaluate` and `cad-ray edit`, on a run root.
-Libraries (torch, pandas, Ray) are imported inside the commands, lazy for start-up speed."""
+Libraries (torch, numpy, pandas, pyarrow, pydantic, Ray), and the modules of cad_ray that import them, are
+imported inside the commands, lazy for start-up speed (`cad-ray --help` imports none of them)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from cad_ray.errors import CadRayError
+from cad_ray.method.edits import EDITS, picked_by
 
 
 def stage_config(root: str, config_file: str | None, section: str, overrides: dict):
@@ -104,7 +106,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_edit(args: argparse.Namespace) -> None:
     """Any edit of the registry (`cad_ray.method.edits`), made as the evaluation makes it, saved as a folder."""
     from cad_ray.method.editing import Selection, check_fingerprint, check_ratio
-    from cad_ray.method.edits import EDITS
     from cad_ray.models import load_model
     from cad_ray.store import ScoreStore
 
@@ -167,7 +168,6 @@ def _recommended_selection(root: str, edit, target: str) -> str:
     picked for the target, else the root's evaluation.selection where its config names one. The default
     `all/global/none` ranks every scored tensor together: at an erase's ratio it breaks the model, so it is
     never taken unasked."""
-    from cad_ray.method.edits import picked_by
     from cad_ray.store import PART_FILE, RunRoot
 
     footer = RunRoot(root).footer("evaluation", PART_FILE)

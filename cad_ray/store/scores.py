@@ -235,7 +235,7 @@ class ScoreStore(SelectionQueries):
         stored w * dJ/dw), `gradient` (|dJ/dw|) or `magnitude` (|w|), both derived from CAD's table and the
         weights, or `conceptprune` (its own partition; `objective` is then not used); see
         cad_ray.method.baselines."""
-        from cad_ray.method.baselines import DERIVED, check_method, derived_scores
+        from cad_ray.method.baselines import DERIVED, check_method, derived_scores  # torch: see the top
 
         objective = scored_partition(objective, check_method(method))
         if method in DERIVED:
