@@ -18,7 +18,7 @@ from cad_ray.config import parse_config
 from cad_ray.distributed import run_validation
 from cad_ray.errors import CadRayError
 from cad_ray.method.objectives import Concept, Points
-from cad_ray.method.estimators import AblationEvaluator, SecondOrderSketch, random_subset
+from cad_ray.method.estimators import AblationEvaluator, SecondOrderSketch, quadratic_terms, random_subset
 from cad_ray.stages.validation import predictions
 
 
@@ -86,13 +86,12 @@ def toy_predictions(kind: str, projections: int, ablations: int = 40, fraction: 
     flat = scores["blocks.0.ff.net.2.weight"].reshape(-1).numpy()
     evaluator = AblationEvaluator(model, objective, concept, "ff", samples, seed=0)
     uw = SecondOrderSketch(model, objective, "ff", projections, seed=0, batch=4).attribute(concept, samples)
-    from cad_ray.method.estimators import quadratic
-
     actual = pd.DataFrame([{"fraction": fraction, "ablation": a,
                             "actual": evaluator.change(random_subset(flat.size, fraction, a, 0)).frozen_base,
                             "actual_ablated_base": 0.0} for a in range(ablations)])
     sketch = pd.DataFrame([{"fraction": fraction, "ablation": a,
-                            "quadratic": quadratic(uw, random_subset(flat.size, fraction, a, 0), 1.0)}
+                            "quadratic": quadratic_terms(
+                                uw[:, random_subset(flat.size, fraction, a, 0)].sum(axis=1, keepdims=True), 1.0)[0]}
                            for a in range(ablations)])
     config = parse_config({"concepts": [{"name": "toy"}], "validation": {"ablations": ablations,
                                                                          "fractions": [fraction]}})

@@ -112,7 +112,7 @@ SKETCH_PASS_BYTES = 1 << 31  # host memory of one pass's (P, n) float64 accumula
 
 class SecondOrderSketch:
     """K random projections of the residual Jacobian, times the weights: u_k = J^T (sqrt(c) v_k), and
-    uw_k = u_k * w / sqrt(K), so that `quadratic` of a subset S is sign * sum_k (sum_{i in S} uw_k,i)^2.
+    uw_k = u_k * w / sqrt(K), so that the second-order term of a subset S is sign * sum_k (sum_{i in S} uw_k,i)^2.
 
     Validation needs that term only for its M seeded subsets, so `subset_sums(concept, samples, subsets)`
     reduces each projection to its M sums as soon as the projection is whole and drops it: the projections
@@ -210,15 +210,9 @@ class SecondOrderSketch:
                 del total, uw
 
 
-def quadratic(uw: np.ndarray, flat_indices: np.ndarray, sign: float) -> float:
-    """The sketched Gauss-Newton term of zeroing `flat_indices`: sign * sum_k (sum_{i in S} uw_k,i)^2
-    (uw already carries the 1/sqrt(K) of the mean)."""
-    z = uw[:, flat_indices].sum(axis=1)
-    return sign * float(z @ z)
-
-
 def quadratic_terms(sums: np.ndarray, sign: float) -> np.ndarray:
-    """`quadratic` of every subset from `SecondOrderSketch.subset_sums`' (K, M) array: one value per column."""
+    """The sketched Gauss-Newton term of zeroing each subset S, sign * sum_k (sum_{i in S} uw_k,i)^2 (uw already
+    carries the 1/sqrt(K) of the mean), from `SecondOrderSketch.subset_sums`' (K, M) array: one value per column."""
     return np.array([sign * float(z @ z) for z in np.ascontiguousarray(sums.T)])
 
 
@@ -276,7 +270,7 @@ class FirstOrder:
 
 
 class SecondOrder(FirstOrder):
-    """First order plus the sketched Gauss-Newton term of each subset (`SecondOrderSketch`, `quadratic`)."""
+    """First order plus the sketched Gauss-Newton term of each subset (`SecondOrderSketch`, `quadratic_terms`)."""
 
     name = "cad2"
 
