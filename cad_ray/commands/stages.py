@@ -228,7 +228,8 @@ def _edit_on_finetuned(args: argparse.Namespace, edit, store, model, selection, 
                           f"{', '.join(c.name for c in config.concepts)}")
     run = RunRoot(args.root)
     finetuned = edit.after or edit.name
-    if run.read_manifest(*edit_folder(finetuned, args.target), EDIT_MARKER) != finetune_key(options, store):
+    made = run.read_manifest(*edit_folder(finetuned, args.target), EDIT_MARKER)
+    if made != finetune_key(options, store, args.target):
         run.check_writable()
         EditWorker(config, args.root).make(finetuned, args.target)
     editor = Editor(config, run, model, store)

@@ -6,7 +6,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from cad_ray.method.edits import EDITS
 from cad_ray.options.base import Strict, check_selection, no_duplicates
@@ -48,6 +48,38 @@ class FinetuneOptions(Strict):
                                                     "selection)")
     unlearning: UnlearningOptions | None = Field(None, description="cad-finetune as adversarial unlearning "
                                                  "(null: ESD's steps on the selected components)")
+    kinds: dict[str, dict] = Field(default_factory=dict, description="per kind of target (digits world: digit, "
+                                   "colour), fields of this section that replace its own for that kind's targets, "
+                                   "e.g. {colour: {ratio: 0.1, unlearning: {match: shape}}}")
+
+    @field_validator("kinds")
+    @classmethod
+    def _kinds(cls, v):
+        for kind, fields in v.items():
+            if "kinds" in fields:
+                raise ValueError(f"finetune.kinds.{kind} cannot hold kinds of its own")
+        return v
+
+    @model_validator(mode="after")
+    def _kinds_are_settings(self):
+        for kind in self.kinds:  # a field this section does not have is refused here, not in a worker
+            try:
+                self.for_kind(kind)
+            except ValidationError as e:
+                raise ValueError("; ".join(f"kinds.{kind}.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
+                                           for err in e.errors())) from None
+        return self
+
+    def for_kind(self, kind: str | None) -> "FinetuneOptions":
+        """The settings of a target of `kind` (`cad_ray.digits.concepts.concept_kind`): this section with the
+        fields `kinds[kind]` names replaced (`unlearning`'s field by field); without an entry, this section."""
+        if kind not in self.kinds:
+            return self.model_copy(update={"kinds": {}})
+        fields = self.model_dump(mode="json", exclude={"kinds"})
+        override = dict(self.kinds[kind])
+        if isinstance(override.get("unlearning"), dict):
+            override["unlearning"] = {**(fields.get("unlearning") or {}), **override["unlearning"]}
+        return FinetuneOptions.model_validate({**fields, **override})
 
     @field_validator("selection")
     @classmethod
@@ -56,7 +88,8 @@ class FinetuneOptions(Strict):
 
     def key(self) -> dict:
         """The fields an edit depends on; the new ones only where set, so that edits made before keep theirs."""
-        key = self.model_dump(mode="json", exclude={k for k in ("selection", "unlearning") if getattr(self, k) is None})
+        key = self.model_dump(mode="json", exclude={k for k in ("selection", "unlearning") if getattr(self, k) is None}
+                              | ({"kinds"} if not self.kinds else set()))
         if self.unlearning is not None and self.unlearning.target != "images":
             del key["unlearning"]["images_from"]  # read by the images target only
         if self.unlearning is not None and self.unlearning.retain_weight == 1.0:

@@ -43,10 +43,16 @@ def edit_folder(edit: str, target: str) -> tuple[str, ...]:
     return ("edits", f"{edit}-{target}")
 
 
-def finetune_key(options: EvaluationOptions, store: ScoreStore) -> dict:
-    """What a fine-tuned edit depends on; written last into its folder, so a half-written or stale edit is
-    made again."""
-    return {"finetune": options.finetune.key(), "selection": options.finetune.selection or options.selection,
+def finetune_options(options: EvaluationOptions, target: str):
+    """`evaluation.finetune` as it applies to `target` (its kind's entry of `finetune.kinds` in)."""
+    return options.finetune.for_kind(concept_kind(target))
+
+
+def finetune_key(options: EvaluationOptions, store: ScoreStore, target: str) -> dict:
+    """What a fine-tuned edit of `target` depends on; written last into its folder, so a half-written or stale
+    edit is made again."""
+    ft = finetune_options(options, target)
+    return {"finetune": ft.key(), "selection": ft.selection or options.selection,
             "recovery": RECOVERY in options.edits, "fingerprint": store.fingerprint,
             "config_hash": store.manifest["config_hash"]}
 
@@ -79,13 +85,13 @@ class EditWorker:
         start = time.time()
         spec = next(c for c in self.config.concepts if c.name == target)
         concept = self.build_concept(spec, self.model)
-        ft = self.options.finetune
+        ft = finetune_options(self.options, target)
         masks = None
         if EDITS[edit].settings == "finetune":  # it moves the components a selection takes
             masks = self.store.masks(target, ft.selection or self.options.selection, ft.ratio,
                                      protected=never_selected(self.model))
         if masks is not None and ft.unlearning is not None:
-            weights = self._unlearned(concept, masks)
+            weights = self._unlearned(concept, masks, ft.unlearning)
         else:
             objective = objective_for(self.config, "erase")
             weights = finetune(self.model, concept, objective, self.config.scope, list(range(ft.samples)),
@@ -98,13 +104,13 @@ class EditWorker:
         seconds = time.time() - start
         self.run.write_manifest({"seconds": round(seconds, 1), "threads": torch.get_num_threads(),
                                  "device": str(self.model.device)}, *edit_folder(edit, target), EDIT_COST)
-        self.run.write_manifest(finetune_key(self.options, self.store), *edit_folder(edit, target), EDIT_MARKER)
+        self.run.write_manifest(finetune_key(self.options, self.store, target), *edit_folder(edit, target),
+                                EDIT_MARKER)
         return {"edit": edit, "target": target, "seconds": seconds}
 
-    def _unlearned(self, concept, masks) -> dict:
-        """Adversarial unlearning of `concept` on the masked components; the other concepts of its kind kept
-        (every other concept where it has no kind)."""
-        u = self.options.finetune.unlearning
+    def _unlearned(self, concept, masks, u) -> dict:
+        """Adversarial unlearning of `concept` on the masked components with the settings `u`; the other
+        concepts of its kind kept (every other concept where it has no kind)."""
         names = [c.name for c in self.config.concepts]
         kept = contrast_concepts(concept.name, names, "kind", concept_kind) or [n for n in names if n != concept.name]
         others = {n: list(self.build_concept(next(c for c in self.config.concepts if c.name == n), self.model).prompts)

@@ -39,7 +39,7 @@ from cad_ray.store import PART_FILE, RunRoot, ScoreStore
 # the parts, re-exported under their old paths
 from cad_ray.digits.prompts import SELECTION_SEED_OFFSET, digits_prompt_set  # noqa: F401
 from cad_ray.stages.edit_workers import (EDIT_COST, EDIT_MARKER, EditWorker, ImageJudge, brightness, edit_folder,  # noqa: F401
-                                         finetune_key, load_scored_model)
+                                         finetune_key, finetune_options, load_scored_model)
 from cad_ray.stages.panels import (LABEL_COLUMNS, check_prompt_labels, edit_rows, label_key, names_label,  # noqa: F401
                                    own_wording, prompt_panels, read_prompt_set, target_kind, target_rows)
 from cad_ray.stages.search import checked_index, choose_settings, is_clean, search_rounds  # noqa: F401
@@ -47,13 +47,15 @@ from cad_ray.stages.summary import (BRIGHTNESS_MIN, accuracies, brightness_kept,
                                     retained, summarize_evaluation)
 
 
-def edit_settings(edit: str, options: EvaluationOptions) -> list[tuple[str, float]]:
-    """The (selection, ratio) settings an edit's rows are made at without a search pick (`Edit.settings`)."""
+def edit_settings(edit: str, options: EvaluationOptions, target: str) -> list[tuple[str, float]]:
+    """The (selection, ratio) settings an edit's rows of `target` are made at without a search pick
+    (`Edit.settings`)."""
     record = EDITS[edit]
     if record.settings == "single":
         return [(record.selection, 1.0)]
     if record.settings == "finetune":
-        return [(options.finetune.selection or options.selection, options.finetune.ratio)]
+        ft = finetune_options(options, target)
+        return [(ft.selection or options.selection, ft.ratio)]
     if record.settings == "recovery":
         return [(options.selection, r) for r in options.recovery_ratios]
     return [(record.selection or options.selection, r) for r in options.ratios]
@@ -72,7 +74,8 @@ def plan_test_rows(options: EvaluationOptions, prompts: pd.DataFrame, picks: dic
             record = EDITS[edit]
             guidance = getattr(options, record.guidance)
             source = picked_by(edit)
-            settings = [picks[(source, target)][:2]] if (source, target) in picks else edit_settings(edit, options)
+            picked = (source, target) in picks
+            settings = [picks[(source, target)][:2]] if picked else edit_settings(edit, options, target)
             for selection, ratio in settings:
                 frames.append(edit_rows(edit, target, selection, ratio, guidance, test))
                 if record.draws:  # the further draws ask only whether the target survives them
@@ -121,7 +124,17 @@ def check_targets(options: EvaluationOptions, store: ScoreStore, root: str) -> N
                 raise CadRayError(f"edit {edit} of {target!r} needs {objective} scores for it in {root}{hint}; "
                                   f"the run has {', '.join(sorted(f'{c}/{o}' for c, o in known))}")
             store.check_whole("scores", target, objective)
+    check_finetune_kinds(options)
     check_contrasts(options, store)
+
+
+def check_finetune_kinds(options: EvaluationOptions) -> None:
+    """A kind in `finetune.kinds` that no target has is a typo or a stale entry: its settings would never apply."""
+    kinds = {concept_kind(t) for t in options.targets}
+    unused = sorted(set(options.finetune.kinds) - kinds)
+    if unused:
+        raise CadRayError(f"evaluation.finetune.kinds names {', '.join(unused)}, a kind no target has (the targets' "
+                          f"kinds: {', '.join(sorted(str(k) for k in kinds))}): its settings would never apply")
 
 
 def check_contrasts(options: EvaluationOptions, store: ScoreStore) -> None:
@@ -173,17 +186,18 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
                               "or evaluate into a copy of the root")
     if overwrite:
         run_root.remove("_evaluation")
-    edit_key = finetune_key(options, store)
     made_after = {EDITS[e].after for e in options.edits}  # fine-tuned models other edits are applied on
     todo = [(e, t) for t in options.targets for e, record in EDITS.items() if record.applied_by == "fine-tuning"
             and (e in options.edits or e in made_after)
-            and run_root.read_manifest(*edit_folder(e, t), EDIT_MARKER) != edit_key]
+            and run_root.read_manifest(*edit_folder(e, t), EDIT_MARKER) != finetune_key(options, store, t)]
     for _ in executor.map(EditWorker, "make_edit", todo, "fine-tuned edits"):
         pass
     executor.close_pool(EditWorker)
     # what every image depends on besides its row; in each block's name
     meta = {"fingerprint": store.fingerprint, "config_hash": store.manifest["config_hash"],
-            "images": {k: v for k, v in options.model_dump(mode="json").items()
+            # finetune.kinds only where set: images made before it keep their blocks
+            "images": {k: v for k, v in options.model_dump(
+                mode="json", exclude={"finetune": {"kinds"}} if not options.finetune.kinds else None).items()
                        if k in ("seed", "steps", "judge", "finetune", "selection")
                        or (k == "uce" and "uce" in options.edits)}}
     counts = {"computed": 0, "skipped": 0, "actors": 0}

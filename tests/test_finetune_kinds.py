@@ -1,0 +1,60 @@
+"""`evaluation.finetune.kinds`: one fine-tuning setting per kind of target (issue 25: the colours need another
+ratio and image match than the digits), without changing the edits already made for the other kinds."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from cad_ray.config import parse_config
+from cad_ray.errors import CadRayError
+from cad_ray.stages.evaluation import check_finetune_kinds, edit_settings, finetune_key
+
+FINETUNE = {"ratio": 0.05, "selection": "ff+attn2/global/kind-max",
+            "unlearning": {"rounds": 2, "steps": 7, "target": "images", "images_from": 0.1}}
+COLOUR = {"ratio": 0.1, "unlearning": {"match": "shape"}}
+
+
+def options(finetune, targets=("three", "blue")):
+    concepts = [{"name": t} for t in targets]
+    return parse_config({"concepts": concepts, "evaluation": {"targets": list(targets), "edits": ["cad-finetune"],
+                                                              "finetune": finetune}}).evaluation
+
+
+STORE = SimpleNamespace(fingerprint="f", manifest={"config_hash": "h"})
+
+
+def test_a_kind_replaces_only_the_fields_it_names():
+    blue = options({**FINETUNE, "kinds": {"colour": COLOUR}}).finetune.for_kind("colour")
+    assert (blue.ratio, blue.unlearning.match) == (0.1, "shape")
+    # the fields the entry does not name are the section's own, unlearning's field by field
+    assert (blue.unlearning.rounds, blue.unlearning.steps, blue.selection) == (2, 7, "ff+attn2/global/kind-max")
+    three = options({**FINETUNE, "kinds": {"colour": COLOUR}}).finetune.for_kind("digit")
+    assert (three.ratio, three.unlearning.match) == (0.05, "pixels")
+
+
+def test_the_rows_and_the_edit_key_of_each_target_follow_its_kind():
+    with_kinds = options({**FINETUNE, "kinds": {"colour": COLOUR}})
+    without = options(FINETUNE)
+    assert edit_settings("cad-finetune", with_kinds, "blue") == [("ff+attn2/global/kind-max", 0.1)]
+    assert edit_settings("cad-finetune", with_kinds, "three") == [("ff+attn2/global/kind-max", 0.05)]
+    # a digit's edit made before the colours had their own setting is not made again; the colour's is
+    assert finetune_key(with_kinds, STORE, "three") == finetune_key(without, STORE, "three")
+    assert finetune_key(with_kinds, STORE, "blue") != finetune_key(without, STORE, "blue")
+    # and the evaluation's images, which depend on every edit, are made anew
+    assert with_kinds.options_hash() != without.options_hash()
+
+
+@pytest.mark.parametrize("kinds, message", [
+    ({"colour": {"ratioo": 0.1}}, "kinds.colour.ratioo"),
+    ({"colour": {"unlearning": {"match": "colour"}}}, "kinds.colour.unlearning.match"),
+    ({"colour": {"ratio": 2}}, "kinds.colour.ratio"),
+])
+def test_a_kind_with_a_field_the_section_does_not_take_is_refused_at_load(kinds, message):
+    with pytest.raises(CadRayError, match=message):
+        options({**FINETUNE, "kinds": kinds})
+
+
+def test_a_kind_no_target_has_is_refused():
+    check_finetune_kinds(options({**FINETUNE, "kinds": {"colour": COLOUR}}))
+    with pytest.raises(CadRayError, match="colour, a kind no target has"):
+        check_finetune_kinds(options({**FINETUNE, "kinds": {"colour": COLOUR}}, targets=("three", "seven")))
