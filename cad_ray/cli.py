@@ -148,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
                 ("--overwrite", {"action": "store_true", "help": "replace a run made with another config in --root "
                                                                  "(its tables and every later stage's are removed)"}),
                 ("--show", {"type": int, "default": 3, "help": "concepts whose top components are printed "
-                                                               "(default: 3)"})])
+                                                               "(default: 3)"}),
+                ("--ray", {"action": "store_true", "help": "start Ray even for a config of one concept (without "
+                                                          "--address or --workers above 1, one concept is computed "
+                                                          "in this process: Ray's start costs more than its work)"})])
     command("validate", cmd_validate, "check the scores against random ablations (Ray job)",
             "Draw M random subsets of the scope's components at each ablation fraction, measure the actual change "
             "of J with them zeroed on a fixed batch of held-out points, and compare it with three estimators: cad "

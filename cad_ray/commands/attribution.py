@@ -34,6 +34,12 @@ def print_layers(store, concept: str, objective: str) -> None:
         print(layers.to_string(index=False))
 
 
+def in_process(args: argparse.Namespace, concepts: int) -> bool:
+    """One concept on this machine and Ray not asked for (no --ray, no --address, no --workers above 1): Ray's
+    start costs more than the work it would spread (docs/benchmarks.md, "One concept without Ray")."""
+    return concepts == 1 and not getattr(args, "ray", False) and args.address is None and (args.workers or 1) == 1
+
+
 def cmd_attribute(args: argparse.Namespace) -> None:
     from cad_ray.config import load_config
     from cad_ray.distributed import run_attribution
@@ -41,7 +47,10 @@ def cmd_attribute(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, {"workers": args.workers, "device": args.device})
     root = args.root or str(Path("runs") / Path(args.config).stem)
-    manifest = run_attribution(config, root, address=args.address, overwrite=args.overwrite, local=args.local,
+    local = args.local or in_process(args, len(config.concepts))
+    if local and not args.local and not args.quiet:
+        print("one concept: computed in this process (--ray starts Ray for it)", flush=True)
+    manifest = run_attribution(config, root, address=args.address, overwrite=args.overwrite, local=local,
                                progress=not args.quiet)
     print(f"attribution complete in {root}: {len(config.pairs())} concept/objective pairs, "
           f"{manifest['shards_computed']} shards computed, {manifest['shards_skipped']} already done, "
