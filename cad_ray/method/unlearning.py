@@ -64,7 +64,8 @@ def adversarial_finetune(model, concept, word: str, others: dict[str, list[str]]
                          seed: int = 0, progress=None) -> dict[str, torch.Tensor]:
     """New values of the scoped tensors (only `masks`' components move; all of them without masks) that make
     the model unable to draw `concept`, whatever the words, while it keeps drawing `others` (name -> prompts).
-    The model itself is left as it was."""
+    The prompts are encoded once, without gradients, so the erasure lives in the denoiser: a selected component
+    of the text encoder keeps its value (moving words is what the probes undo). The model is left as it was."""
     if settings.target not in TARGETS:
         raise CadRayError(f"unknown unlearning target {settings.target!r}; choose one of {', '.join(TARGETS)}")
     if settings.match not in MATCHES:
@@ -134,7 +135,8 @@ def adversarial_finetune(model, concept, word: str, others: dict[str, list[str]]
                 optimizer.zero_grad()
                 loss.backward()
                 for n, p in moving.items():
-                    p.grad *= grad_masks[n]
+                    if p.grad is not None:  # None: the loss does not reach it (the text encoder's: see above)
+                        p.grad *= grad_masks[n]
                 optimizer.step()
                 if progress is not None:
                     progress()
