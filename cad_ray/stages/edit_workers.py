@@ -277,6 +277,9 @@ class ImageJudge(Editor):
         super().__init__(config, RunRoot(root), model, store)
         self.judges = load_judge(self.options.judge, self.model.kind)
 
+    def default_guidance(self) -> float:
+        return self.model.default_guidance
+
     def fingerprint(self) -> str:  # a Ray pool's first call: it loads the model
         return self.model.fingerprint()
 

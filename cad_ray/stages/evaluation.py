@@ -175,8 +175,12 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
     prompts = prompt_panels(options)
     check_prompt_labels(prompts, options, store)
     started = time.time()
-    guidance = executor.first(EditWorker, "default_guidance")
-    if options.guidance is None:
+    made_after = {EDITS[e].after for e in options.edits}  # fine-tuned models other edits are applied on
+    todo = [(e, t) for t in options.targets for e, record in EDITS.items() if record.applied_by == "fine-tuning"
+            and (e in options.edits or e in made_after)
+            and run_root.read_manifest(*edit_folder(e, t), EDIT_MARKER) != finetune_key(options, store, t)]
+    if options.guidance is None:  # the model's own, read on a pool the stage opens anyway (each loads the model)
+        guidance = executor.first(EditWorker if todo else ImageJudge, "default_guidance")
         config = config.model_copy(update={"evaluation": options.model_copy(update={"guidance": guidance})})
         options = config.evaluation
     if not overwrite and run_root.exists("evaluation", PART_FILE):
@@ -186,10 +190,6 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
                               "or evaluate into a copy of the root")
     if overwrite:
         run_root.remove("_evaluation")
-    made_after = {EDITS[e].after for e in options.edits}  # fine-tuned models other edits are applied on
-    todo = [(e, t) for t in options.targets for e, record in EDITS.items() if record.applied_by == "fine-tuning"
-            and (e in options.edits or e in made_after)
-            and run_root.read_manifest(*edit_folder(e, t), EDIT_MARKER) != finetune_key(options, store, t)]
     for _ in executor.map(EditWorker, "make_edit", todo, "fine-tuned edits"):
         pass
     executor.close_pool(EditWorker)
