@@ -40,6 +40,25 @@ def test_planted_linear_relation_has_correlation_one():
     assert high2 < low and high2 - low2 > high - low
 
 
+def test_bootstrap_interval_equals_scipy_resample_by_resample_with_ties_and_constant_resamples():
+    from scipy import stats
+
+    # ties on both sides (Spearman's average ranks), and x mostly one value, so that some resamples are
+    # constant in x and must be left out
+    x = np.array([0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 2.0, 3.0, 3.0, 7.0])
+    y = np.array([1.0, 0.0, 1.0, 2.0, 2.0, 5.0, 4.0, 4.0, 6.0, 3.5])
+    rng = np.random.default_rng(4)
+    resamples = [rng.integers(0, len(x), len(x)) for _ in range(1000)]  # one draw per resample
+    defined = [i for i in resamples if np.ptp(x[i]) > 0 and np.ptp(y[i]) > 0]
+    assert 0 < len(resamples) - len(defined) < 50
+    for statistic, reference in ((pearson, stats.pearsonr), (spearman, stats.spearmanr)):
+        values = [reference(x[i], y[i]).statistic for i in defined]
+        expected = np.quantile(values, 0.025), np.quantile(values, 0.975)
+        assert bootstrap_interval(x, y, statistic, seed=4) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+        # a resample where one side is constant is undefined, and with nothing else there is no interval
+        assert np.isnan(bootstrap_interval(x[:4], y[:4], statistic)).all()
+
+
 @pytest.fixture(scope="module")
 def float64_model():
     return untrained_float64_model(seed=7)

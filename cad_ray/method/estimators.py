@@ -350,18 +350,44 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return float(stats.spearmanr(x, y).statistic)
 
 
+def _row_correlations(xs: np.ndarray, ys: np.ndarray, ranked: bool) -> np.ndarray:
+    """`pearson` (ranked: `spearman`) of each row pair of two (B, n) arrays, all rows at once: NaN where those
+    give NaN."""
+    from scipy import stats
+
+    xs, ys = np.array(xs, dtype=np.float64), np.array(ys, dtype=np.float64)  # copies: undefined rows are overwritten
+    if xs.shape[1] < 2:
+        return np.full(len(xs), np.nan)
+    # `pearson`'s own test (std exactly 0), and scipy's (all values equal: the std of [0.1] * 3 is not 0)
+    undefined = ((xs.std(axis=1) == 0) | (ys.std(axis=1) == 0)
+                 | (xs == xs[:, :1]).all(axis=1) | (ys == ys[:, :1]).all(axis=1))
+    # given a defined stand-in, so that scipy does not warn of constant input for rows whose value is dropped
+    xs[undefined] = ys[undefined] = np.arange(xs.shape[1])
+    if ranked:  # Spearman's rho is Pearson's r of the ranks, ties at their average rank as in spearmanr
+        xs, ys = stats.rankdata(xs, axis=1), stats.rankdata(ys, axis=1)
+    r = stats.pearsonr(xs, ys, axis=1).statistic
+    r[undefined] = np.nan
+    return r
+
+
 def bootstrap_interval(x, y, statistic, resamples: int = 1000, level: float = 0.95,
                        seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of statistic(x, y) over resampled pairs. Not scipy.stats.bootstrap: on a
     small test split some resamples are constant (r undefined), and scipy then returns NaN for the whole
-    interval; here those resamples are left out."""
+    interval; here those resamples are left out. `pearson` and `spearman` are computed for all resamples at
+    once; any other statistic is called once per resample."""
     x, y = np.asarray(x), np.asarray(y)
-    rng = np.random.default_rng(seed)
-    values = [statistic(x[i], y[i]) for i in (rng.integers(0, len(x), len(x)) for _ in range(resamples))]
-    values = np.asarray([v for v in values if np.isfinite(v)])
+    # row k is the k-th resample that one draw of len(x) indices per resample gave, so the intervals are those
+    # of before: the bit generator, not the call, keeps the unused half of a 64-bit word, so one (resamples, n)
+    # draw reads the same stream (a test compares the two)
+    indices = np.random.default_rng(seed).integers(0, len(x), (resamples, len(x)))
+    ranked = {pearson: False, spearman: True}.get(statistic)
+    if ranked is None:
+        values = np.asarray([statistic(x[i], y[i]) for i in indices], dtype=np.float64)
+    else:
+        values = _row_correlations(x[indices], y[indices], ranked)
+    values = values[np.isfinite(values)]
     if values.size == 0:
         return float("nan"), float("nan")
     tail = (1 - level) / 2
     return float(np.quantile(values, tail)), float(np.quantile(values, 1 - tail))
-
-
