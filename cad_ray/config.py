@@ -16,7 +16,7 @@ from cad_ray.errors import CadRayError
 from cad_ray.options.attribution import (AmplifyOptions, ConceptPruneOptions, ConceptSpec, EraseOptions,
                                          ResidualOptions)
 from cad_ray.options.base import (ObjectiveName, ScoredName, Strict, check_device, check_selection,
-                                  check_selection_prefixes)
+                                  check_selection_prefixes, one_line)
 from cad_ray.options.evaluation import (DEFAULT_SEARCH_RATIOS, EvaluationOptions, FinetuneOptions, ProbeOptions,
                                         SearchOptions, UceOptions, UnlearningOptions)
 from cad_ray.options.validation import ValidationOptions
@@ -120,21 +120,13 @@ class AttributionConfig(Strict):
         return [(c, o) for c in self.concepts for o in c.objectives]
 
 
-def _one_line(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        where = ".".join(str(x) for x in err["loc"]) or "config"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)
-
-
 def parse_config(data, source: str = "config") -> AttributionConfig:
     if not isinstance(data, dict):
         raise CadRayError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
     try:
         return AttributionConfig.model_validate(data)
     except ValidationError as e:
-        raise CadRayError(f"invalid {source}: {_one_line(e)}") from None
+        raise CadRayError(f"invalid {source}: {one_line(e)}") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

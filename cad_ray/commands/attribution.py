@@ -37,7 +37,7 @@ def print_layers(store, concept: str, objective: str) -> None:
 def in_process(args: argparse.Namespace, concepts: int) -> bool:
     """One concept on this machine and Ray not asked for (no --ray, no --address, no --workers above 1): Ray's
     start costs more than the work it would spread (docs/benchmarks.md, "One concept without Ray")."""
-    return concepts == 1 and not getattr(args, "ray", False) and args.address is None and (args.workers or 1) == 1
+    return concepts == 1 and not args.ray and args.address is None and (args.workers or 1) == 1
 
 
 def cmd_attribute(args: argparse.Namespace) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cad_ray.errors import CadRayError
 
@@ -22,6 +22,12 @@ def check_device(value: str | None) -> str | None:
     if value is not None and not DEVICE.fullmatch(str(value)):
         raise ValueError(f"unknown device {value!r}; use cpu, cuda, cuda:<n>, mps or xpu")
     return value
+
+
+def one_line(e: ValidationError, where: str = "") -> str:
+    """A validation error's messages on one line, each at its place in the config (under `where`)."""
+    return "; ".join(f"{'.'.join([where, *map(str, err['loc'])]).strip('.') or 'config'}: {err['msg']}"
+                     for err in e.errors())
 
 
 class Strict(BaseModel):

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from cad_ray.method.edits import EDITS
-from cad_ray.options.base import Strict, check_selection, no_duplicates
+from cad_ray.options.base import Strict, check_selection, no_duplicates, one_line
 
 
 class UnlearningOptions(Strict):
@@ -66,8 +66,7 @@ class FinetuneOptions(Strict):
             try:
                 self.for_kind(kind)
             except ValidationError as e:
-                raise ValueError("; ".join(f"kinds.{kind}.{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
-                                           for err in e.errors())) from None
+                raise ValueError(one_line(e, f"kinds.{kind}")) from None
         return self
 
     def for_kind(self, kind: str | None) -> "FinetuneOptions":
