@@ -58,3 +58,33 @@ def test_a_kind_no_target_has_is_refused():
     check_finetune_kinds(options({**FINETUNE, "kinds": {"colour": COLOUR}}))
     with pytest.raises(CadRayError, match="colour, a kind no target has"):
         check_finetune_kinds(options({**FINETUNE, "kinds": {"colour": COLOUR}}, targets=("three", "seven")))
+
+
+@pytest.mark.parametrize("scope, moved", [(None, "ff"), ("attn2", "attn2")])
+def test_the_esd_baseline_moves_the_weights_of_its_own_scope(small_run, tmp_path, scope, moved):
+    """A run that attributes a wide scope for cad-finetune's selections (`all`) keeps the ESD-style baseline on
+    the weights it was measured on (finetune.scope); without it, the run's scope."""
+    import shutil
+
+    import torch
+    from conftest import small_config
+
+    from cad_ray.method.scopes import select_parameters
+    from cad_ray.models import load_model
+    from cad_ray.stages.edit_workers import EditWorker
+
+    root = tmp_path / "run"
+    shutil.copytree(small_run, root)
+    finetune = {"steps": 2, "samples": 1, "lr": 0.01, **({"scope": scope} if scope else {})}
+    config = small_config(evaluation={"targets": ["seven"], "edits": ["finetune"], "finetune": finetune})
+    worker = EditWorker(config, str(root))
+    worker.make("finetune", "seven")
+    before = dict(worker.model.named_parameters())
+    after = dict(load_model(str(root / "edits" / "finetune-seven" / "model")).named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and changed <= {n for n, _ in select_parameters(before.items(), moved)}
+
+
+def test_the_baseline_scope_is_in_the_edit_key_only_where_set():
+    assert "scope" not in options(FINETUNE).finetune.key()
+    assert options({**FINETUNE, "scope": "ff+attn2+tokens"}).finetune.key()["scope"] == "ff+attn2+tokens"

@@ -46,6 +46,9 @@ class FinetuneOptions(Strict):
     negative_guidance: float = Field(1.0, ge=0, description="ESD's eta: the target is base - eta*(concept - base)")
     selection: str | None = Field(None, description="the components cad-finetune moves (default: evaluation."
                                                     "selection)")
+    scope: str | None = Field(None, description="the weights the ESD-style finetune baseline moves, all of them "
+                              "(default: the run's scope), e.g. ff+attn2+tokens where the run attributes `all` "
+                              "for cad-finetune's selections")
     unlearning: UnlearningOptions | None = Field(None, description="cad-finetune as adversarial unlearning "
                                                  "(null: ESD's steps on the selected components)")
     kinds: dict[str, dict] = Field(default_factory=dict, description="per kind of target (digits world: digit, "
@@ -87,7 +90,8 @@ class FinetuneOptions(Strict):
 
     def key(self) -> dict:
         """The fields an edit depends on; the new ones only where set, so that edits made before keep theirs."""
-        key = self.model_dump(mode="json", exclude={k for k in ("selection", "unlearning") if getattr(self, k) is None}
+        key = self.model_dump(mode="json", exclude={k for k in ("selection", "unlearning", "scope")
+                                                    if getattr(self, k) is None}
                               | ({"kinds"} if not self.kinds else set()))
         if self.unlearning is not None and self.unlearning.target != "images":
             del key["unlearning"]["images_from"]  # read by the images target only

@@ -94,7 +94,8 @@ class EditWorker:
             weights = self._unlearned(concept, masks, ft.unlearning)
         else:
             objective = objective_for(self.config, "erase")
-            weights = finetune(self.model, concept, objective, self.config.scope, list(range(ft.samples)),
+            scope = self.config.scope if masks is not None or ft.scope is None else ft.scope
+            weights = finetune(self.model, concept, objective, scope, list(range(ft.samples)),
                                self.config.seed, ft.steps, ft.lr, masks, self.config.chunk_size, ft.negative_guidance)
         self.run.remove(*edit_folder(edit, target))  # a half-written or stale edit is made anew
         with weights_replaced(self.model, weights):
