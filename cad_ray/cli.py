@@ -15,7 +15,7 @@ from cad_ray import __version__
 from cad_ray.commands.attribution import cmd_attribute, cmd_layers, cmd_overlap, cmd_top, print_layers, print_top
 from cad_ray.commands.inspection import LISTING_WIDTH, cmd_judges, cmd_report, cmd_status, judge_lines
 from cad_ray.commands.sampling import SHOWN_ONE_BY_ONE, cmd_quality, cmd_sample, judged_line, write_atomically
-from cad_ray.commands.stages import cmd_edit, cmd_evaluate, cmd_validate, stage_config
+from cad_ray.commands.stages import cmd_edit, cmd_evaluate, cmd_stop_workers, cmd_validate, stage_config
 from cad_ray.errors import CadRayError, described
 from cad_ray.method.edits import edit_help
 
@@ -92,6 +92,10 @@ RAY = [("--address", {"default": None, "help": "Ray cluster address (e.g. auto);
        ("--device", {"type": _device, "default": None,
                      "help": "torch device for the workers (default: cuda if present)"}),
        ("--local", {"action": "store_true", "help": "run in this process without Ray (debugging)"}),
+       ("--keep-workers", {"action": "store_true",
+                           "help": "leave the Ray workers, with the model loaded, on the cluster at --address for the "
+                                   "next command (another concept or stage starts at once); they hold their CPUs or "
+                                   "GPUs until 'cad-ray stop-workers'"}),
        ("--quiet", {"action": "store_true", "help": "no progress bars, no tables printed"})]
 GENERATION = [("--model", {"default": None, "help": MODEL_HELP}),
               ("--seed", {"type": int, "default": 0, "help": "seed of the starting noise (default: 0)"}),
@@ -212,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
                 ("--root", {"default": None, "help": "run root (default: runs/<config name>)"}),
                 ("--address", {"default": None}), ("--workers", {"type": _positive_int, "default": None}),
                 ("--quiet", {"action": "store_true"})])
+    command("stop-workers", cmd_stop_workers, "stop the workers --keep-workers left on a Ray cluster",
+            "Stop every worker that a command with --keep-workers left running on the Ray cluster at --address "
+            "(they hold their CPUs or GPUs until then).", [], [
+                ("--address", {"required": True, "help": "Ray cluster address, e.g. auto"})])
     command("status", cmd_status, "what a run root holds, stage by stage",
             "Show each stage of a run root (attribution, validation, evaluation, report): complete or not, and "
             "how many of its shard or block files are written. A re-run of the same command keeps those and "

@@ -44,6 +44,58 @@ class WorkerHost:
             torch.set_num_threads(previous)
 
 
+KEPT_NAMESPACE = "cad-ray"  # the Ray namespace of the workers kept across commands
+
+
+class KeptHost:
+    """A worker kept across commands (`--keep-workers` on a running cluster): a detached Ray actor that runs any
+    stage's calls, holding the latest worker of each worker class and the run's model loaded once per model for
+    all of them (`cad_ray.stages.attribution.keep_models`). The next command on the cluster, another concept or
+    another stage, finds the process started, the libraries imported and the model loaded."""
+
+    def __init__(self, threads: int | None):
+        # the stages import torch: imported here, on the worker, so that the driver's start stays light
+        from cad_ray.stages.attribution import keep_models
+
+        self.threads, self.hosts, self.models = threads, {}, keep_models()
+
+    def call(self, worker_class, config: AttributionConfig, root: str, method: str, *args):
+        key = (config.model_dump_json(), root)
+        held = self.hosts.get(worker_class)
+        if held is None or held[0] != key:  # another run: its worker, on the same loaded model
+            held = self.hosts[worker_class] = (key, WorkerHost(worker_class, config, root, self.threads))
+        return held[1].call(method, *args)
+
+    def models_loaded(self) -> int:
+        return len(self.models)
+
+
+def kept_tag(request: dict, threads: int | None) -> str:
+    """The kept workers' name prefix: a kept worker runs the code it started with, so the name holds a digest of
+    this installation's cad_ray sources (an edited or upgraded cad_ray starts workers of its own) and of the
+    resources each asks for."""
+    import hashlib
+    from pathlib import Path
+
+    digest = hashlib.sha256(repr((sorted(request.items()), threads)).encode())
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return f"cad-ray-worker-{digest.hexdigest()[:12]}"
+
+
+def stop_kept_workers(address: str) -> int:
+    """Kill every kept worker on the cluster at `address`; returns how many."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == KEPT_NAMESPACE]
+    for name in names:
+        ray.kill(ray.get_actor(name, namespace=KEPT_NAMESPACE))
+    return len(names)
+
+
 def _unwrap(error: Exception) -> Exception:
     """The user-facing error inside a Ray task error (a wrapper's cause, a few levels down), if there is one."""
     seen = error
@@ -85,7 +137,7 @@ class _RayPool:
     READY = "fingerprint"  # the call that loads the model; its answer is kept, as it is also the first question
     WAIT_NOTICE_SECONDS = 60
 
-    def __init__(self, worker_class, config: AttributionConfig, root: str, address: str | None):
+    def __init__(self, worker_class, config: AttributionConfig, root: str, address: str | None, keep: bool = False):
         import ray
 
         if not ray.is_initialized():
@@ -99,8 +151,15 @@ class _RayPool:
         self.size = max(1, config.workers or (gpus if gpus else cpus))
         # one GPU per actor; on CPUs a share of the CPUs so that every requested actor can start
         self.request = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": min(1.0, cpus / self.size)}
-        self.remote = ray.remote(max_restarts=0, **self.request)(WorkerHost)
-        self.args = (worker_class, config, root, None if gpus else CPU_WORKER_THREADS)
+        threads = None if gpus else CPU_WORKER_THREADS
+        self.keep, self.worker_class, self.config, self.root = keep, worker_class, config, root
+        if keep:  # named, detached: the same actors serve the next command, which finds them by name
+            self.remote, self.args = ray.remote(KeptHost), (threads,)
+            self.tag = kept_tag(self.request, threads)
+        else:
+            self.remote = ray.remote(max_restarts=0, **self.request)(WorkerHost)
+            self.args = (worker_class, config, root, threads)
+        self.started = 0
         self.actors = []  # placed and holding the model: the only ones that get work
         self.starting = {}  # readiness ref -> actor, until it has loaded the model
         self.ready_answer = None
@@ -109,8 +168,19 @@ class _RayPool:
             self._start_actor()
 
     def _start_actor(self):
-        actor = self.remote.remote(*self.args)
-        self.starting[actor.call.remote(self.READY)] = actor
+        if self.keep:
+            actor = self.remote.options(name=f"{self.tag}-{self.started}", namespace=KEPT_NAMESPACE,
+                                        lifetime="detached", get_if_exists=True, max_restarts=0,
+                                        **self.request).remote(*self.args)
+        else:
+            actor = self.remote.remote(*self.args)
+        self.started += 1
+        self.starting[self._call(actor, self.READY)] = actor
+
+    def _call(self, actor, method: str, *args):
+        if self.keep:  # a kept actor runs any stage's worker: it is told which, for which run
+            return actor.call.remote(self.worker_class, self.config, self.root, method, *args)
+        return actor.call.remote(method, *args)
 
     def _replace(self) -> None:
         """A replacement for an actor that died, while the budget lasts (a worker that dies for a reason of its
@@ -144,8 +214,9 @@ class _RayPool:
                       f"{self.request}; see `ray status`", file=sys.stderr, flush=True)
 
     def close(self):
-        """Stop the actors, so that their CPUs or GPUs are free for the next stage."""
-        for actor in self.actors + list(self.starting.values()):
+        """Stop the actors, so that their CPUs or GPUs are free for the next stage; kept actors stay for the next
+        command (only those still waiting for resources are stopped)."""
+        for actor in (list(self.starting.values()) if self.keep else self.actors + list(self.starting.values())):
             self.ray.kill(actor)  # actors still waiting for resources too: they would take them later
         self.actors, self.starting = [], {}
 
@@ -161,7 +232,7 @@ class _RayPool:
                 return self.ready_answer
             actor = self.actors[0]
             try:
-                return self.ray.get(actor.call.remote(method, *args))
+                return self.ray.get(self._call(actor, method, *args))
             except self.ray.exceptions.RayActorError:
                 self.actors.remove(actor)
                 self._replace()
@@ -178,7 +249,7 @@ class _RayPool:
             while queue and self.actors and len(running) < IN_FLIGHT_PER_WORKER * len(self.actors):
                 actor = min(self.actors, key=lambda a: load[a])
                 call = queue.popleft()
-                running[actor.call.remote(call[1], *call[2])] = (call, actor)
+                running[self._call(actor, call[1], *call[2])] = (call, actor)
                 load[actor] += 1
             if not running and not self.starting:
                 raise CadRayError("every Ray worker died and no replacement could be started; see the Ray logs")
@@ -201,8 +272,9 @@ class _RayPool:
             yield call[0], result
 
 
-def worker_pool(worker_class, config: AttributionConfig, root: str, address: str | None, local: bool):
-    return _LocalPool(worker_class, config, root) if local else _RayPool(worker_class, config, root, address)
+def worker_pool(worker_class, config: AttributionConfig, root: str, address: str | None, local: bool,
+                keep: bool = False):
+    return _LocalPool(worker_class, config, root) if local else _RayPool(worker_class, config, root, address, keep)
 
 
 class Executor:
@@ -211,8 +283,9 @@ class Executor:
     a progress bar) and `judge_frames` (image rows), then the driver closes the pools."""
 
     def __init__(self, config: AttributionConfig, root: str, address: str | None = None, local: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, keep_workers: bool = False):
         self.config, self.root, self.address, self.local, self.progress = config, root, address, local, progress
+        self.keep_workers = keep_workers
         self.pools = {}
         if not progress:  # --quiet: Ray's own notices too (start-up, token mode), errors still show
             import logging
@@ -222,7 +295,8 @@ class Executor:
 
     def pool(self, worker_class):
         if worker_class not in self.pools:
-            self.pools[worker_class] = worker_pool(worker_class, self.config, self.root, self.address, self.local)
+            self.pools[worker_class] = worker_pool(worker_class, self.config, self.root, self.address, self.local,
+                                                   self.keep_workers)
         return self.pools[worker_class]
 
     def first(self, worker_class, method: str, *args):
@@ -270,16 +344,23 @@ class Executor:
 
 
 def run_stage(stage, config: AttributionConfig, root: str, address: str | None = None, local: bool = False,
-              progress: bool = True, **options) -> dict:
-    """Run one stage (a `cad_ray.stages` module) on Ray actors, or in this process with `local`."""
+              progress: bool = True, keep_workers: bool = False, **options) -> dict:
+    """Run one stage (a `cad_ray.stages` module) on Ray actors, or in this process with `local`; with
+    `keep_workers`, on actors kept on the cluster for the next command (KeptHost)."""
     from cad_ray.store.root import run_root_above
 
+    if keep_workers and address is None and not local:
+        import ray
+
+        if not ray.is_initialized():  # a Ray started for this command ends with it, and its workers too
+            raise CadRayError("--keep-workers keeps workers on a running Ray cluster for the next command: start "
+                              "one (`ray start --head`) and name it with --address auto")
     run = RunRoot(root)
     above = None if run.is_s3 else run_root_above(os.path.dirname(run.path))
     if above is not None:  # a root inside another root's tables would break every reader of that root
         raise CadRayError(f"--root {root} lies inside the run root {above}; choose a place outside it")
     run.check_writable()
-    executor = Executor(config, root, address, local, progress)
+    executor = Executor(config, root, address, local, progress, keep_workers and not local)
     try:
         with run.locked(stage.__name__.rsplit(".", 1)[-1]):
             return stage.run(config, root, executor, **options)

@@ -12,8 +12,8 @@ from cad_ray.cli import main
 from cad_ray.commands.attribution import in_process
 
 
-def flags(ray=False, address=None, workers=None):
-    return argparse.Namespace(ray=ray, address=address, workers=workers)
+def flags(ray=False, address=None, workers=None, keep_workers=False):
+    return argparse.Namespace(ray=ray, address=address, workers=workers, keep_workers=keep_workers)
 
 
 @pytest.mark.parametrize("concepts, args, expected", [
@@ -23,6 +23,7 @@ def flags(ray=False, address=None, workers=None):
     (1, flags(ray=True), False),           # asked for
     (1, flags(address="auto"), False),     # a running cluster named
     (1, flags(workers=2), False),          # more than one worker asked for
+    (1, flags(keep_workers=True), False),  # workers kept on a cluster (without --address: refused)
 ])
 def test_ray_starts_only_where_it_is_asked_for_or_has_several_concepts(concepts, args, expected):
     assert in_process(args, concepts) is expected

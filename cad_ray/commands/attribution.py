@@ -37,7 +37,8 @@ def print_layers(store, concept: str, objective: str) -> None:
 def in_process(args: argparse.Namespace, concepts: int) -> bool:
     """One concept on this machine and Ray not asked for (no --ray, no --address, no --workers above 1): Ray's
     start costs more than the work it would spread (docs/benchmarks.md, "One concept without Ray")."""
-    return concepts == 1 and not args.ray and args.address is None and (args.workers or 1) == 1
+    return (concepts == 1 and not args.ray and args.address is None and (args.workers or 1) == 1
+            and not args.keep_workers)
 
 
 def cmd_attribute(args: argparse.Namespace) -> None:
@@ -51,7 +52,7 @@ def cmd_attribute(args: argparse.Namespace) -> None:
     if local and not args.local and not args.quiet:
         print("one concept: computed in this process (--ray starts Ray for it)", flush=True)
     manifest = run_attribution(config, root, address=args.address, overwrite=args.overwrite, local=local,
-                               progress=not args.quiet)
+                               progress=not args.quiet, keep_workers=args.keep_workers)
     print(f"attribution complete in {root}: {len(config.pairs())} concept/objective pairs, "
           f"{manifest['shards_computed']} shards computed, {manifest['shards_skipped']} already done, "
           f"{manifest['workers']} worker(s), {manifest['run_seconds']:.1f} s")

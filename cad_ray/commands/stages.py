@@ -49,7 +49,7 @@ def cmd_validate(args: argparse.Namespace) -> None:
     config = config.model_copy(update={"workers": args.workers or config.workers,
                                        "device": args.device or config.device})
     result = run_validation(config, args.root, address=args.address, overwrite=args.overwrite, local=args.local,
-                            progress=not args.quiet)
+                            progress=not args.quiet, keep_workers=args.keep_workers)
     options = config.validation
     summary = result["summary"]
     print(f"validation complete in {args.root}: {len(summary['concept'].unique())} concept(s), "
@@ -79,7 +79,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     config = config.model_copy(update={"workers": args.workers or config.workers,
                                        "device": args.device or config.device})
     result = run_evaluation(config, args.root, address=args.address, local=args.local, progress=not args.quiet,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, keep_workers=args.keep_workers)
     summary = result["summary"]
     print(f"evaluation complete in {args.root}: {result['images']} images judged by {result['actors']} actor(s), "
           f"{result['edits_made']} fine-tuned edit(s) made, {result['blocks_computed']} blocks computed, "
@@ -101,6 +101,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"\ntables: {args.root}/evaluation (one row per image), {args.root}/evaluation_summary"
           + (f", {args.root}/probes, {args.root}/probe_summary, {args.root}/probe_verdicts"
              if result.get("probes") else ""))
+
+
+def cmd_stop_workers(args: argparse.Namespace) -> None:
+    from cad_ray.distributed import stop_kept_workers
+
+    print(f"stopped {stop_kept_workers(args.address)} kept worker(s) on {args.address}")
 
 
 def cmd_edit(args: argparse.Namespace) -> None:

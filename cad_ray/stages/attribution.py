@@ -72,11 +72,31 @@ def plan_shards(config: AttributionConfig) -> list[Shard]:
     return shards
 
 
+# A kept worker's models (`keep_models`): every stage worker in that process shares the one loaded model of a
+# (model, device), so that a command run against kept workers loads nothing. None: each worker loads its own.
+_KEPT_MODELS: dict | None = None
+
+
+def keep_models() -> dict:
+    """From now on `model_for` loads each (model, device) once in this process and hands every caller the same
+    model (the stage workers leave it as they found it: edits are undone on exit). Returns the cache."""
+    global _KEPT_MODELS
+    if _KEPT_MODELS is None:
+        _KEPT_MODELS = {}
+    return _KEPT_MODELS
+
+
 def model_for(config: AttributionConfig, device: str | None = None):
     """The config's model on `device`, else on the config's device, else on a GPU where there is one."""
     import torch
 
-    return load_model(config.model, device=device or config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device or config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if _KEPT_MODELS is None:
+        return load_model(config.model, device=device)
+    key = (str(config.model), device)
+    if key not in _KEPT_MODELS:
+        _KEPT_MODELS[key] = load_model(config.model, device=device)
+    return _KEPT_MODELS[key]
 
 
 def objective_for(config: AttributionConfig, name: str, points_per_sample: int | None = None):

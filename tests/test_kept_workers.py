@@ -1,0 +1,56 @@
+"""`--keep-workers` (issue 28, start-up paid once): the workers stay on the running cluster with the model loaded,
+and the next command, for another concept, runs on them without starting a process or loading the model, with
+the same tables as a run of its own."""
+
+import pandas as pd
+import pytest
+import ray
+from conftest import small_config
+
+from cad_ray.cli import main
+from cad_ray.distributed import KEPT_NAMESPACE, run_attribution, stop_kept_workers
+
+
+def kept_actors() -> list[str]:
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == KEPT_NAMESPACE)
+
+
+@pytest.fixture
+def cluster():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        stop_kept_workers("local")
+        ray.shutdown()
+
+
+def test_the_next_concept_runs_on_the_kept_worker_and_its_loaded_model(cluster, tmp_path):
+    first = small_config(workers=1, concepts=[{"name": "seven"}])
+    second = small_config(workers=1, concepts=[{"name": "three"}])
+    run_attribution(first, str(tmp_path / "seven"), keep_workers=True, progress=False)
+    names = kept_actors()
+    assert len(names) == 1
+    run_attribution(second, str(tmp_path / "three"), keep_workers=True, progress=False)
+    assert kept_actors() == names  # no new worker started
+    worker = ray.get_actor(names[0], namespace=KEPT_NAMESPACE)
+    assert ray.get(worker.models_loaded.remote()) == 1  # one model load for both commands
+    # the same scores as a run on its own (the kept worker's model is left as it was found)
+    run_attribution(second, str(tmp_path / "alone"), local=True, progress=False)
+    kept, alone = (pd.read_parquet(tmp_path / r / "scores").sort_values(["tensor", "index"], ignore_index=True)
+                   for r in ("three", "alone"))
+    pd.testing.assert_frame_equal(kept, alone)
+    assert stop_kept_workers("local") == 1 and kept_actors() == []
+
+
+def test_keeping_workers_needs_a_running_cluster(tmp_path, capsys, monkeypatch):
+    def refused(*args, **kwargs):
+        raise AssertionError("a Ray instance was started")
+
+    monkeypatch.setattr(ray, "init", refused)
+    config = tmp_path / "one.yaml"
+    config.write_text("concepts: [{name: seven}]\nsamples: 2\nblock: 1\nbatch: 1\nerase: {steps: 4}\n")
+    assert main(["attribute", "--config", str(config), "--root", str(tmp_path / "r"), "--keep-workers", "--quiet"]) != 0
+    assert "--address auto" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
