@@ -267,16 +267,35 @@ def test_rerun_skips_judged_blocks_and_other_options_are_refused(evaluated, tmp_
     copy = str(tmp_path / "copy")
     shutil.copytree(root, copy)
     blocks = sorted(Path(copy, "_evaluation").glob("block-*.parquet"))
-    assert len(blocks) == 8  # 60 rows in blocks of 8
+    assert len(blocks) == 9  # 3 edit settings (none, cad-erase, random) of 20 rows, each in blocks of 8
     blocks[3].unlink()
     blocks[5].write_bytes(blocks[5].read_bytes()[:500])  # a block cut short by a crash
     result = run_evaluation(evaluation_config(), copy, local=True, progress=False)
-    assert (result["blocks_computed"], result["blocks_skipped"]) == (2, 6)
+    assert (result["blocks_computed"], result["blocks_skipped"]) == (2, 7)
     a, b = pd.read_parquet(os.path.join(root, "evaluation")), pd.read_parquet(os.path.join(copy, "evaluation"))
     assert list(a["image_png"]) == list(b["image_png"])
     with pytest.raises(CadRayError, match="other options"):
         run_evaluation(evaluation_config(images_per_prompt=3), copy, local=True, progress=False)
     pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(copy, "evaluation")), b)
+
+
+def test_an_edit_added_to_an_evaluation_makes_only_its_own_images(evaluated, tmp_path):
+    """Another edit in the list is no other evaluation: the images of the edits both lists have are read back."""
+    root, _ = evaluated
+    copy = str(tmp_path / "copy")
+    shutil.copytree(root, copy)
+    before = pd.read_parquet(os.path.join(copy, "evaluation"))
+    probe_parts = len(list(Path(copy, "_probes").glob("*.parquet")))
+    edits = ["magnitude"] + EVALUATION["edits"]  # first: the others' rows come after its own
+    result = run_evaluation(evaluation_config(edits=edits), copy, local=True, progress=False)
+    after = pd.read_parquet(os.path.join(copy, "evaluation"))
+    assert set(after["edit"]) == set(before["edit"]) | {"magnitude"}
+    assert result["blocks_computed"] == 3 and result["images"] == len(after)  # 20 rows in blocks of 8
+    # and the probes attack the new edit only
+    assert result["probes"]["units_computed"] == 1
+    assert len(list(Path(copy, "_probes").glob("*.parquet"))) == probe_parts + 1
+    kept = after[after["edit"] != "magnitude"].reset_index(drop=True)
+    assert list(kept["image_png"]) == list(before["image_png"])
 
 
 def test_a_concept_name_finds_its_prompt_set_class_whatever_the_case_and_spaces():

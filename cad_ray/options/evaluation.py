@@ -267,10 +267,15 @@ class EvaluationOptions(Strict):
             raise ValueError(f"edit ratios must be in (0, 1], got {bad}")
         return sorted(no_duplicates(v, info.field_name))
 
-    def options_hash(self) -> str:
+    def options_hash(self, lists: bool = True) -> str:
+        """A hash of what the evaluation's results depend on; `lists=False`: without the lists of edits and
+        targets, i.e. what every edit's images and probes depend on besides their own edit and target (another
+        edit or target added to an evaluation leaves the others' images and probes as they are)."""
         unused = set() if "uce" in self.edits else {"uce"}  # evaluations made before UCE keep their hash
         if self.random_draws == 1 or not any(EDITS[e].draws for e in self.edits):  # and before random draws
             unused.add("random_draws")
+        if not lists:
+            unused |= {"edits", "targets"}
         # the probes have their own hash (stages/probing.py): adding them re-makes no evaluation image
         fields = self.model_dump(exclude={"batch_size", "probes", "probe", "finetune", *unused}, mode="json")
         fields["finetune"] = self.finetune.key()

@@ -96,7 +96,19 @@ def evaluation_options_hash(run: RunRoot) -> str | None:
     return footer.metadata.get("options_hash") if footer else None
 
 
+def only_lists_differ(run: RunRoot, options: EvaluationOptions) -> bool:
+    """Whether the root's evaluation was made with these options but for other edits or targets: every block
+    is named by its rows, so the images of the edits and targets both have are read back, not made again."""
+    footer = run.footer("evaluation", PART_FILE)
+    try:
+        previous = EvaluationOptions.model_validate(footer.metadata["options"])
+    except Exception:  # an evaluation written by another version of the options: not comparable
+        return False
+    return previous.options_hash(lists=False) == options.options_hash(lists=False)
+
+
 ROW_KEY = ["edit", "target", "selection", "ratio", "guidance", "draw", "prompt", "seed", "split"]
+SETTING_KEY = ["edit", "target", "selection", "ratio", "guidance", "draw"]  # one edit setting's rows
 
 
 def block_name(rows: pd.DataFrame, meta: dict) -> str:
@@ -185,7 +197,7 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
         options = config.evaluation
     if not overwrite and run_root.exists("evaluation", PART_FILE):
         previous = evaluation_options_hash(run_root)
-        if previous is not None and previous != options.options_hash():
+        if previous is not None and previous != options.options_hash() and not only_lists_differ(run_root, options):
             raise CadRayError(f"{root} holds an evaluation made with other options; pass --overwrite to replace it "
                               "or evaluate into a copy of the root")
     if overwrite:
@@ -206,9 +218,12 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
         """Generate and judge `rows` in blocks; finished blocks are read back, not made again."""
         rows = rows.reset_index(drop=True)
         blocks = {}
-        for start in range(0, len(rows), options.batch_size):
-            part = rows.iloc[start:start + options.batch_size]
-            blocks[block_name(part, meta)] = part
+        # a block never holds two edit settings: another edit or target in the list leaves every other
+        # setting's blocks (and names) as they were
+        for _, setting in rows.groupby(SETTING_KEY, sort=False, dropna=False):
+            for start in range(0, len(setting), options.batch_size):
+                part = setting.iloc[start:start + options.batch_size]
+                blocks[block_name(part, meta)] = part
         pending = {n: b for n, b in blocks.items() if not block_is_done(run_root, n, len(b))}
         counts["computed"] += len(pending)
         counts["skipped"] += len(blocks) - len(pending)

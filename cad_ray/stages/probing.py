@@ -139,14 +139,15 @@ class ProbeWorker(ImageJudge):
 
 
 def probe_meta(config: AttributionConfig, store: ScoreStore) -> dict:
-    """What every probe image depends on besides its unit (in each part's name)."""
+    """What every probe image depends on besides its unit (in each part's name): not the lists of edits and
+    targets, so that adding an edit or target computes its units only."""
     options = config.evaluation
     # the guidance scales only in the guidance probe's parts: parts written before it existed stay valid. No
     # image depends on the references (a reference's folder is in its own unit) or the margin (read by the
     # summary): adding a reference computes its units only
     unused = {"references", "margin"} | (set() if "guidance" in options.probes else {"guidance_scales"})
     return {"fingerprint": store.fingerprint, "config_hash": store.manifest["config_hash"],
-            "evaluation": options.options_hash(), "probe": options.probe.model_dump(mode="json", exclude=unused)}
+            "evaluation": options.options_hash(lists=False), "probe": options.probe.model_dump(mode="json", exclude=unused)}
 
 
 def part_name(unit: dict, meta: dict) -> str:
