@@ -59,15 +59,28 @@ class KeptHost:
 
         self.threads, self.hosts, self.models = threads, {}, keep_models()
 
-    def call(self, worker_class, config: AttributionConfig, root: str, method: str, *args):
-        key = (config.model_dump_json(), root)
+    def call(self, pool: str, worker_class, config: AttributionConfig, root: str, method: str, *args):
+        """`method` of the worker of `pool` (one pool of one command: a stage worker is never carried from one
+        command to the next, only the model it loads)."""
         held = self.hosts.get(worker_class)
-        if held is None or held[0] != key:  # another run: its worker, on the same loaded model
-            held = self.hosts[worker_class] = (key, WorkerHost(worker_class, config, root, self.threads))
+        if held is None or held[0] != pool:
+            held = self.hosts[worker_class] = (pool, WorkerHost(worker_class, config, root, self.threads))
         return held[1].call(method, *args)
 
+    def release(self, pool: str) -> None:
+        """Drop the workers of `pool` (its command closed it): what they hold beyond the model (judges, scores,
+        fine-tuned weights) is freed for the next command."""
+        import gc
+
+        import torch
+
+        self.hosts = {c: held for c, held in self.hosts.items() if held[0] != pool}
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def models_loaded(self) -> int:
-        return len(self.models)
+        return self.models.loads
 
 
 def kept_tag(request: dict, threads: int | None) -> str:
@@ -89,11 +102,15 @@ def stop_kept_workers(address: str) -> int:
 
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, configure_logging=False)
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["namespace"] == KEPT_NAMESPACE]
-    for name in names:
-        ray.kill(ray.get_actor(name, namespace=KEPT_NAMESPACE))
-    return len(names)
+    stopped = 0
+    for named in ray.util.list_named_actors(all_namespaces=True):
+        if named["namespace"] == KEPT_NAMESPACE:
+            try:
+                ray.kill(ray.get_actor(named["name"], namespace=KEPT_NAMESPACE))
+                stopped += 1
+            except ValueError:  # it died since it was listed
+                pass
+    return stopped
 
 
 def _unwrap(error: Exception) -> Exception:
@@ -154,41 +171,43 @@ class _RayPool:
         threads = None if gpus else CPU_WORKER_THREADS
         self.keep, self.worker_class, self.config, self.root = keep, worker_class, config, root
         if keep:  # named, detached: the same actors serve the next command, which finds them by name
+            import uuid
+
             self.remote, self.args = ray.remote(KeptHost), (threads,)
-            self.tag = kept_tag(self.request, threads)
+            self.tag, self.pool_id = kept_tag(self.request, threads), uuid.uuid4().hex
         else:
             self.remote = ray.remote(max_restarts=0, **self.request)(WorkerHost)
             self.args = (worker_class, config, root, threads)
-        self.started = 0
+        self.slot_of = {}  # actor -> its slot: a kept actor's name, which its replacement takes over
         self.actors = []  # placed and holding the model: the only ones that get work
         self.starting = {}  # readiness ref -> actor, until it has loaded the model
         self.ready_answer = None
         self.replacements_left, self.lost = 4 * self.size, 0
-        for _ in range(self.size):
-            self._start_actor()
+        for slot in range(self.size):
+            self._start_actor(slot)
 
-    def _start_actor(self):
+    def _start_actor(self, slot: int):
         if self.keep:
-            actor = self.remote.options(name=f"{self.tag}-{self.started}", namespace=KEPT_NAMESPACE,
+            actor = self.remote.options(name=f"{self.tag}-{slot}", namespace=KEPT_NAMESPACE,
                                         lifetime="detached", get_if_exists=True, max_restarts=0,
                                         **self.request).remote(*self.args)
         else:
             actor = self.remote.remote(*self.args)
-        self.started += 1
+        self.slot_of[actor] = slot
         self.starting[self._call(actor, self.READY)] = actor
 
     def _call(self, actor, method: str, *args):
-        if self.keep:  # a kept actor runs any stage's worker: it is told which, for which run
-            return actor.call.remote(self.worker_class, self.config, self.root, method, *args)
+        if self.keep:  # a kept actor runs any stage's worker: it is told which, for which command
+            return actor.call.remote(self.pool_id, self.worker_class, self.config, self.root, method, *args)
         return actor.call.remote(method, *args)
 
-    def _replace(self) -> None:
+    def _replace(self, actor) -> None:
         """A replacement for an actor that died, while the budget lasts (a worker that dies for a reason of its
         own would otherwise be restarted forever)."""
         self.lost += 1
         if self.replacements_left > 0:
             self.replacements_left -= 1
-            self._start_actor()
+            self._start_actor(self.slot_of.pop(actor))
 
     def _admit(self, ref) -> None:
         """An actor's readiness call finished: it joins the pool, or is replaced if it died on the way (placed on
@@ -198,7 +217,7 @@ class _RayPool:
             self.ready_answer = self.ray.get(ref)
             self.actors.append(actor)
         except self.ray.exceptions.RayActorError:
-            self._replace()
+            self._replace(actor)
         except Exception as e:  # the worker itself failed (a missing model, an unknown prompt word)
             raise _unwrap(e) from None
 
@@ -214,10 +233,14 @@ class _RayPool:
                       f"{self.request}; see `ray status`", file=sys.stderr, flush=True)
 
     def close(self):
-        """Stop the actors, so that their CPUs or GPUs are free for the next stage; kept actors stay for the next
-        command (only those still waiting for resources are stopped)."""
-        for actor in (list(self.starting.values()) if self.keep else self.actors + list(self.starting.values())):
-            self.ray.kill(actor)  # actors still waiting for resources too: they would take them later
+        """Stop the actors, so that their CPUs or GPUs are free for the next stage; kept actors stay, with the
+        model loaded, for the next command and only drop this pool's workers."""
+        if self.keep:
+            self.ray.wait([a.release.remote(self.pool_id) for a in self.actors], num_returns=len(self.actors),
+                          timeout=60)
+        else:
+            for actor in self.actors + list(self.starting.values()):
+                self.ray.kill(actor)  # actors still waiting for resources too: they would take them later
         self.actors, self.starting = [], {}
 
     def first(self, method, *args):
@@ -235,7 +258,7 @@ class _RayPool:
                 return self.ray.get(self._call(actor, method, *args))
             except self.ray.exceptions.RayActorError:
                 self.actors.remove(actor)
-                self._replace()
+                self._replace(actor)
             except Exception as e:
                 raise _unwrap(e) from None
 
@@ -265,7 +288,7 @@ class _RayPool:
                 queue.appendleft(call)
                 if actor in self.actors:
                     self.actors.remove(actor)
-                    self._replace()
+                    self._replace(actor)
                 continue
             except Exception as e:
                 raise _unwrap(e) from None

@@ -279,22 +279,23 @@ def test_rerun_skips_judged_blocks_and_other_options_are_refused(evaluated, tmp_
     pd.testing.assert_frame_equal(pd.read_parquet(os.path.join(copy, "evaluation")), b)
 
 
-def test_an_edit_added_to_an_evaluation_makes_only_its_own_images(evaluated, tmp_path):
+@pytest.mark.parametrize("added", ["magnitude", "uce"])  # uce: options of its own, in its own blocks' names only
+def test_an_edit_added_to_an_evaluation_makes_only_its_own_images(evaluated, tmp_path, added):
     """Another edit in the list is no other evaluation: the images of the edits both lists have are read back."""
     root, _ = evaluated
     copy = str(tmp_path / "copy")
     shutil.copytree(root, copy)
     before = pd.read_parquet(os.path.join(copy, "evaluation"))
     probe_parts = len(list(Path(copy, "_probes").glob("*.parquet")))
-    edits = ["magnitude"] + EVALUATION["edits"]  # first: the others' rows come after its own
+    edits = [added] + EVALUATION["edits"]  # first: the others' rows come after its own
     result = run_evaluation(evaluation_config(edits=edits), copy, local=True, progress=False)
     after = pd.read_parquet(os.path.join(copy, "evaluation"))
-    assert set(after["edit"]) == set(before["edit"]) | {"magnitude"}
+    assert set(after["edit"]) == set(before["edit"]) | {added}
     assert result["blocks_computed"] == 3 and result["images"] == len(after)  # 20 rows in blocks of 8
     # and the probes attack the new edit only
     assert result["probes"]["units_computed"] == 1
     assert len(list(Path(copy, "_probes").glob("*.parquet"))) == probe_parts + 1
-    kept = after[after["edit"] != "magnitude"].reset_index(drop=True)
+    kept = after[after["edit"] != added].reset_index(drop=True)
     assert list(kept["image_png"]) == list(before["image_png"])
 
 

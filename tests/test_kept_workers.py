@@ -44,6 +44,25 @@ def test_the_next_concept_runs_on_the_kept_worker_and_its_loaded_model(cluster, 
     assert stop_kept_workers("local") == 1 and kept_actors() == []
 
 
+def test_a_kept_model_is_loaded_again_when_its_files_change(tmp_path):
+    """The kept model is the model of the files it was loaded from: a folder rewritten in place is loaded anew."""
+    import os
+    import shutil
+
+    from cad_ray.models.loading import BUILTIN_DIGITS
+    from cad_ray.stages.attribution import KeptModels
+
+    folder = tmp_path / "model"
+    shutil.copytree(BUILTIN_DIGITS, folder)
+    kept = KeptModels()
+    first = kept.get(str(folder), "cpu")
+    assert kept.get(str(folder), "cpu") is first and kept.loads == 1
+    weights = next(folder.rglob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert kept.get(str(folder), "cpu") is not first and kept.loads == 2
+    assert len(kept.models) == 1  # the latest model of a device only
+
+
 def test_keeping_workers_needs_a_running_cluster(tmp_path, capsys, monkeypatch):
     def refused(*args, **kwargs):
         raise AssertionError("a Ray instance was started")

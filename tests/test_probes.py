@@ -236,3 +236,20 @@ def test_the_nearest_other_image_by_shape_draws_the_same_thing_in_another_colour
     pool = torch.stack([bar(0, slice(0, 8)), bar(1, slice(3, 4))])  # a red bar; a short green stroke
     assert torch.equal(nearest_images(blue_bar, pool, "shape")[0], pool[0])
     assert torch.equal(nearest_images(blue_bar, pool, "pixels")[0], pool[1])
+
+
+def test_the_references_are_probed_at_the_erasing_edits_guidance():
+    """The unedited and never-learned units run at the guidance the erasing edits were judged at, not at an
+    amplifying edit's that sorts first."""
+    import pandas as pd
+    from conftest import small_config
+
+    from cad_ray.stages.probing import probe_units
+
+    options = small_config(evaluation={"targets": ["seven"], "edits": ["cad-amplify", "cad-erase"],
+                                       "probes": ["completion"]}).evaluation
+    summary = pd.DataFrame({"edit": ["cad-amplify", "cad-erase"], "target": "seven", "selection": "s",
+                            "ratio": 0.05, "guidance": [1.0, 3.0]})
+    units = probe_units(summary, options)
+    assert {u["guidance"] for u in units if u["edit"] == "none"} == {3.0}
+    assert [u["edit"] for u in units] == ["cad-erase", "none"]

@@ -274,8 +274,8 @@ class EvaluationOptions(Strict):
         unused = set() if "uce" in self.edits else {"uce"}  # evaluations made before UCE keep their hash
         if self.random_draws == 1 or not any(EDITS[e].draws for e in self.edits):  # and before random draws
             unused.add("random_draws")
-        if not lists:
-            unused |= {"edits", "targets"}
+        if not lists:  # UCE's options are in its own images' and probes' names (stages.edit_workers.setting_meta)
+            unused |= {"edits", "targets", "uce", "random_draws"}
         # the probes have their own hash (stages/probing.py): adding them re-makes no evaluation image
         fields = self.model_dump(exclude={"batch_size", "probes", "probe", "finetune", *unused}, mode="json")
         fields["finetune"] = self.finetune.key()

@@ -43,6 +43,20 @@ def edit_folder(edit: str, target: str) -> tuple[str, ...]:
     return ("edits", f"{edit}-{target}")
 
 
+def setting_meta(meta: dict, run: RunRoot, options: EvaluationOptions, edit: str, target: str) -> dict:
+    """What one edit setting's images (and probes) depend on beyond `meta`, what every image depends on: UCE's
+    options for its own, and for a fine-tuned model, or an edit applied on one, the make of its folder (its cost
+    file: a folder made again is another model, whose images are made again)."""
+    extra = {}
+    record = EDITS.get(edit)
+    if edit == "uce":
+        extra["uce"] = options.uce.model_dump(mode="json")
+    made = None if record is None else record.after or (edit if record.applied_by == "fine-tuning" else None)
+    if made:
+        extra["made"] = run.read_manifest(*edit_folder(made, target), EDIT_COST)
+    return {**meta, **extra}
+
+
 def finetune_options(options: EvaluationOptions, target: str):
     """`evaluation.finetune` as it applies to `target` (its kind's entry of `finetune.kinds` in)."""
     return options.finetune.for_kind(concept_kind(target))
@@ -256,9 +270,13 @@ class Editor:
         if record.applied_by == "closed-form":
             return weights_replaced(self.model, self.CLOSED_FORM[edit](self, target))
         stack = ExitStack()
-        if record.after:
-            stack.enter_context(weights_replaced(self.model, self._finetuned(record.after, target)))
-        stack.enter_context(edited(self.model, self._masks(edit, target, selection, ratio, draw)))
+        try:
+            if record.after:
+                stack.enter_context(weights_replaced(self.model, self._finetuned(record.after, target)))
+            stack.enter_context(edited(self.model, self._masks(edit, target, selection, ratio, draw)))
+        except BaseException:  # the model is left as it was found (a kept worker's model serves later commands)
+            stack.close()
+            raise
         return stack
 
     _applied = applied

@@ -39,7 +39,7 @@ from cad_ray.store import PART_FILE, RunRoot, ScoreStore
 # the parts, re-exported under their old paths
 from cad_ray.digits.prompts import SELECTION_SEED_OFFSET, digits_prompt_set  # noqa: F401
 from cad_ray.stages.edit_workers import (EDIT_COST, EDIT_MARKER, EditWorker, ImageJudge, brightness, edit_folder,  # noqa: F401
-                                         finetune_key, finetune_options, load_scored_model)
+                                         finetune_key, finetune_options, load_scored_model, setting_meta)
 from cad_ray.stages.panels import (LABEL_COLUMNS, check_prompt_labels, edit_rows, label_key, names_label,  # noqa: F401
                                    own_wording, prompt_panels, read_prompt_set, target_kind, target_rows)
 from cad_ray.stages.search import checked_index, choose_settings, is_clean, search_rounds  # noqa: F401
@@ -210,8 +210,7 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
             # finetune.kinds only where set: images made before it keep their blocks
             "images": {k: v for k, v in options.model_dump(
                 mode="json", exclude={"finetune": {"kinds"}} if not options.finetune.kinds else None).items()
-                       if k in ("seed", "steps", "judge", "finetune", "selection")
-                       or (k == "uce" and "uce" in options.edits)}}
+                       if k in ("seed", "steps", "judge", "finetune", "selection")}}
     counts = {"computed": 0, "skipped": 0, "actors": 0}
 
     def judge(rows: pd.DataFrame) -> pd.DataFrame:
@@ -220,10 +219,11 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
         blocks = {}
         # a block never holds two edit settings: another edit or target in the list leaves every other
         # setting's blocks (and names) as they were
-        for _, setting in rows.groupby(SETTING_KEY, sort=False, dropna=False):
+        for (edit, target, *_), setting in rows.groupby(SETTING_KEY, sort=False, dropna=False):
+            named = setting_meta(meta, run_root, options, edit, target)
             for start in range(0, len(setting), options.batch_size):
                 part = setting.iloc[start:start + options.batch_size]
-                blocks[block_name(part, meta)] = part
+                blocks[block_name(part, named)] = part
         pending = {n: b for n, b in blocks.items() if not block_is_done(run_root, n, len(b))}
         counts["computed"] += len(pending)
         counts["skipped"] += len(blocks) - len(pending)

@@ -30,7 +30,7 @@ from cad_ray.method.probes import (ClassifierGuidance, ProbeSettings, SoftPrompt
                                    concept_images, concept_word, cycled)
 from cad_ray.models import NEGATIVE_PROMPT, load_model
 from cad_ray.seeds import derive_seed
-from cad_ray.stages.edit_workers import ImageJudge
+from cad_ray.stages.edit_workers import ImageJudge, setting_meta
 from cad_ray.stages.panels import target_kind
 from cad_ray.store import PART_FILE, RunRoot, ScoreStore
 
@@ -48,7 +48,11 @@ def probe_settings(options) -> ProbeSettings:
 def probe_units(summary: pd.DataFrame, options) -> list[dict]:
     """Every erasing edit setting the evaluation judged, the unedited model and the never-learned references,
     times every probe."""
-    guidance = float(summary["guidance"].iloc[0]) if len(summary) else float("nan")
+    # the guidance the erasing edits were judged at (the model's own where the options give none), not an
+    # amplifying edit's
+    erasing = summary[~summary["edit"].map(amplifying)]
+    guidance = options.guidance if options.guidance is not None else \
+        float(erasing["guidance"].iloc[0]) if len(erasing) else float("nan")
     settings = [(r.edit, r.target, r.selection, float(r.ratio), float(r.guidance))
                 for r in summary.itertuples() if not amplifying(r.edit) and r.edit != NONE]  # what brings a concept back: nothing to probe
     settings += [(NONE, t, "", 0.0, guidance) for t in options.targets]
@@ -221,11 +225,12 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
     units = probe_units(evaluation, options)
     if overwrite:
         run_root.remove("_probes")
-    names = {part_name(u, meta): u for u in units}
+    names = {part_name(u, setting_meta(meta, run_root, options, u["edit"], u["target"])): u for u in units}
     pending = [u for n, u in names.items() if run_root.footer("_probes", n) is None]
     for unit, rows in executor.map(ProbeWorker, "probe", pending, "probes", total=len(units)):
-        run_root.write_table(pa.Table.from_pandas(rows, preserve_index=False), "_probes", part_name(unit, meta),
-                             metadata=meta)
+        named = setting_meta(meta, run_root, options, unit["edit"], unit["target"])
+        run_root.write_table(pa.Table.from_pandas(rows, preserve_index=False), "_probes", part_name(unit, named),
+                             metadata=named)
     executor.close_pool(ProbeWorker)
     table = pd.concat([run_root.read_table("_probes", n).to_pandas() for n in names], ignore_index=True)
     table = table.sort_values(UNIT_KEY + ["setting", "seed"], kind="stable").reset_index(drop=True)
