@@ -79,11 +79,12 @@ def load(which: str):
     if which == "digits":
         model = load_model(None)
         return model, build_concept(ConceptSpec(name="seven"), model)
-    if which == "tiny-sd":
+    if which in ("tiny-sd", "tiny-sd-wide"):  # wide: blocks twice as wide, four times the ff components
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         from tiny_sd import build_tiny_sd
 
-        model = load_model(str(build_tiny_sd(Path(tempfile.mkdtemp(prefix="tiny-sd-")))))
+        channels = (32, 64) if which == "tiny-sd-wide" else (16, 32)
+        model = load_model(str(build_tiny_sd(Path(tempfile.mkdtemp(prefix="tiny-sd-")), channels=channels)))
     else:
         model = load_model(which)
     return model, build_concept(ConceptSpec(name="parachute", prompts=["an image of parachute"]), model)
@@ -318,7 +319,8 @@ def ints(text: str) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="digits", help="digits, tiny-sd, or a model folder")
+    parser.add_argument("--model", default="digits", help="digits, tiny-sd, tiny-sd-wide (4x its ff components), "
+                        "or a model folder")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--reference", type=int, default=256, help="trajectories of the reference")
     parser.add_argument("--published", type=ints, default=[1, 2, 4, 8], help="sample counts of the published curve")

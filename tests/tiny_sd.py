@@ -17,10 +17,11 @@ def _byte_level_vocab() -> dict[str, int]:
 
 
 def build_tiny_sd(folder: str | Path, seed: int = 0, scheduler_class: str = "DDIMScheduler",
-                  **scheduler_options) -> Path:
+                  channels: tuple[int, int] = (16, 32), **scheduler_options) -> Path:
     """The tiny pipeline in `folder`; its weights depend on `seed` alone. The scheduler is SD 1.x's DDIM config,
     carried over to `scheduler_class` (any diffusers scheduler name) the way diffusers swaps schedulers, with
-    `scheduler_options` (e.g. prediction_type="v_prediction", timestep_spacing="leading") on top."""
+    `scheduler_options` (e.g. prediction_type="v_prediction", timestep_spacing="leading") on top. `channels`: the
+    UNet's block widths (twice as wide: four times the feed-forward components)."""
     import diffusers
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -30,7 +31,7 @@ def build_tiny_sd(folder: str | Path, seed: int = 0, scheduler_class: str = "DDI
     folder = Path(folder)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=tuple(channels),
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
