@@ -304,6 +304,8 @@ def plot(inputs: list[str], path: str) -> None:
         ax.set_xlabel("seconds (attribution call, in-process; least of the repeats)")
         ax.set_ylabel(f"Pearson r with {res['reference_trajectories']}-trajectory reference")
         name = "tiny SD (tests/tiny_sd.py)" if "tiny-sd" in res["model"] else res["model"]
+        if "components" in res:  # the wide tiny SD has 4x the ff components of the plain one
+            name += f", {res['components']:,} ff components\n"
         ax.set_title(f"{name} ({res['repeats'] if 'repeats' in res else len({r['repeat'] for r in res['records']})} "
                      f"repeat(s)), concept {res['concept']}, T = {res['steps']}, scope ff", fontsize=9)
         ax.set_ylim(max(0.0, min(r["r"] for r in res["records"]) - 0.05), 1.0)
