@@ -108,7 +108,7 @@ class EditWorker:
             weights = self._unlearned(concept, masks, ft.unlearning)
         else:
             objective = objective_for(self.config, "erase")
-            scope = self.config.scope if masks is not None or ft.scope is None else ft.scope
+            scope = ft.scope if masks is None and ft.scope else self.config.scope  # the baseline's own, if given
             weights = finetune(self.model, concept, objective, scope, list(range(ft.samples)),
                                self.config.seed, ft.steps, ft.lr, masks, self.config.chunk_size, ft.negative_guidance)
         self.run.remove(*edit_folder(edit, target))  # a half-written or stale edit is made anew

@@ -212,6 +212,12 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
                 mode="json", exclude={"finetune": {"kinds"}} if not options.finetune.kinds else None).items()
                        if k in ("seed", "steps", "judge", "finetune", "selection")}}
     counts = {"computed": 0, "skipped": 0, "actors": 0}
+    metas = {}  # (edit, target) -> its images' meta: a fine-tuned edit's read from its folder once
+
+    def meta_of(edit: str, target: str) -> dict:
+        if (edit, target) not in metas:
+            metas[(edit, target)] = setting_meta(meta, run_root, options, edit, target)
+        return metas[(edit, target)]
 
     def judge(rows: pd.DataFrame) -> pd.DataFrame:
         """Generate and judge `rows` in blocks; finished blocks are read back, not made again."""
@@ -220,10 +226,9 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
         # a block never holds two edit settings: another edit or target in the list leaves every other
         # setting's blocks (and names) as they were
         for (edit, target, *_), setting in rows.groupby(SETTING_KEY, sort=False, dropna=False):
-            named = setting_meta(meta, run_root, options, edit, target)
             for start in range(0, len(setting), options.batch_size):
                 part = setting.iloc[start:start + options.batch_size]
-                blocks[block_name(part, named)] = part
+                blocks[block_name(part, meta_of(edit, target))] = part
         pending = {n: b for n, b in blocks.items() if not block_is_done(run_root, n, len(b))}
         counts["computed"] += len(pending)
         counts["skipped"] += len(blocks) - len(pending)

@@ -225,12 +225,14 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
     units = probe_units(evaluation, options)
     if overwrite:
         run_root.remove("_probes")
-    names = {part_name(u, setting_meta(meta, run_root, options, u["edit"], u["target"])): u for u in units}
-    pending = [u for n, u in names.items() if run_root.footer("_probes", n) is None]
-    for unit, rows in executor.map(ProbeWorker, "probe", pending, "probes", total=len(units)):
-        named = setting_meta(meta, run_root, options, unit["edit"], unit["target"])
-        run_root.write_table(pa.Table.from_pandas(rows, preserve_index=False), "_probes", part_name(unit, named),
-                             metadata=named)
+    metas = [setting_meta(meta, run_root, options, u["edit"], u["target"]) for u in units]
+    names = {part_name(u, m): (u, m) for u, m in zip(units, metas)}
+    pending = {n: u for n, (u, _) in names.items() if run_root.footer("_probes", n) is None}
+    part_of = {json.dumps(u, sort_keys=True): n for n, u in pending.items()}  # a finished unit's part
+    for unit, rows in executor.map(ProbeWorker, "probe", list(pending.values()), "probes", total=len(units)):
+        name = part_of[json.dumps(unit, sort_keys=True)]
+        run_root.write_table(pa.Table.from_pandas(rows, preserve_index=False), "_probes", name,
+                             metadata=names[name][1])
     executor.close_pool(ProbeWorker)
     table = pd.concat([run_root.read_table("_probes", n).to_pandas() for n in names], ignore_index=True)
     table = table.sort_values(UNIT_KEY + ["setting", "seed"], kind="stable").reset_index(drop=True)
