@@ -167,11 +167,31 @@ def test_baseline_edits_follow_cad_erase_or_their_own_search(baseline_run):
     for edit in ("random", "gradient", "magnitude"):  # the same scope, unit and count as cad-erase's pick
         assert tuple(settings.loc[edit]) == ("attn2/global/kind-mean", 0.03)
     assert tuple(settings.loc["conceptprune"]) == ("conceptprune", 0.1)
-    assert tuple(settings.loc["uce"]) == ("uce", 1.0)
+    assert tuple(settings.loc["uce"]) == ("uce", 0.0)  # no selection: no ratio, as for `none`
     check_targets(options, ScoreStore(root), root)
     no_prune = options.model_copy(update={"targets": ["red"], "edits": ["conceptprune"]})
     with pytest.raises(CadRayError, match="list conceptprune among its objectives"):
         check_targets(no_prune, ScoreStore(root), root)
+
+
+def test_share_is_one_measure_of_every_edits_size(baseline_run):
+    """`ratio` is what a selection takes (0.0 for an edit without one); `share` is the share of the model's weights
+    an edit sets, whatever it is: zeroed components for a zeroing edit, every rewritten weight for UCE."""
+    from cad_ray.models import load_model
+    from cad_ray.stages.edit_workers import Editor
+    from cad_ray.store import RunRoot, ScoreStore
+
+    root, config = baseline_run
+    model = load_model(config.model)
+    editor = Editor(config, RunRoot(root), model, ScoreStore(root))
+    weights = sum(p.numel() for _, p in model.named_parameters())
+    assert editor.share("none", "", "", 0.0) == 0.0
+    zeroed = editor.zeroed("cad-erase", "seven", "attn2/global/kind-mean", 0.03)
+    assert zeroed > 0 and editor.share("cad-erase", "seven", "attn2/global/kind-mean", 0.03) == zeroed / weights
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with editor.applied("uce", "seven", "uce", 0.0):
+        rewritten = sum(int((p != before[n]).sum()) for n, p in model.named_parameters())
+    assert 0 < rewritten and editor.share("uce", "seven", "uce", 0.0) == rewritten / weights
 
 
 def test_random_draws_are_each_targets_own_and_further_draws_judge_the_target_alone(baseline_run):

@@ -50,7 +50,7 @@ def test_a_kept_model_is_loaded_again_when_its_files_change(tmp_path):
     import shutil
 
     from cad_ray.models.loading import BUILTIN_DIGITS
-    from cad_ray.stages.attribution import KeptModels
+    from cad_ray.stages.models import KeptModels
 
     folder = tmp_path / "model"
     shutil.copytree(BUILTIN_DIGITS, folder)

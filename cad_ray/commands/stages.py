@@ -86,7 +86,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
           f"{result['blocks_skipped']} already done, {result['run_seconds']:.1f} s")
     if args.quiet:
         return
-    columns = ["edit", "target", "ratio", "guidance", "zeroed", "target_accuracy", "others_accuracy",
+    columns = ["edit", "target", "ratio", "share", "guidance", "zeroed", "target_accuracy", "others_accuracy",
                "worst_other_retained", "brightness_kept", "fd_rise", "best"]
     with pd.option_context("display.width", 200, "display.float_format", "{:.3f}".format):
         print(summary[columns].to_string(index=False))

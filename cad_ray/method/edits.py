@@ -16,7 +16,7 @@ Which settings its rows are made at (`settings`):
     ratios         each ratio of `evaluation.ratios` (or the search's pick), with its selection
     recovery       each ratio of `evaluation.recovery_ratios`, with `evaluation.selection`
     finetune       `evaluation.finetune`'s selection (default: `evaluation.selection`) and ratio
-    single         one row set, its selection a label (`selection`) and ratio 1.0: the edit has no ratio
+    single         one row set, its selection a label (`selection`) and ratio 0.0: no selection takes its components
 """
 
 from __future__ import annotations

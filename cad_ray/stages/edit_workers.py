@@ -31,7 +31,8 @@ from cad_ray.method.scopes import never_selected, select_parameters
 from cad_ray.method.unlearning import UnlearningSettings, adversarial_finetune
 from cad_ray.models import load_model
 from cad_ray.seeds import derive_seed
-from cad_ray.stages.attribution import model_for, objective_for, write_weights
+from cad_ray.stages.attribution import objective_for, write_weights
+from cad_ray.stages.models import model_for
 from cad_ray.store import (PART_FILE, SCORE_SCHEMA, RunRoot, ScoreStore, aggregate_tables, partition, score_parts,
                            table_metadata)
 
@@ -130,7 +131,7 @@ class EditWorker:
         kept = contrast_concepts(concept.name, names, "kind", concept_kind) or [n for n in names if n != concept.name]
         others = {n: list(self.build_concept(next(c for c in self.config.concepts if c.name == n), self.model).prompts)
                   for n in kept}
-        settings = UnlearningSettings(rounds=u.rounds, steps=u.steps, lr=u.lr, images=u.images,
+        settings = UnlearningSettings(rounds=u.rounds, steps=u.steps, lr=u.lr, batch=u.batch, images=u.images,
                                       retain_images=u.retain_images, retain_weight=u.retain_weight, eta=u.eta,
                                       target=u.target,
                                       images_from=u.images_from, match=u.match,
@@ -260,6 +261,33 @@ class Editor:
             return 0
         return int(sum(m.sum() for m in self._masks(edit, target, selection, ratio, draw).values()))
 
+    def share(self, edit: str, target: str, selection: str, ratio: float, draw: int = 0) -> float:
+        """The share of the model's weights the edit's setting sets (zeroes, moves or replaces): one measure of
+        an edit's size for every edit and scope, where `ratio` is what its selection takes (0.0: it has none)."""
+        if edit == NONE:
+            return 0.0
+        key = ("share", edit, target, selection, ratio, int(draw))
+        if key not in self.cache:
+            record = EDITS[edit]
+            new = {}
+            if record.applied_by == "fine-tuning" or record.after:
+                new = self._finetuned(record.after or edit, target)
+            elif record.applied_by == "closed-form":
+                new = self.CLOSED_FORM[edit](self, target)
+            masks = self._masks(edit, target, selection, ratio, draw) if record.zeroes else {}
+            weights = dict(self.model.named_parameters())
+            changed = 0
+            for name in set(new) | set(masks):
+                p = weights[name]
+                set_here = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+                if name in new:
+                    set_here |= new[name].to(p.device) != p.detach()
+                if name in masks:
+                    set_here |= torch.as_tensor(np.asarray(masks[name]), device=p.device).bool()
+                changed += int(set_here.sum())
+            self.cache[key] = changed / sum(p.numel() for p in weights.values())
+        return self.cache[key]
+
     def applied(self, edit: str, target: str, selection: str, ratio: float, draw: int = 0):
         """A context in which the model is edited."""
         if edit == NONE:
@@ -308,11 +336,12 @@ class ImageJudge(Editor):
                 ["edit", "target", "selection", "ratio", "guidance", "draw"], sort=False, dropna=False):
             rows = rows.copy()
             zeroed = self.zeroed(edit, target, selection, ratio, draw)
+            share = self.share(edit, target, selection, ratio, draw)
             with self.applied(edit, target, selection, ratio, draw):
                 images = self.model.sample(list(rows["prompt"]), seed=self.options.seed,
                                            guidance=None if np.isnan(guidance) else float(guidance),
                                            steps=self.options.steps, ids=[int(s) for s in rows["seed"]]).images
-            rows["zeroed"] = zeroed
+            rows["zeroed"], rows["share"] = zeroed, share
             rows = rows.assign(**self.judge(images, rows))
             out.append(rows)
         return pd.concat(out)

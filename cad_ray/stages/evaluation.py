@@ -52,7 +52,7 @@ def edit_settings(edit: str, options: EvaluationOptions, target: str) -> list[tu
     (`Edit.settings`)."""
     record = EDITS[edit]
     if record.settings == "single":
-        return [(record.selection, 1.0)]
+        return [(record.selection, 0.0)]  # no selection takes its components: no ratio, as for `none`
     if record.settings == "finetune":
         ft = finetune_options(options, target)
         return [(ft.selection or options.selection, ft.ratio)]
