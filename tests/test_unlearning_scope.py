@@ -26,3 +26,20 @@ def test_text_encoder_components_in_the_selection_keep_their_values(digits_model
     assert torch.equal(weights[text], before[text])
     assert not torch.equal(weights[denoiser], before[denoiser])
     assert all(torch.equal(p, before[n]) for n, p in digits_model.named_parameters())
+
+
+def test_images_kept_across_targets_change_no_weight(digits_model):
+    """A worker making every target's edit keeps the unedited model's images of each other concept: the second
+    target draws only its own, and its weights are those of a call that draws everything anew."""
+    settings = UnlearningSettings(rounds=1, steps=2, images=4, retain_images=2, batch=4, sampling_steps=4)
+    others = {"red": all_prompts(3, "red")}
+    masks = {n: np.ones(tuple(p.shape), dtype=bool) for n, p in digits_model.named_parameters()
+             if n.endswith("conv_out.weight")}
+    memo = {}
+    for name in ("blue", "green"):
+        prompts, bases, _ = digits_concept(name)
+        concept = Concept(name, tuple(prompts), tuple(bases), None)
+        kept = adversarial_finetune(digits_model, concept, name, others, "all", masks, settings, images=memo)
+        fresh = adversarial_finetune(digits_model, concept, name, others, "all", masks, settings)
+        assert all(torch.equal(kept[n], fresh[n]) for n in fresh)
+    assert len(memo) == 3  # blue's and green's own images, red's once

@@ -61,11 +61,13 @@ class UnlearningSettings:
 
 def adversarial_finetune(model, concept, word: str, others: dict[str, list[str]], scope: str,
                          masks: dict | None, settings: UnlearningSettings = UnlearningSettings(),
-                         seed: int = 0, progress=None) -> dict[str, torch.Tensor]:
+                         seed: int = 0, progress=None, images: dict | None = None) -> dict[str, torch.Tensor]:
     """New values of the scoped tensors (only `masks`' components move; all of them without masks) that make
     the model unable to draw `concept`, whatever the words, while it keeps drawing `others` (name -> prompts).
     The prompts are encoded once, without gradients, so the erasure lives in the denoiser: a selected component
-    of the text encoder keeps its value (moving words is what the probes undo). The model is left as it was."""
+    of the text encoder keeps its value (moving words is what the probes undo). The model is left as it was.
+    `images`: a dict kept across calls on the same unedited model, in which the images the steps noise are kept
+    (every target's edit draws the same images of each other concept)."""
     if settings.target not in TARGETS:
         raise CadRayError(f"unknown unlearning target {settings.target!r}; choose one of {', '.join(TARGETS)}")
     if settings.match not in MATCHES:
@@ -81,10 +83,17 @@ def adversarial_finetune(model, concept, word: str, others: dict[str, list[str]]
     original = {n: p.detach().clone() for n, p in moving.items()}
     prompts = list(concept.prompts)
     steps = settings.sampling_steps
+    memo = {} if images is None else images
+
+    def drawn(asked: list[str], n: int, seed_: int) -> torch.Tensor:
+        key = (tuple(asked), n, seed_, steps)
+        if key not in memo:
+            memo[key] = concept_images(model, asked, n, seed_, steps)
+        return memo[key]
+
     with torch.no_grad():
-        x0 = concept_images(model, prompts, settings.images, derive_seed(seed, "unlearn", concept.name), steps)
-        kept = {name: concept_images(model, p, settings.retain_images, derive_seed(seed, "retain", name), steps)
-                for name, p in others.items()}
+        x0 = drawn(prompts, settings.images, derive_seed(seed, "unlearn", concept.name))
+        kept = {name: drawn(p, settings.retain_images, derive_seed(seed, "retain", name)) for name, p in others.items()}
         empty = model.encode([NEGATIVE_PROMPT])
     attack = TextualInversion(model, word, prompts, settings.attack)
     generator = torch_generator(seed, "unlearn-steps", concept.name)

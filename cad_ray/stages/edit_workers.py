@@ -89,6 +89,7 @@ class EditWorker:
         self.config, self.run, self.options = config, RunRoot(root), config.evaluation
         self.model, self.store = load_scored_model(config, root, device)
         self.build_concept = build_concept
+        self.unlearning_images = {}  # drawn by the unedited model, the same for every target's unlearning
 
     def fingerprint(self) -> str:
         return self.model.fingerprint()
@@ -137,7 +138,8 @@ class EditWorker:
                                       images_from=u.images_from, match=u.match,
                                       attack=ProbeSettings(steps=u.attack_steps), sampling_steps=self.options.steps)
         return adversarial_finetune(self.model, concept, concept_word(concept.name), others,
-                                    self.config.scope, masks, settings, self.config.seed)
+                                    self.config.scope, masks, settings, self.config.seed,
+                                    images=self.unlearning_images)
 
     def make_edit(self, work: tuple[str, str]) -> dict:
         return self.make(*work)
