@@ -43,3 +43,22 @@ def test_images_kept_across_targets_change_no_weight(digits_model):
         fresh = adversarial_finetune(digits_model, concept, name, others, "all", masks, settings)
         assert all(torch.equal(kept[n], fresh[n]) for n in fresh)
     assert len(memo) == 3  # blue's and green's own images, red's once
+
+
+def test_a_smaller_batch_keeps_as_many_other_images_a_step(digits_model, monkeypatch):
+    """`batch` bounds the retain loss's images a step too (the step's cost)."""
+    import cad_ray.method.unlearning as unlearning
+
+    prompts, bases, _ = digits_concept("blue")
+    concept = Concept("blue", tuple(prompts), tuple(bases), None)
+    others = {"red": all_prompts(3, "red")}
+    masks = {n: np.ones(tuple(p.shape), dtype=bool) for n, p in digits_model.named_parameters()
+             if n.endswith("conv_out.weight")}
+    seen = []
+    noised = unlearning.noised_batch
+    monkeypatch.setattr(unlearning, "noised_batch", lambda m, x0, g: seen.append(len(x0)) or noised(m, x0, g))
+    for batch in (4, 2):
+        seen.clear()
+        settings = UnlearningSettings(rounds=1, steps=2, images=4, retain_images=4, batch=batch, sampling_steps=4)
+        adversarial_finetune(digits_model, concept, "blue", others, "all", masks, settings)
+        assert seen == [batch, batch] * 2  # the concept's and the kept concept's, each step

@@ -32,7 +32,7 @@ import torch
 
 from cad_ray.errors import CadRayError
 from cad_ray.method.objectives import denoising_target
-from cad_ray.method.probes import (ProbeSettings, TextualInversion, concept_images, cycled, learned_word,
+from cad_ray.method.probes import (ProbeSettings, TextualInversion, concept_images, learned_word,
                                    noised_batch)
 from cad_ray.method.scopes import select_parameters
 from cad_ray.models.base import NEGATIVE_PROMPT
@@ -47,7 +47,7 @@ class UnlearningSettings:
     rounds: int = 3  # attack-then-unlearn rounds; the first unlearns without an attack's word
     steps: int = 100  # Adam steps per round
     lr: float = 3e-3
-    batch: int = 32  # images of the concept per step
+    batch: int = 32  # images of the concept per step, and at most as many of the other concept kept
     images: int = 64  # the unedited model's images of the concept the steps noise
     retain_images: int = 32  # of each other concept
     retain_weight: float = 1.0  # of the retain loss against the unlearning loss
@@ -123,14 +123,17 @@ def adversarial_finetune(model, concept, word: str, others: dict[str, list[str]]
                 x_t, t, _ = noised_batch(model, x0[rows], generator)
                 asked = [prompts[int(r) % len(prompts)] for r in rows]
                 name = names[step % len(names)]  # one other concept a step, in turn
-                images = kept[name]
+                picked = torch.arange(len(kept[name]))
+                if settings.batch < len(picked):  # as many of its images as of the concept's (a step's cost)
+                    picked = torch.randperm(len(picked), generator=generator)[:settings.batch]
+                images = kept[name][picked]
                 y_t, s, _ = noised_batch(model, images, generator)
                 with torch.no_grad():
                     conditions = [model.encode(asked), empty.expand(len(rows), *empty.shape[1:])]
                     if vector is not None:
                         with learned_word(model, attack.token_id, vector):
                             conditions.append(model.encode(asked))
-                    keep = [model.encode(cycled(others[name], len(images))),
+                    keep = [model.encode([others[name][int(r) % len(others[name])] for r in picked]),
                             empty.expand(len(images), *empty.shape[1:])]
                     # every target before any forward pass that backward needs: swapping the weights in place
                     # after one would change what it saved

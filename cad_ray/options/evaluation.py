@@ -19,7 +19,8 @@ class UnlearningOptions(Strict):
     rounds: int = Field(3, ge=1, description="attack-then-unlearn rounds (the first without an attack)")
     steps: int = Field(100, ge=1, description="Adam steps per round")
     lr: float = Field(3e-3, gt=0)
-    batch: int = Field(32, ge=1, description="images of the target each step noises (the cost of a step)")
+    batch: int = Field(32, ge=1, description="images of the target each step noises, and at most as many of the "
+                                             "other concept it keeps (the cost of a step)")
     images: int = Field(64, ge=1, description="the unedited model's images of the target the steps noise")
     retain_images: int = Field(32, ge=1, description="images of each other concept kept")
     retain_weight: float = Field(1.0, gt=0, description="weight of the retain loss (the other concepts kept) "
