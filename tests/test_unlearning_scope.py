@@ -62,3 +62,16 @@ def test_a_smaller_batch_keeps_as_many_other_images_a_step(digits_model, monkeyp
         settings = UnlearningSettings(rounds=1, steps=2, images=4, retain_images=4, batch=batch, sampling_steps=4)
         adversarial_finetune(digits_model, concept, "blue", others, "all", masks, settings)
         assert seen == [batch, batch] * 2  # the concept's and the kept concept's, each step
+
+
+def test_timestep_power_draws_more_low_noise_steps_and_one_keeps_the_uniform_draws(digits_model):
+    from cad_ray.method.probes import noised_batch
+
+    x0 = torch.zeros(4096, 1, 1, 1)
+    _, uniform, _ = noised_batch(digits_model, x0, torch.Generator().manual_seed(0))
+    expected = torch.randint(0, len(digits_model.scheduler.alphas_cumprod), (4096,),
+                             generator=torch.Generator().manual_seed(0))
+    assert torch.equal(uniform, expected)  # edits made before the setting keep their steps
+    _, low, _ = noised_batch(digits_model, x0, torch.Generator().manual_seed(0), power=2.0)
+    quarter = len(digits_model.scheduler.alphas_cumprod) // 4
+    assert (uniform < quarter).float().mean() < 0.3 and (low < quarter).float().mean() > 0.45  # 1/4 and 1/2

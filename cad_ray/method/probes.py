@@ -112,10 +112,15 @@ def concept_images(model, prompts: list[str], n: int, seed: int, steps: int | No
     return model.sample(cycled(prompts, n), seed=derive_seed(seed, "probe-images"), steps=steps).latents[-1]
 
 
-def noised_batch(model, x0: torch.Tensor, generator: torch.Generator):
-    """A denoising-loss batch: x0 noised at uniform training timesteps, and what the model should output."""
+def noised_batch(model, x0: torch.Tensor, generator: torch.Generator, power: float = 1.0):
+    """A denoising-loss batch: x0 noised at uniform training timesteps (`power` > 1: t = T * u ** power, more of
+    them at low noise), and what the model should output."""
     alphas_all = model.scheduler.alphas_cumprod.to(x0.device)
-    t = torch.randint(0, len(alphas_all), (len(x0),), generator=generator).to(x0.device)
+    if power == 1.0:
+        t = torch.randint(0, len(alphas_all), (len(x0),), generator=generator)
+    else:
+        t = (torch.rand(len(x0), generator=generator) ** power * len(alphas_all)).long().clamp(max=len(alphas_all) - 1)
+    t = t.to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
     alphas = alphas_all[t].view(-1, *[1] * (x0.dim() - 1)).to(x0.dtype)
     x_t = alphas.sqrt() * x0 + (1 - alphas).sqrt() * noise

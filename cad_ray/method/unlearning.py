@@ -57,6 +57,9 @@ class UnlearningSettings:
     match: str = "pixels"  # `images`: the nearest other image by its pixels, or by its shape (channels' maximum)
     attack: ProbeSettings = ProbeSettings(steps=100)
     sampling_steps: int | None = None  # of the images made for the steps (default: the model's)
+    # the concept's timesteps t = T * u ** power: above 1, more of the steps where a lightly noised image of the
+    # concept is finished (the completion probe's low strengths); the kept concepts' stay uniform
+    timestep_power: float = 1.0
 
 
 def adversarial_finetune(model, concept, word: str, others: dict[str, list[str]], scope: str,
@@ -120,7 +123,7 @@ def adversarial_finetune(model, concept, word: str, others: dict[str, list[str]]
                 p.requires_grad_(True)
             for step in range(settings.steps):
                 rows = torch.randperm(len(x0), generator=generator)[:settings.batch]
-                x_t, t, _ = noised_batch(model, x0[rows], generator)
+                x_t, t, _ = noised_batch(model, x0[rows], generator, settings.timestep_power)
                 asked = [prompts[int(r) % len(prompts)] for r in rows]
                 name = names[step % len(names)]  # one other concept a step, in turn
                 picked = torch.arange(len(kept[name]))

@@ -38,6 +38,9 @@ class UnlearningOptions(Strict):
                               "channels' maximum: a colour's nearest other image draws the same thing in another "
                               "colour, where pixels of disjoint channels would match any shape)")
     attack_steps: int = Field(100, ge=1, description="Adam steps of each round's inversion attack")
+    timestep_power: float = Field(1.0, ge=1, description="the target's noise levels t = T * u ** power: 1 uniform, "
+                                                         "above 1 more low-noise steps (where a lightly noised "
+                                                         "image of the target is finished)")
 
 
 class FinetuneOptions(Strict):
@@ -101,8 +104,9 @@ class FinetuneOptions(Strict):
             del key["unlearning"]["retain_weight"]  # edits made before it keep their key
         if self.unlearning is not None and self.unlearning.match == "pixels":
             del key["unlearning"]["match"]  # edits made before it keep their key
-        if self.unlearning is not None and self.unlearning.batch == 32:
-            del key["unlearning"]["batch"]  # edits made before it keep their key
+        for field, default in (("batch", 32), ("timestep_power", 1.0)):
+            if self.unlearning is not None and getattr(self.unlearning, field) == default:
+                del key["unlearning"][field]  # edits made before it keep their key
         return key
 
 

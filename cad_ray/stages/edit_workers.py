@@ -136,7 +136,8 @@ class EditWorker:
                                       retain_images=u.retain_images, retain_weight=u.retain_weight, eta=u.eta,
                                       target=u.target,
                                       images_from=u.images_from, match=u.match,
-                                      attack=ProbeSettings(steps=u.attack_steps), sampling_steps=self.options.steps)
+                                      attack=ProbeSettings(steps=u.attack_steps), sampling_steps=self.options.steps,
+                                      timestep_power=u.timestep_power)
         return adversarial_finetune(self.model, concept, concept_word(concept.name), others,
                                     self.config.scope, masks, settings, self.config.seed,
                                     images=self.unlearning_images)
