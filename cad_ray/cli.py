@@ -61,8 +61,12 @@ def _device(text: str) -> str:
 def cmd_run(args: argparse.Namespace) -> None:
     """attribute, validate, evaluate, report: the default pipeline."""
     root = args.root or str(Path("runs") / Path(args.config).stem)
+    # every stage gets the run's Ray options (--keep-workers: the three stages share the kept workers)
     common = ["--root", root, *(["--address", args.address] if args.address else []),
-              *(["--workers", str(args.workers)] if args.workers else []), *(["--quiet"] if args.quiet else [])]
+              *(["--workers", str(args.workers)] if args.workers else []),
+              *(["--device", args.device] if args.device else []),
+              *[flag for flag, on in (("--local", args.local), ("--keep-workers", args.keep_workers),
+                                      ("--quiet", args.quiet)) if on]]
     for stage, extra in (("attribute", ["--config", args.config, "--show", "1"]), ("validate", ["--config", args.config]),
                          ("evaluate", ["--config", args.config])):
         print(f"\n=== cad-ray {stage} ===", flush=True)
@@ -213,9 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Run attribute, validate and evaluate with one config on one root (each resumes what is done), then "
             "write the report and print where it is.", [], [
                 ("--config", {"required": True}),
-                ("--root", {"default": None, "help": "run root (default: runs/<config name>)"}),
-                ("--address", {"default": None}), ("--workers", {"type": _positive_int, "default": None}),
-                ("--quiet", {"action": "store_true"})])
+                ("--root", {"default": None, "help": "run root (default: runs/<config name>)"}), *RAY])
     command("stop-workers", cmd_stop_workers, "stop the workers --keep-workers left on a Ray cluster",
             "Stop every worker that a command with --keep-workers left running on the Ray cluster at --address "
             "(they hold their CPUs or GPUs until then).", [], [

@@ -70,6 +70,8 @@ def test_keeping_workers_needs_a_running_cluster(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ray, "init", refused)
     config = tmp_path / "one.yaml"
     config.write_text("concepts: [{name: seven}]\nsamples: 2\nblock: 1\nbatch: 1\nerase: {steps: 4}\n")
-    assert main(["attribute", "--config", str(config), "--root", str(tmp_path / "r"), "--keep-workers", "--quiet"]) != 0
-    assert "--address auto" in capsys.readouterr().err
-    assert not (tmp_path / "r").exists()
+    for command in ("attribute", "run"):  # `run` hands the flag to each stage
+        assert main([command, "--config", str(config), "--root", str(tmp_path / "r"), "--keep-workers",
+                     "--quiet"]) != 0
+        assert "--address auto" in capsys.readouterr().err
+        assert not (tmp_path / "r").exists()
