@@ -90,10 +90,6 @@ class Attribution:
         """w * dJ/dw in float64: positive induces the concept, negative inhibits it."""
         return {k: self.weights[k].double() * self.grads[k] for k in self.weights}
 
-    def predicted_change(self, masks: dict[str, torch.Tensor]) -> float:
-        """First-order prediction of J(ablated) - J for zeroing the components where `masks` is True."""
-        return -sum(float(self.scores[k][m].sum()) for k, m in masks.items())
-
 
 def reencoded(model, concept: Concept, points: Points) -> Points:
     """The points with their conditioning encoded again from each sample's prompts, under the model's current

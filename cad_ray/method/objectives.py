@@ -119,6 +119,7 @@ def concept_trajectories(model, concept: Concept, prompts: list[str], samples: l
 class EraseObjective:
     name = "erase"
     sign = 1.0
+    phase = 0  # objectives of a later phase are attributed once every earlier one's scores are written
 
     # the config's defaults too (config.EraseOptions): 10 of 50 points give the quality per trajectory of all 50
     def __init__(self, guidance: float | None = None, steps: int | None = None, points_per_sample: int | None = 10,
@@ -204,6 +205,7 @@ class _FusedPoints:
 class AmplifyObjective:
     name = "amplify"
     sign = -1.0
+    phase = 0
 
     def __init__(self, points_per_sample: int = 50, guidance: float | None = None, steps: int | None = None):
         if points_per_sample < 1:
@@ -278,6 +280,7 @@ class ResidualObjective(AmplifyObjective):
     and nothing else (docs/editing.md)."""
 
     name = "residual"
+    phase = 1  # its first edit ranks the other objectives' scores
 
     def __init__(self, after: str, after_ratio: float, **options):  # from the config's `residual` section
         super().__init__(**options)
@@ -286,6 +289,12 @@ class ResidualObjective(AmplifyObjective):
 
 OBJECTIVES = {"erase": EraseObjective, "amplify": AmplifyObjective, "prior": PriorObjective,
               "residual": ResidualObjective}
+
+
+def objective_phase(name: str) -> int:
+    """When a run attributes the objective `name`: after every pair of a lower phase (0 where it names none:
+    conceptprune's statistics)."""
+    return getattr(OBJECTIVES.get(name), "phase", 0)
 
 
 def make_objective(name: str, **options):

@@ -34,7 +34,7 @@ from cad_ray.method.attribution import CAD, GradientSum
 from cad_ray.method.baselines import ConceptPrune
 from cad_ray.method.concepts import build_concept
 from cad_ray.method.editing import edited
-from cad_ray.method.objectives import make_objective
+from cad_ray.method.objectives import make_objective, objective_phase
 from cad_ray.method.scopes import never_selected
 from cad_ray.config import LATER_STAGES, AttributionConfig
 from cad_ray.errors import CadRayError
@@ -337,10 +337,9 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
         by_pair[(shard.concept, shard.objective)].append(shard)
     direct = direct_pairs(config, by_pair, pending)  # computed by their reduce, without a shard file
     results, released = [], 0
-    # the residual objective is attributed on the model its first edit leaves, which ranks the other
-    # objectives' scores: those are written first
-    for residual in (False, True):
-        phase = [p for p in to_finalize if (p[1] == "residual") == residual]
+    # in the order the objectives declare (the residual's first edit ranks the other objectives' scores)
+    for when in sorted({objective_phase(objective) for _, objective in to_finalize}):
+        phase = [p for p in to_finalize if objective_phase(p[1]) == when]
         written = [s for s in pending if (s.concept, s.objective) in phase and (s.concept, s.objective) not in direct]
         for _ in executor.map(AttributionWorker, "run_shard", written, "attribution",
                               total=sum(len(by_pair[p]) for p in phase if p not in direct)):
