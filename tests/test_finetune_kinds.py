@@ -88,3 +88,16 @@ def test_the_esd_baseline_moves_the_weights_of_its_own_scope(small_run, tmp_path
 def test_the_baseline_scope_is_in_the_edit_key_only_where_set():
     assert "scope" not in options(FINETUNE).finetune.key()
     assert options({**FINETUNE, "scope": "ff+attn2+tokens"}).finetune.key()["scope"] == "ff+attn2+tokens"
+
+
+def test_unlearning_fields_added_later_rename_nothing_at_their_defaults():
+    """Edits and image blocks made before `batch` and `timestep_power` keep their names where those are at their
+    defaults; set, they name what they change."""
+    from cad_ray.options.evaluation import FinetuneOptions
+
+    before = FinetuneOptions.model_validate({"unlearning": {"rounds": 3}})
+    for dump in (before.key(), before.named()):
+        assert not {"batch", "timestep_power"} & set(dump["unlearning"])
+    assert "kinds" not in before.named()
+    low = FinetuneOptions.model_validate({"unlearning": {"rounds": 3, "timestep_power": 2}})
+    assert low.key()["unlearning"]["timestep_power"] == low.named()["unlearning"]["timestep_power"] == 2

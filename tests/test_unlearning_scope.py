@@ -56,7 +56,7 @@ def test_a_smaller_batch_keeps_as_many_other_images_a_step(digits_model, monkeyp
              if n.endswith("conv_out.weight")}
     seen = []
     noised = unlearning.noised_batch
-    monkeypatch.setattr(unlearning, "noised_batch", lambda m, x0, g: seen.append(len(x0)) or noised(m, x0, g))
+    monkeypatch.setattr(unlearning, "noised_batch", lambda m, x0, g, *a: seen.append(len(x0)) or noised(m, x0, g, *a))
     for batch in (4, 2):
         seen.clear()
         settings = UnlearningSettings(rounds=1, steps=2, images=4, retain_images=4, batch=batch, sampling_steps=4)

@@ -104,10 +104,26 @@ class FinetuneOptions(Strict):
             del key["unlearning"]["retain_weight"]  # edits made before it keep their key
         if self.unlearning is not None and self.unlearning.match == "pixels":
             del key["unlearning"]["match"]  # edits made before it keep their key
-        for field, default in (("batch", 32), ("timestep_power", 1.0)):
-            if self.unlearning is not None and getattr(self.unlearning, field) == default:
-                del key["unlearning"][field]  # edits made before it keep their key
+        if self.unlearning is not None:
+            key["unlearning"] = without_later_defaults(key["unlearning"])
         return key
+
+    def named(self) -> dict:
+        """The options as image blocks are named by them: `kinds` and the unlearning fields added later only where
+        set, so that images made before them keep their blocks."""
+        dump = self.model_dump(mode="json", exclude={"kinds"} if not self.kinds else None)
+        if dump.get("unlearning"):
+            dump["unlearning"] = without_later_defaults(dump["unlearning"])
+        return dump
+
+
+LATER_UNLEARNING_DEFAULTS = {"batch": 32, "timestep_power": 1.0}  # fields added after edits were made
+
+
+def without_later_defaults(unlearning: dict) -> dict:
+    """An unlearning dump without the later fields at their defaults: what was made before them keeps its name."""
+    return {k: v for k, v in unlearning.items()
+            if k not in LATER_UNLEARNING_DEFAULTS or v != LATER_UNLEARNING_DEFAULTS[k]}
 
 
 class ProbeOptions(Strict):

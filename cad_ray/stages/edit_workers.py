@@ -284,7 +284,7 @@ class Editor:
                 p = weights[name]
                 set_here = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
                 if name in new:
-                    set_here |= new[name].to(p.device) != p.detach()
+                    set_here |= new[name].to(p.device, p.dtype) != p.detach()  # as weights_replaced sets it
                 if name in masks:
                     set_here |= torch.as_tensor(np.asarray(masks[name]), device=p.device).bool()
                 changed += int(set_here.sum())

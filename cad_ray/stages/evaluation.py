@@ -207,10 +207,8 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
     executor.close_pool(EditWorker)
     # what every image depends on besides its row; in each block's name
     meta = {"fingerprint": store.fingerprint, "config_hash": store.manifest["config_hash"],
-            # finetune.kinds only where set: images made before it keep their blocks
-            "images": {k: v for k, v in options.model_dump(
-                mode="json", exclude={"finetune": {"kinds"}} if not options.finetune.kinds else None).items()
-                       if k in ("seed", "steps", "judge", "finetune", "selection")}}
+            "images": {**{k: v for k, v in options.model_dump(mode="json").items()
+                          if k in ("seed", "steps", "judge", "selection")}, "finetune": options.finetune.named()}}
     counts = {"computed": 0, "skipped": 0, "actors": 0}
     metas = {}  # (edit, target) -> its images' meta: a fine-tuned edit's read from its folder once
 

@@ -131,7 +131,7 @@ def build_report(root: str) -> str:
         targets = [t for t in evaluation["target"].unique() if t]
         page["evaluation"] = {
             "images": len(images), "edits": sorted(evaluation["edit"].unique()), "targets": targets,
-            "ratios": sorted(evaluation[~evaluation["edit"].isin(["none", "finetune"])]["ratio"].unique().tolist()),
+            "ratios": sorted(evaluation[evaluation["ratio"] > 0]["ratio"].unique().tolist()),  # 0: no selection
             "table": _edits_table(evaluation),
             "verdicts": _img(erase_verdicts(evaluation), "erase verdicts per target")
             if "picked" in evaluation and evaluation["picked"].any() else None,
@@ -270,7 +270,7 @@ def _image_grids(images: pd.DataFrame, summary: pd.DataFrame, target: str, per_p
             named = [(str(label), rows[rows["label"] == label]) for label in labels]
         named = [(name, list(group["image_png"].head(per_prompt))) for name, group in named if len(group)]
         columns = max(len(pngs) for _, pngs in named)
-        caption = f"{edit}" + (f" ratio {ratio:g}" if edit != "none" else "") + f", guidance {guidance:g}"
+        caption = f"{edit}" + (f" ratio {ratio:g}" if ratio else "") + f", guidance {guidance:g}"
         out.append({"img": _img(_labelled_grid_png(named, columns), caption), "caption": caption})
     return out
 

@@ -103,7 +103,8 @@ def summarize_evaluation(table: pd.DataFrame, reference: np.ndarray | None = Non
         out.append({"edit": edit, "target": target, "selection": selection, "ratio": ratio, "guidance": guidance,
                     "images": len(g), "zeroed": int(g["zeroed"].iloc[0]),
                     # blocks made before the column: unknown
-                    "share": float(g["share"].iloc[0]) if "share" in g else np.nan,
+                    "share": float(g["share"].dropna().iloc[0]) if "share" in g and g["share"].notna().any()
+                    else np.nan,
                     "target_accuracy": now["target"], "target_accuracy_own": now["own"],
                     "target_accuracy_unseen": now["unseen"], "target_accuracy_unedited": before["target"],
                     "others_accuracy": float(np.mean(list(now["others"].values()))) if now["others"] else np.nan,
