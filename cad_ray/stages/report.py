@@ -33,7 +33,7 @@ def _table(frame: pd.DataFrame) -> str:
 
 
 # the edits table's columns a reader compares first; the rest are under "every column"
-EDIT_COLUMNS = ("edit", "target", "selection", "ratio", "share", "guidance", "zeroed", "target_accuracy",
+EDIT_COLUMNS = ("edit", "target", "selection", "ratio", "share", "guidance", "target_accuracy",
                 "target_accuracy_unseen", "others_accuracy", "worst_other_retained", "clean", "best")
 
 
