@@ -100,12 +100,8 @@ class FinetuneOptions(Strict):
                               | ({"kinds"} if not self.kinds else set()))
         if self.unlearning is not None and self.unlearning.target != "images":
             del key["unlearning"]["images_from"]  # read by the images target only
-        if self.unlearning is not None and self.unlearning.retain_weight == 1.0:
-            del key["unlearning"]["retain_weight"]  # edits made before it keep their key
-        if self.unlearning is not None and self.unlearning.match == "pixels":
-            del key["unlearning"]["match"]  # edits made before it keep their key
-        if self.unlearning is not None:
-            key["unlearning"] = without_later_defaults(key["unlearning"])
+        if self.unlearning is not None:  # edits made before a field keep their key
+            key["unlearning"] = without_later_defaults(key["unlearning"], LATER_EDIT_KEY_DEFAULTS)
         return key
 
     def named(self) -> dict:
@@ -117,13 +113,15 @@ class FinetuneOptions(Strict):
         return dump
 
 
-LATER_UNLEARNING_DEFAULTS = {"batch": 32, "timestep_power": 1.0}  # fields added after edits were made
+# unlearning fields added after image blocks were named, and after edits were keyed (a longer list: the blocks'
+# names held retain_weight and match from the start)
+LATER_UNLEARNING_DEFAULTS = {"batch": 32, "timestep_power": 1.0}
+LATER_EDIT_KEY_DEFAULTS = {**LATER_UNLEARNING_DEFAULTS, "retain_weight": 1.0, "match": "pixels"}
 
 
-def without_later_defaults(unlearning: dict) -> dict:
+def without_later_defaults(unlearning: dict, defaults: dict = LATER_UNLEARNING_DEFAULTS) -> dict:
     """An unlearning dump without the later fields at their defaults: what was made before them keeps its name."""
-    return {k: v for k, v in unlearning.items()
-            if k not in LATER_UNLEARNING_DEFAULTS or v != LATER_UNLEARNING_DEFAULTS[k]}
+    return {k: v for k, v in unlearning.items() if k not in defaults or v != defaults[k]}
 
 
 class ProbeOptions(Strict):
