@@ -45,6 +45,21 @@ def test_same_seed_same_images_however_the_batch_is_cut(digits_model):
     assert np.abs(other_seed[0] - both[0]).max() > 1e-3
 
 
+def test_batched_predictions_are_the_separate_ones(digits_model):
+    # the unlearning steps stack their calls into one: that must not change what each call predicts
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, *digits_model.latent_shape, generator=g)
+    own, empty = digits_model.encode(["a three"] * 4), digits_model.encode([""])
+    calls = [(x[:4], torch.tensor([10, 200, 500, 900]), own), (x[4:], 300, empty.expand(2, *empty.shape[1:]))]
+    with torch.no_grad():
+        batched = digits_model.predict_noise_batched(calls)
+        separate = [digits_model.predict_noise(*call) for call in calls]
+    assert [b.shape for b in batched] == [(4, *digits_model.latent_shape), (2, *digits_model.latent_shape)]
+    for b, s in zip(batched, separate):
+        torch.testing.assert_close(b, s, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(batched[0][:2], batched[1])  # the conditions and times reached their rows
+
+
 def test_tiny_stable_diffusion_loads_from_a_folder_and_samples(tiny_sd_folder):
     model = load_model(tiny_sd_folder)
     assert model.kind == "stable-diffusion"

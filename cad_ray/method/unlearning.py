@@ -140,13 +140,18 @@ def adversarial_finetune(model, concept, word: str, others: dict[str, list[str]]
                             empty.expand(len(images), *empty.shape[1:])]
                     # every target before any forward pass that backward needs: swapping the weights in place
                     # after one would change what it saved
-                    target, kept_targets = unedited(lambda: (
-                        _target(model, x_t, t, conditions, rows, others, settings, x0[rows], pool),
-                        [model.predict_noise(y_t, s, c) for c in keep]))
+                    def unedited_targets():
+                        own, base, *kept_targets = model.predict_noise_batched(
+                            [(x_t, t, conditions[0]), (x_t, t, conditions[1])] + [(y_t, s, c) for c in keep])
+                        return _target(model, x_t, t, own, base, len(conditions), rows, others, settings,
+                                       x0[rows], pool), kept_targets
+
+                    target, kept_targets = unedited(unedited_targets)
                 targets = target if isinstance(target, list) else [target] * len(conditions)
-                loss = sum((model.predict_noise(x_t, t, c) - k).pow(2).mean() for c, k in zip(conditions, targets))
-                loss = loss + settings.retain_weight * sum((model.predict_noise(y_t, s, c) - k).pow(2).mean()
-                                                           for c, k in zip(keep, kept_targets))
+                out = model.predict_noise_batched([(x_t, t, c) for c in conditions] + [(y_t, s, c) for c in keep])
+                loss = sum((o - k).pow(2).mean() for o, k in zip(out, targets))
+                loss = loss + settings.retain_weight * sum((o - k).pow(2).mean()
+                                                           for o, k in zip(out[len(conditions):], kept_targets))
                 optimizer.zero_grad()
                 loss.backward()
                 for n, p in moving.items():
@@ -177,11 +182,11 @@ def nearest_images(x0: torch.Tensor, pool: torch.Tensor, match: str = "pixels") 
     return pool[torch.cdist(seen(x0), seen(pool)).argmin(1)]
 
 
-def _target(model, x_t, t, conditions, rows, others, settings: UnlearningSettings, x0=None, pool=None):
-    """What the edited model should predict at (x_t, t) under every condition (on the unedited weights)."""
-    own = model.predict_noise(x_t, t, conditions[0])
+def _target(model, x_t, t, own, base, conditions: int, rows, others, settings: UnlearningSettings, x0=None,
+            pool=None):
+    """What the edited model should predict at (x_t, t) under each of `conditions` conditions (on the unedited
+    weights), from its predictions under the concept's prompts (`own`) and the empty prompt (`base`)."""
     if settings.target in ("esd", "images"):
-        base = model.predict_noise(x_t, t, conditions[1])
         esd = base - settings.eta * (own - base)
         if settings.target == "esd":
             return esd
@@ -196,7 +201,7 @@ def _target(model, x_t, t, conditions, rows, others, settings: UnlearningSetting
         # there and pushed from the concept as ESD does, so that guidance toward them draws no concept either
         empty = torch.where(late.to(x_t.device), other, base)
         worded = empty - settings.eta * (own - base)
-        return [worded, empty] + [worded] * (len(conditions) - 2)
+        return [worded, empty] + [worded] * (conditions - 2)
     candidates = torch.stack([model.predict_noise(x_t, t, model.encode([p[int(r) % len(p)] for r in rows]))
                               for p in others.values()])
     distance = (candidates - own[None]).pow(2).flatten(2).mean(-1)

@@ -178,6 +178,17 @@ class TextToImageModel:
         t = t.to(x_t.device).expand(x_t.shape[0]) if t.dim() == 0 else t.to(x_t.device)
         return self.unet(x_t, t, encoder_hidden_states=cond, return_dict=False)[0]
 
+    def predict_noise_batched(self, calls: Sequence[tuple]) -> list[torch.Tensor]:
+        """`predict_noise` of every (x_t, t, cond) of `calls` in one UNet call, split back: on a small model much
+        of a call's cost is fixed, so one call of many images is cheaper than several small ones. Conditions of different lengths cannot be stacked; those calls run one by one."""
+        if len({tuple(c.shape[1:]) for _, _, c in calls}) > 1 or len(calls) < 2:
+            return [self.predict_noise(*call) for call in calls]
+        times = [torch.as_tensor(t, device=x.device).expand(x.shape[0]) if torch.as_tensor(t).dim() == 0
+                 else torch.as_tensor(t).to(x.device) for x, t, _ in calls]
+        out = self.predict_noise(torch.cat([x for x, _, _ in calls]), torch.cat(times),
+                                 torch.cat([c for _, _, c in calls]))
+        return list(out.split([x.shape[0] for x, _, _ in calls]))
+
     def new_scheduler(self, steps: int):
         """A fresh copy of the sampling scheduler set to `steps` (schedulers carry state while sampling)."""
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
