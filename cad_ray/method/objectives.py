@@ -121,7 +121,7 @@ class EraseObjective:
     sign = 1.0
     phase = 0  # objectives of a later phase are attributed once every earlier one's scores are written
 
-    # the config's defaults too (config.EraseOptions): 10 of 50 points give the quality per trajectory of all 50
+    # the config's defaults too (config.EraseOptions; why 10 points: docs/benchmarks.md)
     def __init__(self, guidance: float | None = None, steps: int | None = None, points_per_sample: int | None = 10,
                  fused: bool = False):
         self.guidance, self.steps, self.points_per_sample = guidance, steps, points_per_sample
@@ -274,8 +274,8 @@ class ResidualObjective(AmplifyObjective):
     (`AttributionWorker.first_edit`).
 
     Why: a zeroed word is not an absent word. On the digits model every prompt whose digit words are zeroed
-    draws the same images, and they are threes 27% and nines 17% of the time (128 images), against 12.5% with
-    no digit word; so zeroing three's words leaves three at that rate. The residual scores find, contrasted
+    draws the same images, more often threes and nines than a prompt with no digit word does (docs/editing.md);
+    so zeroing three's words leaves three at that rate. The residual scores find, contrasted
     against the other concepts' residuals, the cross-attention components that draw three from the zeroed word
     and nothing else (docs/editing.md)."""
 

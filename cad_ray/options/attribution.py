@@ -12,15 +12,12 @@ from cad_ray.options.base import ScoredName, Strict, no_duplicates
 class EraseOptions(Strict):
     guidance: float | None = Field(None, description="guidance of the concept trajectories (default: model's)")
     steps: int | None = Field(None, ge=1, description="sampling steps T (default: model's, 50)")
-    points_per_sample: int | None = Field(10, ge=1, description="x_t kept per trajectory (null: all T). 10 of 50 "
-                                          "give the quality per trajectory of all 50 at about half the cost "
-                                          "(docs/benchmarks.md, speed at equal quality)")
+    points_per_sample: int | None = Field(10, ge=1, description="x_t kept per trajectory (null: all T): fewer "
+                                          "points cost less a trajectory and tell less (docs/benchmarks.md, "
+                                          "speed at equal quality)")
     fused: bool = Field(False, description="compute the points' forward pass inside the sampler's guided step "
-                        "instead of a second pass: 1.35x faster where the UNet's arithmetic dominates (tiny SD at "
-                        "32x32 latents, CPU) or where every step is a point (tiny SD at 8x8 with steps 15 and "
-                        "points_per_sample null: 20% less time at equal quality), slower for small models in small "
-                        "batches (the digits model: 1.7x); "
-                        "docs/benchmarks.md. Runs separate passes where it cannot fuse: a concept whose base prompt "
+                        "instead of a second pass: faster where the UNet's arithmetic dominates its calls or where "
+                        "every step is a point, slower for small models in small batches (docs/benchmarks.md). Runs separate passes where it cannot fuse: a concept whose base prompt "
                         "is not the empty prompt (colours), a scope in the text encoder, a batch larger than "
                         "chunk_size; the option still counts in the config hash")
 

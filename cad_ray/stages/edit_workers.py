@@ -365,7 +365,7 @@ class ImageJudge(Editor):
 
 def brightness(images: np.ndarray) -> list[float]:
     """Each image's bright end: the 99th percentile over pixels of the brightest channel. The judges read a digit
-    that an edit left nearly black (six's tokens+ff pick, docs/editing.md) as that digit; this sees it."""
+    that an edit left nearly black as that digit (docs/editing.md); this sees it."""
     lit = np.clip(np.asarray(images, dtype=np.float32), 0, 1).max(axis=-1).reshape(len(images), -1)
     return [float(v) for v in np.percentile(lit, 99, axis=1)]
 

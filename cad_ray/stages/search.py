@@ -90,8 +90,8 @@ def checked_index(clean: list[bool], margin: int) -> int | None:
 def search_rounds(options: EvaluationOptions, prompts: pd.DataFrame, judge) -> tuple[dict, int]:
     """The search, on the selection split only. First round: the unedited model, and every candidate (edit,
     target, selection) at every ratio of the grid, judging only the rows that ask for the target: not a
-    bisection, because zeroing more does not always keep the target away (a union drew three again at 5% where
-    1% was clean; eight's words were clean at 5-7% and not at 15%, docs/editing.md). Then the other rows, at
+    bisection, because zeroing more does not always keep the target away (a larger ratio can draw the target
+    again where a smaller one was clean: docs/editing.md). Then the other rows, at
     each candidate's `checked_index`, best first: a round checks, per (edit, target) still without a passing
     setting, the candidates tied at the lowest target accuracy there. The rule (`choose_settings`) picks the
     lowest target accuracy among the settings that pass, so a candidate behind one that passed cannot win and

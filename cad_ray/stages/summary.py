@@ -55,8 +55,8 @@ def retained(edited: dict, unedited: dict) -> float:
 def brightness_kept(rows: pd.DataFrame, unedited: pd.DataFrame, target: str) -> float:
     """How bright the images that should stay (those not asking for the target) are beside the unedited image of
     the same prompt and seed: min(1, edited / unedited), averaged per colour asked (the colour-free prompts are
-    one group), the worst group's mean: an edit can dim one colour's images alone (a union with a feed-forward
-    part left two's other digits asked in blue at 0.41 while the rest stayed at 0.92-1.00). NaN where the
+    one group), the worst group's mean: an edit can dim one colour's images alone while the rest keep their
+    brightness (docs/editing.md). NaN where the
     table has no brightness (tables written before it) or no such pairs."""
     if "brightness" not in rows or "brightness" not in unedited:
         return float("nan")

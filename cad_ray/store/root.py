@@ -186,7 +186,7 @@ class RunRoot(RootLock):
         """Stream tables into one Parquet file (zstd, large row groups unless `row_group_size` says otherwise) that
         appears only when complete. `byte_stream_split`: float columns stored byte plane by byte plane (Parquet's
         BYTE_STREAM_SPLIT), which zstd compresses better where the low bytes of the values carry little (a
-        float64 partial sum of float32 gradients: about 35% smaller on the digits model, and faster)."""
+        float64 partial sum of float32 gradients; docs/benchmarks.md)."""
         if metadata is not None:
             schema = schema.with_metadata({METADATA_KEY: json.dumps(metadata, sort_keys=True).encode()})
         # page checksums: a reader that decodes only some columns (ScoreStore.top reads the score column and a few
