@@ -124,7 +124,7 @@ def test_guidance_reads_every_prediction_type_as_noise_and_back(kind):
         torch.testing.assert_close(_epsilon(kind, alpha.sqrt() * eps - (1 - alpha).sqrt() * x0, x, alpha), eps)
 
 
-def test_probe_blocks_are_judged_beside_their_ceiling_and_resume(small_run, tmp_path):
+def test_probe_blocks_are_judged_beside_their_ceiling_and_resume(small_run, tmp_path, monkeypatch):
     """The probing stage after an evaluation: every unit's images judged (the edit's, the unedited model's, the
     never-learned reference's), summarised beside the ceiling and the reference; a second run computes nothing,
     and a lost part is all that is made again, equal to the first time."""
@@ -157,10 +157,18 @@ def test_probe_blocks_are_judged_beside_their_ceiling_and_resume(small_run, tmp_
 
     again = run_evaluation(config, root, local=True, progress=False)["probes"]
     assert again["units_computed"] == 0
+    # the target's start images are drawn once into _probe_images/; a unit made again in a new worker reads
+    # them there (not drawn again) and makes the same images as the first, which drew them
+    starts = sorted((Path(root) / "_probe_images").glob("*.parquet"))
+    assert len(starts) == 1  # one target
+    written = starts[0].stat().st_mtime_ns
     parts = sorted((Path(root) / "_probes").glob("*.parquet"))
     parts[0].unlink()
-    third = run_evaluation(config, root, local=True, progress=False)["probes"]
+    with monkeypatch.context() as patched:
+        patched.setattr("cad_ray.stages.probing.concept_images", lambda *a, **k: pytest.fail("drawn again"))
+        third = run_evaluation(config, root, local=True, progress=False)["probes"]
     assert third["units_computed"] == 1
+    assert starts[0].stat().st_mtime_ns == written
     pd.testing.assert_frame_equal(pd.read_parquet(Path(root) / "probes"), images)
     # no image depends on the margin or on the other targets' references: changing them makes nothing again
     probe = {**PROBE_EVALUATION["probe"], "margin": 1.0, "references": {"seven": str(NEVER_THREE),

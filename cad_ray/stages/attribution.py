@@ -47,7 +47,7 @@ WEIGHT_ROW_GROUP_SIZE = 1 << 16  # 256 KB of float32 weights: a look-up of 100 r
 # what later stages derive from the scores; removed with them by --overwrite
 DOWNSTREAM = ("_validation", "_validation.json", "validation", "validation_summary", "localization", "overlap",
               "_evaluation", "evaluation", "evaluation_summary", "edits", "plots", "report.html",
-              "_probes", "probes", "probe_summary", "probe_verdicts")
+              "_probes", "_probe_images", "probes", "probe_summary", "probe_verdicts")
 
 
 @dataclass(frozen=True)

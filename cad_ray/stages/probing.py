@@ -1,7 +1,9 @@
 """The probing stage: is an erased concept gone from the model, or only from the words that ask for it?
 
 Runs after the evaluation (it reads evaluation_summary/, the settings each edit was judged at) when the config's
-`evaluation.probes` names probes (`cad_ray.method.probes`). Units: (edit setting, target, probe), on actors that
+`evaluation.probes` names probes (`cad_ray.method.probes`). First the unedited model's images of each target that
+the attacks learn from and completion starts from are drawn, once per target, into `_probe_images/` (every unit of
+the target on every worker reads them there rather than drawing them again). Units: (edit setting, target, probe), on actors that
 hold the model; each unit's judged images are written as one part file under `_probes/` as it finishes, named by
 a hash of the unit and of everything its images depend on, so that a killed driver resumes and a part from other
 options is never taken. Every probe also runs on the unedited model (`none`: the ceiling) and, where
@@ -21,6 +23,7 @@ from contextlib import nullcontext
 
 import numpy as np
 import pandas as pd
+import torch
 
 from cad_ray.config import AttributionConfig
 from cad_ray.errors import CadRayError
@@ -35,6 +38,7 @@ from cad_ray.stages.panels import target_kind
 from cad_ray.store import PART_FILE, RunRoot, ScoreStore
 
 UNIT_KEY = ["edit", "target", "selection", "ratio", "guidance", "probe"]
+START_IMAGES = "_probe_images"
 NEVER_LEARNED = "never-learned"
 RULED = ("inversion", "completion")  # the probes of the extended clean rule (docs/editing.md)
 
@@ -66,14 +70,23 @@ class ProbeWorker(ImageJudge):
     images judged by the evaluation's judges. The attacks learn from the unedited model's images of the target,
     the same for every edit (seeded by the target), and are sampled on seeds they never saw."""
 
+    def start_images(self, target: str) -> np.ndarray:
+        """The unedited model's images of `target` that its units need (the stage's first call per target)."""
+        return torch.cat(self._start_images(target)).cpu().numpy()
+
     def _start_images(self, target: str):
-        """(images the attacks learn from, images completion starts from): the unedited model's."""
+        """(images the attacks learn from, images completion starts from): the unedited model's, read from
+        `_probe_images/` where the stage wrote them, else drawn."""
         key = ("probe-images", target)
         if key not in self.cache:
             probe = self.options.probe
-            prompts = list(self._concept(target).prompts)
-            x0 = concept_images(self.model, prompts, probe.images + probe.samples,
-                                derive_seed(self.options.seed, "probe-images", target), steps=self.options.steps)
+            name = start_part(target, probe_meta(self.config, self.store))
+            if self.run.footer(START_IMAGES, name) is not None:
+                x0 = read_start_images(self.run, name).to(self.model.device, self.model.dtype)
+            else:
+                prompts = list(self._concept(target).prompts)
+                x0 = concept_images(self.model, prompts, probe.images + probe.samples,
+                                    derive_seed(self.options.seed, "probe-images", target), steps=self.options.steps)
             self.cache[key] = (x0[:probe.images], x0[probe.images:])
         return self.cache[key]
 
@@ -154,6 +167,27 @@ def probe_meta(config: AttributionConfig, store: ScoreStore) -> dict:
             "evaluation": options.options_hash(lists=False), "probe": options.probe.model_dump(mode="json", exclude=unused)}
 
 
+def start_part(target: str, meta: dict) -> str:
+    text = json.dumps({"start_images": target, "meta": meta}, sort_keys=True, default=str)
+    return f"target-{hashlib.sha256(text.encode()).hexdigest()[:20]}.parquet"
+
+
+def write_start_images(run_root: RunRoot, name: str, images: np.ndarray, meta: dict) -> None:
+    import pyarrow as pa
+
+    flat = np.ascontiguousarray(images, dtype=np.float32).reshape(len(images), -1)
+    table = pa.table({"image": np.arange(len(images)),
+                      "latent": pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])})
+    run_root.write_table(table, START_IMAGES, name, metadata={**meta, "shape": list(images.shape)})
+
+
+def read_start_images(run_root: RunRoot, name: str) -> torch.Tensor:
+    table = run_root.read_table(START_IMAGES, name)
+    shape = run_root.footer(START_IMAGES, name).metadata["shape"]
+    flat = table.column("latent").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return torch.from_numpy(flat.reshape(shape).copy())
+
+
 def part_name(unit: dict, meta: dict) -> str:
     text = json.dumps({"unit": unit, "meta": meta}, sort_keys=True, default=str)
     return f"unit-{hashlib.sha256(text.encode()).hexdigest()[:20]}.parquet"
@@ -225,10 +259,15 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
     units = probe_units(evaluation, options)
     if overwrite:
         run_root.remove("_probes")
+        run_root.remove(START_IMAGES)
     metas = [setting_meta(meta, run_root, options, u["edit"], u["target"]) for u in units]
     names = {part_name(u, m): (u, m) for u, m in zip(units, metas)}
     pending = {n: u for n, (u, _) in names.items() if run_root.footer("_probes", n) is None}
     part_of = {json.dumps(u, sort_keys=True): n for n, u in pending.items()}  # a finished unit's part
+    targets = sorted({u["target"] for u in pending.values()})
+    drawn = [t for t in targets if run_root.footer(START_IMAGES, start_part(t, meta)) is None]
+    for target, images in executor.map(ProbeWorker, "start_images", drawn, "probe images"):
+        write_start_images(run_root, start_part(target, meta), images, meta)
     for unit, rows in executor.map(ProbeWorker, "probe", list(pending.values()), "probes", total=len(units)):
         name = part_of[json.dumps(unit, sort_keys=True)]
         run_root.write_table(pa.Table.from_pandas(rows, preserve_index=False), "_probes", name,
