@@ -240,8 +240,9 @@ def _edit_on_finetuned(args: argparse.Namespace, edit, store, model, selection, 
         EditWorker(config, args.root).make(finetuned, args.target)
     editor = Editor(config, run, model, store)
     text = str(selection) if selection is not None else ""
-    with editor.applied(edit.name, args.target, text, args.ratio or 1.0):
+    ratio = 0.0 if args.ratio is None else args.ratio  # a fine-tuned edit alone: no selection's ratio
+    with editor.applied(edit.name, args.target, text, ratio):
         model.save_pretrained(tmp)
-    zeroed = editor.zeroed(edit.name, args.target, text, args.ratio or 1.0)
+    zeroed = editor.zeroed(edit.name, args.target, text, ratio)
     where = run.uri_under(*edit_folder(finetuned, args.target))
     return f"fine-tuned ({where})" + (f", then {zeroed} components zeroed ({selection})" if edit.zeroes else "")
