@@ -2,9 +2,9 @@
 
 Runs after the evaluation (it reads evaluation_summary/, the settings each edit was judged at) when the config's
 `evaluation.probes` names probes (`cad_ray.method.probes`). First the unedited model's images of each target that
-the attacks learn from and completion starts from are drawn, once per target, into `_probe_images/` (every unit of
-the target on every worker reads them there rather than drawing them again). Units: (edit setting, target, probe), on actors that
-hold the model; each unit's judged images are written as one part file under `_probes/` as it finishes, named by
+the attacks learn from and completion starts from are drawn, once per target, into `_probe_images/`: every unit of
+the target, on any worker, reads them there. Units: (edit setting, target, probe), on actors that hold the model;
+each unit's judged images are written as one part file under `_probes/` as it finishes, named by
 a hash of the unit and of everything its images depend on, so that a killed driver resumes and a part from other
 options is never taken. Every probe also runs on the unedited model (`none`: the ceiling) and, where
 `evaluation.probe.references` names one, on a model trained without the target (`never-learned`: the level an
