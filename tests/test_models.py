@@ -57,7 +57,10 @@ def test_batched_predictions_are_the_separate_ones(digits_model):
     assert [b.shape for b in batched] == [(4, *digits_model.latent_shape), (2, *digits_model.latent_shape)]
     for b, s in zip(batched, separate):
         torch.testing.assert_close(b, s, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(batched[0][:2], batched[1])  # the conditions and times reached their rows
+    # a time and a condition given once stand for every image of their call, as predict_noise reads them
+    once = digits_model.predict_noise_batched([(x[:4], 10, own[:1]), (x[4:], torch.tensor([300]), empty)])
+    torch.testing.assert_close(once[0], digits_model.predict_noise(x[:4], 10, own), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(once[1], separate[1], rtol=1e-4, atol=1e-5)
 
 
 def test_tiny_stable_diffusion_loads_from_a_folder_and_samples(tiny_sd_folder):

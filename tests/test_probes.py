@@ -163,7 +163,9 @@ def test_probe_blocks_are_judged_beside_their_ceiling_and_resume(small_run, tmp_
     assert len(starts) == 1  # one target
     written = starts[0].stat().st_mtime_ns
     parts = sorted((Path(root) / "_probes").glob("*.parquet"))
-    parts[0].unlink()
+    completion = next(p for p in parts if pd.read_parquet(p, columns=["probe", "edit"]).iloc[0].tolist()
+                      == ["completion", "cad-erase"])  # its strength-0 images are the start images themselves
+    completion.unlink()
     with monkeypatch.context() as patched:
         patched.setattr("cad_ray.stages.probing.concept_images", lambda *a, **k: pytest.fail("drawn again"))
         third = run_evaluation(config, root, local=True, progress=False)["probes"]

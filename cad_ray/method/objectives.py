@@ -275,7 +275,7 @@ class ResidualObjective(AmplifyObjective):
 
     Why: a zeroed word is not an absent word. On the digits model every prompt whose digit words are zeroed
     draws the same images, more often threes and nines than a prompt with no digit word does (docs/editing.md);
-    so zeroing three's words leaves three at that rate. The residual scores find, contrasted
+    so zeroing three's words leaves three drawn. The residual scores find, contrasted
     against the other concepts' residuals, the cross-attention components that draw three from the zeroed word
     and nothing else (docs/editing.md)."""
 

@@ -180,13 +180,14 @@ class TextToImageModel:
 
     def predict_noise_batched(self, calls: Sequence[tuple]) -> list[torch.Tensor]:
         """`predict_noise` of every (x_t, t, cond) of `calls` in one UNet call, split back: on a small model much
-        of a call's cost is fixed, so one call of many images is cheaper than several small ones. Conditions of different lengths cannot be stacked; those calls run one by one."""
+        of a call's cost is fixed, so one call of many images is cheaper than several small ones. A time or a
+        condition given once for the call's images is repeated for each. Where the conditions' lengths differ
+        they cannot be stacked, and every call runs on its own."""
         if len({tuple(c.shape[1:]) for _, _, c in calls}) > 1 or len(calls) < 2:
             return [self.predict_noise(*call) for call in calls]
-        times = [torch.as_tensor(t, device=x.device).expand(x.shape[0]) if torch.as_tensor(t).dim() == 0
-                 else torch.as_tensor(t).to(x.device) for x, t, _ in calls]
-        out = self.predict_noise(torch.cat([x for x, _, _ in calls]), torch.cat(times),
-                                 torch.cat([c for _, _, c in calls]))
+        times = [torch.as_tensor(t).to(x.device).reshape(-1).expand(x.shape[0]) for x, t, _ in calls]
+        conds = [c.expand(x.shape[0], *c.shape[1:]) for x, _, c in calls]
+        out = self.predict_noise(torch.cat([x for x, _, _ in calls]), torch.cat(times), torch.cat(conds))
         return list(out.split([x.shape[0] for x, _, _ in calls]))
 
     def new_scheduler(self, steps: int):

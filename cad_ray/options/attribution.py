@@ -17,9 +17,10 @@ class EraseOptions(Strict):
                                           "speed at equal quality)")
     fused: bool = Field(False, description="compute the points' forward pass inside the sampler's guided step "
                         "instead of a second pass: faster where the UNet's arithmetic dominates its calls or where "
-                        "every step is a point, slower for small models in small batches (docs/benchmarks.md). Runs separate passes where it cannot fuse: a concept whose base prompt "
-                        "is not the empty prompt (colours), a scope in the text encoder, a batch larger than "
-                        "chunk_size; the option still counts in the config hash")
+                        "every step is a point, slower for small models in small batches (docs/benchmarks.md). "
+                        "Runs separate passes where it cannot fuse: a concept whose base prompt is not the empty "
+                        "prompt (colours), a scope in the text encoder, a batch larger than chunk_size; the option "
+                        "still counts in the config hash")
 
 
 class AmplifyOptions(Strict):

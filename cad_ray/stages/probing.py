@@ -72,7 +72,7 @@ class ProbeWorker(ImageJudge):
 
     def start_images(self, target: str) -> np.ndarray:
         """The unedited model's images of `target` that its units need (the stage's first call per target)."""
-        return torch.cat(self._start_images(target)).cpu().numpy()
+        return torch.cat(self._start_images(target)).float().cpu().numpy()
 
     def _start_images(self, target: str):
         """(images the attacks learn from, images completion starts from): the unedited model's, read from
