@@ -327,7 +327,7 @@ def attribution_probe(folder: Path, args, config_path: Path) -> dict:
     from cad_ray.method.concepts import build_concept
     from cad_ray.method.objectives import Points, concept_trajectories, point_values
     from cad_ray.models import load_model
-    from cad_ray.stages.attribution import objective_for
+    from cad_ray.stages.attribution_worker import objective_for
 
     config = load_config(config_path)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

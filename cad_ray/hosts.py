@@ -8,7 +8,9 @@ from cad_ray.config import AttributionConfig
 
 class WorkerHost:
     """What a Ray actor holds: a stage's worker (`worker_class(config, root)`), built on the first call so that
-    its errors (a missing model, an unknown prompt word) come back as the task's exception, not a dead actor."""
+    its errors (a missing model, an unknown prompt word) come back as the task's exception, not a dead actor.
+    `worker_class` is the class or its path, "module:Class", imported here on the worker (the attribution
+    stage's driver never imports its worker: it would import torch)."""
 
     def __init__(self, worker_class, config: AttributionConfig, root: str, threads: int | None = None):
         self.worker_class, self.config, self.root, self.threads, self.worker = worker_class, config, root, threads, None
@@ -21,10 +23,20 @@ class WorkerHost:
             torch.set_num_threads(self.threads)
         try:
             if self.worker is None:
-                self.worker = self.worker_class(self.config, self.root)
+                self.worker = worker_class(self.worker_class)(self.config, self.root)
             return getattr(self.worker, method)(*args)
         finally:
             torch.set_num_threads(previous)
+
+
+def worker_class(reference):
+    """A worker class given as itself or as its path, "module:Class"."""
+    if not isinstance(reference, str):
+        return reference
+    import importlib
+
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 KEPT_NAMESPACE = "cad-ray"  # the Ray namespace of the workers kept across commands

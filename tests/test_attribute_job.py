@@ -140,7 +140,7 @@ def test_shards_are_removed_and_a_damaged_table_is_repaired_by_recomputing_them(
 def test_a_run_stopped_between_reduces_keeps_only_the_unreduced_pairs_shards(small_run, tmp_path, monkeypatch):
     """Stopped after the first (concept, objective) is reduced: its shards are gone, the others' are kept, and the
     same command again reduces those without computing a shard and gives the uninterrupted run's tables."""
-    from cad_ray.stages.attribution import AttributionWorker
+    from cad_ray.stages.attribution_worker import AttributionWorker
 
     reduce = AttributionWorker.finalize
 
@@ -272,7 +272,7 @@ def test_derived_weight_and_grad_equal_what_the_estimator_computed(small_run, di
     weight) and they equal the estimator's own weight and mean gradient (what the tables stored before)."""
     from cad_ray.method.attribution import CAD
     from cad_ray.method.concepts import build_concept
-    from cad_ray.stages.attribution import objective_for
+    from cad_ray.stages.attribution_worker import objective_for
 
     config = small_config()
     estimator = CAD(digits_model, objective_for(config, "erase"), config.scope, config.chunk_size, config.seed,

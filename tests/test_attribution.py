@@ -157,7 +157,7 @@ def test_zeroing_top_components_erases_far_more_than_random(digits_model):
 def test_the_fused_option_reaches_the_objective_and_counts_in_the_config_hash_only_when_on():
     from conftest import SMALL, small_config
 
-    from cad_ray.stages.attribution import objective_for
+    from cad_ray.stages.attribution_worker import objective_for
 
     plain, off, on = small_config(), small_config(erase={**SMALL.get("erase", {}), "fused": False}), \
         small_config(erase={**SMALL.get("erase", {}), "fused": True})

@@ -2,6 +2,9 @@
 and the next command, for another concept, runs on them without starting a process or loading the model, with
 the same tables as a run of its own."""
 
+import subprocess
+import sys
+
 import pandas as pd
 import pytest
 import ray
@@ -75,3 +78,16 @@ def test_keeping_workers_needs_a_running_cluster(tmp_path, capsys, monkeypatch):
                      "--quiet"]) != 0
         assert "--address auto" in capsys.readouterr().err
         assert not (tmp_path / "r").exists()
+
+
+def test_the_attribution_driver_never_imports_torch(tmp_path):
+    # on kept workers the driver's start is a command's fixed cost, and torch is a second of it (docs/benchmarks.md)
+    config = tmp_path / "one.yaml"
+    config.write_text("concepts: [{name: seven}]\nsamples: 2\nblock: 2\nbatch: 2\n")
+    probe = ("import sys\nfrom cad_ray.config import load_config\n"
+             f"load_config({str(config)!r}, {{'workers': None, 'device': None}})\n"
+             "import cad_ray.cli, cad_ray.commands.attribution, cad_ray.distributed, cad_ray.stages.attribution\n"
+             "from cad_ray.stages.attribution import WORKER\n"
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -242,7 +242,7 @@ def test_top_falls_back_to_the_join_when_the_weights_are_not_in_score_order(smal
 # --- a pair of one shard -----------------------------------------------------------------------------------
 
 def test_a_single_shard_pair_writes_no_shard_file_and_the_same_tables(tmp_path, monkeypatch):
-    from cad_ray.stages.attribution import AttributionWorker
+    from cad_ray.stages.attribution_worker import AttributionWorker
 
     one = dict(samples=2, block=2, batch=2)
     kept = str(tmp_path / "kept")  # the shards written to _shards/ and reduced from the files

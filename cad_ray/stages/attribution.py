@@ -2,7 +2,8 @@
 
 - units: shards, (concept, objective, block of sample indices), keyed by the config hash and the model's
   fingerprint (`plan_shards`, `shard_status`);
-- one unit: `AttributionWorker.run_shard` writes the shard's partial gradient sum to `_shards/`;
+- one unit: `AttributionWorker.run_shard` (cad_ray.stages.attribution_worker) writes the shard's partial
+  gradient sum to `_shards/`;
 - finish: `AttributionWorker.finalize` adds a (concept, objective)'s shards in shard order and writes
   scores/, neurons/ and layers/; once those are read back whole the driver removes the pair's shards
   (`release_shards`; `keep_shards: true` keeps them), and `mark_complete` marks the manifest.
@@ -20,30 +21,20 @@ resume stays exact with or without them.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 
 from cad_ray import __version__
-from cad_ray.method.attribution import CAD, GradientSum
-from cad_ray.method.baselines import ConceptPrune
-from cad_ray.method.concepts import build_concept
-from cad_ray.method.editing import edited
-from cad_ray.method.objectives import make_objective, objective_phase
-from cad_ray.method.scopes import never_selected
 from cad_ray.config import LATER_STAGES, AttributionConfig
 from cad_ray.errors import CadRayError
-from cad_ray.stages.models import model_for
-from cad_ray.store import (METADATA_KEY, PART_FILE, SCORE_SCHEMA, WEIGHT_SCHEMA, RunRoot, ScoreStore, aggregate_tables,
-                           is_damage, partition, score_parts, table_metadata, weight_parts)
+from cad_ray.store import PART_FILE, RunRoot, partition
 
 RESULT_TABLES = ("scores", "neurons", "layers")
-WEIGHT_ROW_GROUP_SIZE = 1 << 16  # 256 KB of float32 weights: a look-up of 100 rows reads at most 100 of them
+# the worker by its path, not its class: the driver plans and orders the units without importing torch
+WORKER = "cad_ray.stages.attribution_worker:AttributionWorker"
 # what later stages derive from the scores; removed with them by --overwrite
 DOWNSTREAM = ("_validation", "_validation.json", "validation", "validation_summary", "localization", "overlap",
               "_evaluation", "evaluation", "evaluation_summary", "edits", "plots", "report.html",
@@ -72,119 +63,6 @@ def plan_shards(config: AttributionConfig) -> list[Shard]:
     return shards
 
 
-def objective_for(config: AttributionConfig, name: str, points_per_sample: int | None = None):
-    """The config's objective; `points_per_sample` (when given) overrides the config's."""
-    options = getattr(config, name).model_dump()
-    if points_per_sample is not None:
-        options["points_per_sample"] = points_per_sample
-    return make_objective(name, **options)
-
-
-class AttributionWorker:
-    """Loads the model once and computes shards; the same class runs in-process or as a Ray actor."""
-
-    def __init__(self, config: AttributionConfig, root: str, device: str | None = None):
-        self.config, self.run = config, RunRoot(root)
-        start = time.time()
-        self.model = model_for(config, device)
-        self.load_seconds = time.time() - start
-        self.concepts = {spec.name: build_concept(spec, self.model) for spec in config.concepts}
-        self.estimators, self.first_edits = {}, {}
-
-    def fingerprint(self) -> str:
-        return self.model.fingerprint()
-
-    def estimator(self, objective: str):
-        """CAD under an objective, or a baseline's scoring (`conceptprune`): partial sums, then tables."""
-        if objective not in self.estimators:
-            if objective == "conceptprune":
-                options = self.config.conceptprune
-                self.estimators[objective] = ConceptPrune(self.model, options.timesteps, options.guidance,
-                                                          options.steps, self.config.seed, self.config.batch)
-            else:
-                self.estimators[objective] = CAD(self.model, objective_for(self.config, objective),
-                                                 self.config.scope, self.config.chunk_size, self.config.seed,
-                                                 self.config.batch)
-        return self.estimators[objective]
-
-    def tensor_layout(self) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
-        """Each objective's partial-sum layout (checks the scope, and ConceptPrune's layers, before any work)."""
-        self.estimator("erase")
-        return {objective: self.estimator(objective).layout()
-                for objective in dict.fromkeys(o for _, o in self.config.pairs())}
-
-    def first_edit(self, concept: str, objective: str):
-        """The model as the objective sees it: for `residual`, with its `after` edit of the concept zeroed (ranked
-        by this run's tables of the other objectives, written before the residual's shards run); else as is."""
-        if objective != "residual":
-            return nullcontext()
-        if concept not in self.first_edits:  # read once per concept: every shard and the reduce need it
-            residual = self.estimator(objective).objective
-            store = ScoreStore(self.run.uri, allow_incomplete=True)
-            self.first_edits[concept] = store.masks(concept, residual.after, residual.after_ratio,
-                                                    protected=never_selected(self.model))
-        return edited(self.model, self.first_edits[concept])
-
-    def partial_sum(self, shard: Shard) -> GradientSum:
-        """A shard's partial gradient sum (float64), in memory."""
-        with self.first_edit(shard.concept, shard.objective):
-            return self.estimator(shard.objective).partial_sum(self.concepts[shard.concept], list(shard.samples))
-
-    def run_shard(self, shard: Shard) -> dict:
-        start = time.time()
-        estimator = self.estimator(shard.objective)
-        total = self.partial_sum(shard)
-        flat = np.concatenate([total.grads[n].numpy().reshape(-1) for n in estimator.tensor_names])
-        meta = {"shard": asdict(shard), "samples": total.samples, "objective_sum": total.objective_sum,
-                "tensors": estimator.tensor_names, "fingerprint": self.fingerprint(),
-                "config_hash": self.config.config_hash()}
-        self.run.write_table(pa.table({"grad_sum": flat}), *shard.path, metadata=meta, byte_stream_split=("grad_sum",))
-        return {"shard": shard, "seconds": time.time() - start, "samples": total.samples}
-
-    def finalize(self, concept: str, objective: str, shards: list[Shard], manifest: dict,
-                 direct: bool = False) -> dict:
-        """Reduce the shards of one (concept, objective) in shard order and write its three tables. `direct`: the
-        shards are computed here and reduced from memory, never written (`direct_pairs`)."""
-        estimator = self.estimator(objective)
-        parts = [self.partial_sum(s) if direct else read_shard(self.run, s, estimator.layout(), manifest)
-                 for s in shards]
-        if any(p is None for p in parts):
-            raise CadRayError(f"shards of {concept}/{objective} are missing or damaged; re-run to recompute them")
-        total = GradientSum.reduce(parts)
-        with self.first_edit(concept, objective):  # the zeroed components score 0: they are gone already
-            attribution = estimator.finish(self.concepts[concept], total)
-        names, weights, grads = estimator.tensor_names, attribution.weights, attribution.grads
-        meta = table_metadata(manifest, concept, objective, {"samples": total.samples,
-                                                              "scope": estimator.scope,
-                                                              "objective_value": attribution.objective_value})
-        where = (partition(concept, objective), PART_FILE)
-        # scores last: their presence marks the (concept, objective) as finished
-        neurons, layers = aggregate_tables(names, weights, grads)
-        self.run.write_table(neurons, "neurons", *where, metadata=meta)
-        self.run.write_table(layers, "layers", *where, metadata=meta)
-        self.run.write_parts(SCORE_SCHEMA, score_parts(names, weights, grads), "scores", *where, metadata=meta)
-        return {"concept": concept, "objective": objective, "objective_value": attribution.objective_value,
-                "components": sum(w.numel() for w in weights.values())}
-
-    def finalize_pair(self, work: tuple) -> dict:
-        """`finalize` of (concept, objective, shards, manifest, direct)."""
-        *pair, direct = work
-        return self.finalize(*pair, direct=True) if direct else self.finalize(*pair)
-
-    def write_weights(self, manifest: dict) -> None:
-        """The run's weights table: the scoped weights once, for every concept's grad = score / weight."""
-        write_weights(self.run, self.estimator("erase").parameters, manifest)
-
-
-def write_weights(run: RunRoot, parameters, manifest: dict) -> None:
-    names = [n for n, _ in parameters]
-    weights = {n: p.detach().double().cpu() for n, p in parameters}
-    meta = {"fingerprint": manifest["fingerprint"], "config_hash": manifest["config_hash"]}
-    # small row groups: `ScoreStore.top` reads the weights of its k rows by row number, a row group each
-    run.write_parts(WEIGHT_SCHEMA, weight_parts(names, weights), "weights", PART_FILE, metadata=meta,
-                    row_group_size=WEIGHT_ROW_GROUP_SIZE)
-
-
 def weights_are_whole(run: RunRoot, manifest: dict) -> bool:
     return run.ours("weights", PART_FILE, owner=manifest, decoded=True) is not None
 
@@ -194,30 +72,6 @@ def shard_is_valid(run: RunRoot, shard: Shard, names: list[str], total_size: int
     footer = run.ours(*shard.path, owner=manifest, rows=total_size)
     return (footer is not None and footer.metadata.get("tensors") == names
             and tuple(footer.metadata["shard"]["samples"]) == shard.samples)
-
-
-def read_shard(run: RunRoot, shard: Shard, layout: list[tuple[str, tuple[int, ...]]],
-               manifest: dict) -> GradientSum | None:
-    """A finished shard's gradient sum, or None if the file is missing, truncated or from another run."""
-    import torch
-
-    names = [n for n, _ in layout]
-    sizes = [int(np.prod(shape)) for _, shape in layout]
-    if not shard_is_valid(run, shard, names, sum(sizes), manifest):
-        return None
-    try:
-        table = run.read_table(*shard.path)
-    except Exception as e:
-        if is_damage(e):
-            return None
-        raise CadRayError(f"cannot read {run.uri_under(*shard.path)}: {type(e).__name__}: {e}") from None
-    meta = json.loads(table.schema.metadata[METADATA_KEY])
-    flat = table.column("grad_sum").to_numpy()
-    grads, offset = {}, 0
-    for (name, shape), size in zip(layout, sizes):
-        grads[name] = torch.from_numpy(flat[offset:offset + size].reshape(shape).copy())
-        offset += size
-    return GradientSum(grads, int(meta["samples"]), float(meta["objective_sum"]))
 
 
 def open_run(config: AttributionConfig, root: str, fingerprint: str, overwrite: bool = False) -> dict:
@@ -322,9 +176,9 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
     run_root = RunRoot(root)
     run_root.check_writable()
     started = time.time()
-    fingerprint = executor.first(AttributionWorker, "fingerprint")  # the first call loads the model
+    fingerprint = executor.first(WORKER, "fingerprint")  # the first call loads the model
     setup_seconds = time.time() - started
-    layout = executor.first(AttributionWorker, "tensor_layout")  # checks the scope before the root is touched
+    layout = executor.first(WORKER, "tensor_layout")  # checks the scope before the root is touched
     manifest = open_run(config, root, fingerprint, overwrite)
     shards = plan_shards(config)
     # only pairs whose tables are not all whole need shards: a finished pair's were removed, and a repaired
@@ -338,14 +192,15 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
     direct = direct_pairs(config, by_pair, pending)  # computed by their reduce, without a shard file
     results, released = [], 0
     # in the order the objectives declare (the residual's first edit ranks the other objectives' scores)
-    for when in sorted({objective_phase(objective) for _, objective in to_finalize}):
-        phase = [p for p in to_finalize if objective_phase(p[1]) == when]
+    phases = executor.first(WORKER, "objective_phases")
+    for when in sorted({phases[objective] for _, objective in to_finalize}):
+        phase = [p for p in to_finalize if phases[p[1]] == when]
         written = [s for s in pending if (s.concept, s.objective) in phase and (s.concept, s.objective) not in direct]
-        for _ in executor.map(AttributionWorker, "run_shard", written, "attribution",
+        for _ in executor.map(WORKER, "run_shard", written, "attribution",
                               total=sum(len(by_pair[p]) for p in phase if p not in direct)):
             pass
         todo = [(*pair, by_pair[pair], manifest, pair in direct) for pair in phase]
-        for _, result in executor.map(AttributionWorker, "finalize_pair", todo, "reduce"):
+        for _, result in executor.map(WORKER, "finalize_pair", todo, "reduce"):
             results.append(result)
             pair = (result["concept"], result["objective"])
             # removed only once its tables read back whole: until then they are what a repair would reduce
@@ -355,7 +210,7 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
         released += sum(release_shards(run_root, spec.name, objective) for spec, objective in config.pairs()
                         if (spec.name, objective) not in to_finalize)
     if not weights_are_whole(run_root, manifest):
-        executor.first(AttributionWorker, "write_weights", manifest)
+        executor.first(WORKER, "write_weights", manifest)
     manifest = mark_complete(run_root, manifest, results)
     manifest.update(run_seconds=time.time() - started, setup_seconds=setup_seconds,  # Ray start-up, model loading
                     shards_computed=len(pending), shards_skipped=len(shards) - len(pending),

@@ -31,7 +31,7 @@ from cad_ray.method.scopes import never_selected, select_parameters
 from cad_ray.method.unlearning import UnlearningSettings, adversarial_finetune
 from cad_ray.models import load_model
 from cad_ray.seeds import derive_seed
-from cad_ray.stages.attribution import objective_for, write_weights
+from cad_ray.stages.attribution_worker import objective_for, write_weights
 from cad_ray.stages.models import model_for
 from cad_ray.store import (PART_FILE, SCORE_SCHEMA, RunRoot, ScoreStore, aggregate_tables, partition, score_parts,
                            table_metadata)

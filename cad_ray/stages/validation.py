@@ -31,7 +31,7 @@ from cad_ray.config import AttributionConfig, ValidationOptions
 from cad_ray.errors import CadRayError
 from cad_ray.method.concepts import build_concept
 from cad_ray.plots import overlap_heatmap, validation_scatter
-from cad_ray.stages.attribution import objective_for
+from cad_ray.stages.attribution_worker import objective_for
 from cad_ray.stages.models import model_for
 from cad_ray.store import PART_FILE, RUN_KEYS, RunRoot, ScoreStore, partition
 from cad_ray.method.estimators import (AblationEvaluator, Coar, FirstOrder, SecondOrder, SecondOrderSketch,
