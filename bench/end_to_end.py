@@ -15,9 +15,9 @@ published single run's quality.
 5. That setting as the user runs it: `cad-ray attribute --config ... --quiet`, wall time of the command, in the
    ways issue 28 names: `local` (in this process, the default for one concept), `running-ray` (`--address auto`
    on a Ray started before, new workers), `kept` (`--address auto --keep-workers`, warm: the first command starts
-   them and is left out of the median), then ten concepts on a fresh local Ray (`--ray`) and in this process
-   (`--local`). The table each command writes is read back and its r reported, so the speed-up is at the quality
-   it claims.
+   them and is left out of the median), then ten concepts on a fresh local Ray (`--ray`), in this process
+   (`--local`) and on two kept workers (`ten-kept`: the second of two commands, the first starts them). The
+   table each command writes is read back and its r reported, so the speed-up is at the quality it claims.
 
 Threads: the published call and the reference use `--threads` torch threads (default: all cores, as the commands
 do). One JSON line per measurement; the last line sums up. Run it with nothing else on the machine.
@@ -199,6 +199,10 @@ def main() -> None:
                 command("running-ray", [c], "--address", "auto", "--workers", "1")
             for c in [CONCEPTS[-1], *CONCEPTS[:args.warm]]:  # the first, cold, is left out of the median
                 command("kept", [c], "--address", "auto", "--workers", "1", "--keep-workers")
+            # ten concepts on two kept workers (one per core): the first command starts them, the second is timed
+            subprocess.run([cad_ray, "stop-workers", "--address", "auto"], env=env, capture_output=True)
+            command("ten-kept-cold", CONCEPTS, "--address", "auto", "--keep-workers", block=max(1, n // 2))
+            ten_kept = command("ten-kept", CONCEPTS, "--address", "auto", "--keep-workers", block=max(1, n // 2))
         finally:
             subprocess.run([cad_ray, "stop-workers", "--address", "auto"], env=env, capture_output=True)
             subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
@@ -216,7 +220,7 @@ def main() -> None:
     for mode in ("local", "running-ray", "kept"):
         median = statistics.median(walls(mode))
         summary[mode] = {"median_wall_seconds": median, "vs_call": call / median, "vs_process": process / median}
-    for ten in (ten_local, ten_ray):
+    for ten in (ten_local, ten_ray, ten_kept):
         summary[ten["mode"]] = {"wall_seconds": ten["wall_seconds"], "vs_call": 10 * call / ten["wall_seconds"],
                                 "vs_process": (process + 9 * call) / ten["wall_seconds"]}
     print(json.dumps({"summary": summary}), flush=True)
