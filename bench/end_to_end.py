@@ -2,6 +2,7 @@
 published single run's quality.
 
     python bench/end_to_end.py --model tiny-sd-wide --json bench/results-end-to-end-wide.json
+    python bench/end_to_end.py --plot docs/figures/end-to-end.png --inputs bench/results-end-to-end-*.json
 
 1. Builds the tiny pipeline into a folder (tests/tiny_sd.py; `tiny-sd-wide`: four times the `ff` components).
 2. The published algorithm (`attribution_speed.reference_scores` with a fresh x_T per timestep, as in
@@ -88,6 +89,46 @@ def table_vector(root: Path, concept: str, names: list[tuple[str, int]]) -> np.n
     return np.concatenate(out)
 
 
+MODES = [("local", "one concept, in this process"), ("running-ray", "one concept, Ray running"),
+         ("kept", "one concept, kept workers"), ("ten-fresh-ray", "ten concepts, fresh local Ray"),
+         ("ten-local", "ten concepts, in this process"), ("ten-kept", "ten concepts, two kept workers")]
+
+
+def plot(inputs: list[str], path: str) -> None:
+    """Each mode's wall time (median for one concept) beside the published call's and process's, one panel a
+    record."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [json.loads(Path(p).read_text())["summary"] for p in inputs]
+    fig, axes = plt.subplots(1, len(results), figsize=(6.4 * len(results), 3.8), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        labels, walls, published = [], [], []
+        for mode, label in MODES:
+            row = res.get(mode)
+            if row is None:
+                continue
+            ten = mode.startswith("ten")
+            labels.append(label)
+            walls.append(row["wall_seconds"] if ten else row["median_wall_seconds"])
+            published.append((10 if ten else 1) * res["published_call_seconds"])
+        y = np.arange(len(labels))
+        ax.barh(y + 0.2, published, 0.4, color="0.6", label="published get_score, its calls alone")
+        ax.barh(y - 0.2, walls, 0.4, color="tab:blue", label="cad-ray attribute, the whole command")
+        for yi, w, p in zip(y, walls, published):
+            ax.text(w, yi - 0.2, f" {w:.1f} s ({p / w:.1f}x)", va="center", fontsize=8)
+        ax.set_yticks(y, labels)
+        ax.invert_yaxis()
+        ax.set_xlabel("wall seconds")
+        ax.set_title(f"{res['model']}: {res['trajectories']} trajectories of {res['setting']['steps']} steps, "
+                     f"r >= {res['target_r']:.3f}", fontsize=9)
+        ax.legend(fontsize=7, loc="upper right")  # the one-concept rows leave it free
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-sd-wide", choices=["tiny-sd", "tiny-sd-wide"])
@@ -101,8 +142,12 @@ def main() -> None:
     parser.add_argument("--warm", type=int, default=3, help="warm commands of the kept workers")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", default=None)
+    parser.add_argument("--plot", default=None, help="draw the records of --inputs (JSON files) to this PNG")
+    parser.add_argument("--inputs", nargs="*", default=[])
     parser.add_argument("--published-once", nargs=3, metavar=("FOLDER", "OUT", "SAMPLE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.plot:
+        return plot(args.inputs, args.plot)
     if args.published_once:
         folder, out, sample = args.published_once
         return published_once(folder, out, int(sample), args.threads)
