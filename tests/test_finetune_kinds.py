@@ -54,10 +54,11 @@ def test_a_kind_with_a_field_the_section_does_not_take_is_refused_at_load(kinds,
         options({**FINETUNE, "kinds": kinds})
 
 
-def test_a_kind_no_target_has_is_refused():
-    check_finetune_kinds(options({**FINETUNE, "kinds": {"colour": COLOUR}}))
-    with pytest.raises(CadRayError, match="colour, a kind no target has"):
-        check_finetune_kinds(options({**FINETUNE, "kinds": {"colour": COLOUR}}, targets=("three", "seven")))
+def test_a_kind_no_concept_of_the_run_has_is_refused_and_targets_may_leave_one_out():
+    digits_only = options({**FINETUNE, "kinds": {"colour": COLOUR}}, targets=("three", "seven"))
+    check_finetune_kinds(digits_only, ["three", "seven", "green"])  # --targets narrowed a run that has colours
+    with pytest.raises(CadRayError, match="colour, a kind no concept of the run has"):
+        check_finetune_kinds(digits_only, ["three", "seven", "one"])
 
 
 @pytest.mark.parametrize("scope, moved", [(None, "ff"), ("attn2", "attn2")])

@@ -136,17 +136,19 @@ def check_targets(options: EvaluationOptions, store: ScoreStore, root: str) -> N
                 raise CadRayError(f"edit {edit} of {target!r} needs {objective} scores for it in {root}{hint}; "
                                   f"the run has {', '.join(sorted(f'{c}/{o}' for c, o in known))}")
             store.check_whole("scores", target, objective)
-    check_finetune_kinds(options)
+    check_finetune_kinds(options, store.concepts()["concept"])
     check_contrasts(options, store)
 
 
-def check_finetune_kinds(options: EvaluationOptions) -> None:
-    """A kind in `finetune.kinds` that no target has is a typo or a stale entry: its settings would never apply."""
-    kinds = {concept_kind(t) for t in options.targets}
+def check_finetune_kinds(options: EvaluationOptions, concepts) -> None:
+    """A kind in `finetune.kinds` that no concept of the run (`concepts`) has is a typo or a stale entry: its
+    settings would never apply. Checked against the run's concepts, not the targets, so that `--targets` may
+    leave a kind out of one evaluation."""
+    kinds = {concept_kind(c) for c in concepts}
     unused = sorted(set(options.finetune.kinds) - kinds)
     if unused:
-        raise CadRayError(f"evaluation.finetune.kinds names {', '.join(unused)}, a kind no target has (the targets' "
-                          f"kinds: {', '.join(sorted(str(k) for k in kinds))}): its settings would never apply")
+        raise CadRayError(f"evaluation.finetune.kinds names {', '.join(unused)}, a kind no concept of the run has "
+                          f"(its kinds: {', '.join(sorted(str(k) for k in kinds))}): its settings would never apply")
 
 
 def check_contrasts(options: EvaluationOptions, store: ScoreStore) -> None:
