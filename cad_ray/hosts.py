@@ -23,13 +23,13 @@ class WorkerHost:
             torch.set_num_threads(self.threads)
         try:
             if self.worker is None:
-                self.worker = worker_class(self.worker_class)(self.config, self.root)
+                self.worker = resolve_worker_class(self.worker_class)(self.config, self.root)
             return getattr(self.worker, method)(*args)
         finally:
             torch.set_num_threads(previous)
 
 
-def worker_class(reference):
+def resolve_worker_class(reference):
     """A worker class given as itself or as its path, "module:Class"."""
     if not isinstance(reference, str):
         return reference
