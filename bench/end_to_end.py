@@ -17,8 +17,10 @@ published single run's quality.
    ways issue 28 names: `local` (in this process, the default for one concept), `running-ray` (`--address auto`
    on a Ray started before, new workers), `kept` (`--address auto --keep-workers`, warm: the first command starts
    them and is left out of the median), then ten concepts on a fresh local Ray (`--ray`), in this process
-   (`--local`) and on two kept workers (`ten-kept`: the second of two commands, the first starts them). The
-   table each command writes is read back and its r reported, so the speed-up is at the quality it claims.
+   (`--local`) and on two kept workers (`ten-kept`: the second of two commands, the first starts them); and
+   each of those three again with the concepts stacked (`concept_batch`; `-stacked`: all ten in one sampler call
+   in this process, five a call on each of two workers). The table each command writes is read back and its r
+   reported, so the speed-up is at the quality it claims.
 
 Threads: the published call and the reference use `--threads` torch threads (default: all cores, as the commands
 do). One JSON line per measurement; the last line sums up. Run it with nothing else on the machine.
@@ -91,7 +93,10 @@ def table_vector(root: Path, concept: str, names: list[tuple[str, int]]) -> np.n
 
 MODES = [("local", "one concept, in this process"), ("running-ray", "one concept, Ray running"),
          ("kept", "one concept, kept workers"), ("ten-fresh-ray", "ten concepts, fresh local Ray"),
-         ("ten-local", "ten concepts, in this process"), ("ten-kept", "ten concepts, two kept workers")]
+         ("ten-local", "ten concepts, in this process"), ("ten-kept", "ten concepts, two kept workers"),
+         ("ten-fresh-ray-stacked", "ten, fresh Ray, concept_batch 5"),
+         ("ten-local-stacked", "ten, in this process, concept_batch 10"),
+         ("ten-kept-stacked", "ten, two kept workers, concept_batch 5")]
 
 
 def plot(inputs: list[str], path: str) -> None:
@@ -214,17 +219,18 @@ def main() -> None:
             if q["r"] >= target or n >= 256:
                 break
 
-        def config(concepts: list[str], name: str, block: int) -> Path:
+        def config(concepts: list[str], name: str, block: int, stack: int) -> Path:
             path = work / f"{name}.yaml"
             path.write_text(json.dumps({"model": str(folder), "seed": 0, "scope": "ff", "samples": n, "batch": block,
-                                        "block": block, "chunk_size": 256, "erase": erase,
+                                        "block": block, "chunk_size": 256, "erase": erase, "concept_batch": stack,
                                         "concepts": [concept_spec(c) for c in concepts]}))
             return path
 
-        def command(mode: str, concepts: list[str], *flags: str, block: int = n) -> dict:
+        def command(mode: str, concepts: list[str], *flags: str, block: int = n, stack: int = 1) -> dict:
             root = work / f"{mode}-{len(records)}"
             start = time.perf_counter()
-            subprocess.run([cad_ray, "attribute", "--config", str(config(concepts, f"{mode}-{len(records)}", block)),
+            name = f"{mode}-{len(records)}"
+            subprocess.run([cad_ray, "attribute", "--config", str(config(concepts, name, block, stack)),
                             "--root", str(root), "--quiet", *flags], check=True, env=env, stdout=subprocess.DEVNULL)
             wall = time.perf_counter() - start
             # the reference is the first concept's: the others' tables are timed, not judged
@@ -237,6 +243,9 @@ def main() -> None:
             command("local", [c])
         ten_local = command("ten-local", CONCEPTS, "--local")
         ten_ray = command("ten-fresh-ray", CONCEPTS, "--ray", block=max(1, n // 2))
+        # stacked (concept_batch): all ten in one sampler call here, five a worker on two workers (a stack a worker)
+        stacked = [command("ten-local-stacked", CONCEPTS, "--local", stack=10),
+                   command("ten-fresh-ray-stacked", CONCEPTS, "--ray", stack=5)]
         subprocess.run([ray, "start", "--head", "--num-cpus", str(os.cpu_count()), "--include-dashboard", "false",
                         "--disable-usage-stats"], check=True, env=env, capture_output=True)
         try:
@@ -248,6 +257,7 @@ def main() -> None:
             subprocess.run([cad_ray, "stop-workers", "--address", "auto"], env=env, capture_output=True)
             command("ten-kept-cold", CONCEPTS, "--address", "auto", "--keep-workers", block=max(1, n // 2))
             ten_kept = command("ten-kept", CONCEPTS, "--address", "auto", "--keep-workers", block=max(1, n // 2))
+            stacked.append(command("ten-kept-stacked", CONCEPTS, "--address", "auto", "--keep-workers", stack=5))
         finally:
             subprocess.run([cad_ray, "stop-workers", "--address", "auto"], env=env, capture_output=True)
             subprocess.run([ray, "stop", "--force"], env=env, capture_output=True)
@@ -265,7 +275,7 @@ def main() -> None:
     for mode in ("local", "running-ray", "kept"):
         median = statistics.median(walls(mode))
         summary[mode] = {"median_wall_seconds": median, "vs_call": call / median, "vs_process": process / median}
-    for ten in (ten_local, ten_ray, ten_kept):
+    for ten in (ten_local, ten_ray, ten_kept, *stacked):
         summary[ten["mode"]] = {"wall_seconds": ten["wall_seconds"], "vs_call": 10 * call / ten["wall_seconds"],
                                 "vs_process": (process + 9 * call) / ten["wall_seconds"]}
     print(json.dumps({"summary": summary}), flush=True)

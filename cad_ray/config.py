@@ -37,6 +37,11 @@ class AttributionConfig(Strict):
     samples: int = Field(8, ge=1, description="samples (trajectories or images) per concept and objective")
     block: int = Field(4, ge=1, description="samples per shard (a multiple of batch)")
     batch: int = Field(4, ge=1, description="samples whose trajectories are sampled and differentiated together")
+    concept_batch: int = Field(1, ge=1, description="concepts whose erase trajectories are sampled and "
+                               "differentiated together, each concept's gradient split from one backward pass "
+                               "(fused erase only, where concept_batch x batch <= chunk_size; scores change only by "
+                               "float rounding): fewer, larger UNet calls, which pays where a call's fixed cost "
+                               "dominates (docs/benchmarks.md). The groups follow the config's concept order")
     chunk_size: int | Literal["auto"] = Field(
         "auto", description="points per forward/backward pass (memory use; scores change only by float rounding): "
         "a whole number >= 1, or 'auto': on a CUDA device the attribution starts at 256 points and halves on "
@@ -111,6 +116,8 @@ class AttributionConfig(Strict):
         exclude = {key: True for key in ("workers", "device", "keep_shards", *LATER_STAGES, *unused)}
         if not self.erase.fused:  # runs made before the option keep their hash
             exclude["erase"] = {"fused"}
+        if self.concept_batch == 1:  # likewise
+            exclude["concept_batch"] = True
         return self.model_dump(exclude=exclude, mode="json")
 
     def config_hash(self) -> str:

@@ -144,10 +144,10 @@ def test_a_run_stopped_between_reduces_keeps_only_the_unreduced_pairs_shards(sma
 
     reduce = AttributionWorker.finalize
 
-    def reduce_only_seven_erase(self, concept, objective, shards, manifest):
+    def reduce_only_seven_erase(self, concept, objective, shards, manifest, **options):
         if (concept, objective) != ("seven", "erase"):
             raise KeyboardInterrupt("stopped")
-        return reduce(self, concept, objective, shards, manifest)
+        return reduce(self, concept, objective, shards, manifest, **options)
 
     monkeypatch.setattr(AttributionWorker, "finalize", reduce_only_seven_erase)
     root = tmp_path / "stopped"

@@ -22,6 +22,7 @@ from functools import partial
 import torch
 
 from cad_ray.errors import CadRayError
+from cad_ray.method.grouped_gradients import GroupedLinearGradients, NotGroupable, linear_modules
 from cad_ray.method.objectives import Concept, Points, point_values
 from cad_ray.method.scopes import reads_text_encoder, select_parameters
 
@@ -152,44 +153,139 @@ class CAD:
         it is computed; only the float64 additions of whole batches depend on the grouping (and, by float
         rounding, the chunk size, should an out-of-memory have halved it).
         """
+        return self.gradient_sums([(concept, samples)])[0]
+
+    def gradient_sums(self, parts: list[tuple[Concept, list[int]]]) -> list[GradientSum]:
+        """`gradient_sum` of each (concept, samples), several concepts' batches stacked in one sampler call where
+        they can be (`_stacks`: fused erase points, the same samples, Linear weights): each concept's gradient is
+        then split from one backward pass (cad_ray.method.grouped_gradients). Otherwise each part on its own. A
+        concept's numbers depend on the parts it is stacked with only by float rounding; callers stack the same
+        parts whatever the number of workers."""
         params = [p for _, p in self.parameters]
         # the sums stay on the model's device until the end: at SD scale (149M components) moving every chunk's
         # gradients to the host would cost more than the chunk's own backward pass
-        sums = {n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in self.parameters}
-        objective_sum = 0.0
+        sums = [{n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in self.parameters}
+                for _ in parts]
+        objective_sums = [0.0] * len(parts)
         groups: dict[int, list[int]] = {}
-        for sample in samples:
+        for sample in parts[0][1]:
             groups.setdefault(sample // self.batch, []).append(sample)
+        stacked = self._stacked_layers(parts)
 
-        def add_gradients():
+        def add_gradients(i: int):
             for name, p in self.parameters:
                 if p.grad is not None:  # None: the tensor does not influence J
-                    sums[name].add_(p.grad)  # float64 += float32, exact promotion, no temporary
+                    sums[i][name].add_(p.grad)  # float64 += float32, exact promotion, no temporary
                     p.grad = None
 
         with gradients_for(params):
-            for group in groups.values():
-                if self._fuses(concept, group):
-                    value = self._fused(concept, group)
-                    if value is not None:
-                        objective_sum += value
-                        add_gradients()
-                        continue
-                points = self._fitting(partial(self.objective.points, self.model, concept, group, self.seed))
-                weight = points.weights()
-                start = 0
-                while start < len(points):
-                    # a pass that ran out of memory added nothing to the sums: its points are redone in smaller chunks
-                    done, value = self._fitting(partial(self._backward, concept, points, weight, start))
-                    start += done
-                    objective_sum += value
-                    add_gradients()
-        for name, total in sums.items():
-            # one check at the end suffices: a NaN or inf in any chunk's gradient leaves the sum non-finite
-            if not torch.isfinite(total).all():
-                raise CadRayError(f"non-finite gradient (NaN or inf) in tensor {name} for concept "
-                                  f"{concept.name!r}; check the model weights and the objective")
-        return GradientSum({n: v.cpu() for n, v in sums.items()}, len(samples), objective_sum)
+            if stacked is not None:
+                for group in groups.values():
+                    values = self._fused_stacked([(c, group) for c, _ in parts], stacked, sums)
+                    if values is None:
+                        break
+                    objective_sums = [a + b for a, b in zip(objective_sums, values)]
+                else:
+                    return self._finished(parts, sums, objective_sums)
+                # a stacked pass failed: every part again on its own, from zero
+                sums = [{n: torch.zeros_like(v) for n, v in part.items()} for part in sums]
+                objective_sums = [0.0] * len(parts)
+            for i, (concept, samples) in enumerate(parts):
+                part_groups: dict[int, list[int]] = {}
+                for sample in samples:
+                    part_groups.setdefault(sample // self.batch, []).append(sample)
+                for group in part_groups.values():
+                    if self._fuses(concept, group):
+                        value = self._fused(concept, group)
+                        if value is not None:
+                            objective_sums[i] += value
+                            add_gradients(i)
+                            continue
+                    points = self._fitting(partial(self.objective.points, self.model, concept, group, self.seed))
+                    weight = points.weights()
+                    start = 0
+                    while start < len(points):
+                        # a pass that ran out of memory added nothing to the sums: its points are redone in smaller
+                        # chunks
+                        done, value = self._fitting(partial(self._backward, concept, points, weight, start))
+                        start += done
+                        objective_sums[i] += value
+                        add_gradients(i)
+        return self._finished(parts, sums, objective_sums)
+
+    def _finished(self, parts, sums, objective_sums) -> list[GradientSum]:
+        for (concept, samples), part in zip(parts, sums):
+            for name, total in part.items():
+                # one check at the end suffices: a NaN or inf in any chunk's gradient leaves the sum non-finite
+                if not torch.isfinite(total).all():
+                    raise CadRayError(f"non-finite gradient (NaN or inf) in tensor {name} for concept "
+                                      f"{concept.name!r}; check the model weights and the objective")
+        return [GradientSum({n: v.cpu() for n, v in part.items()}, len(samples), value)
+                for (_, samples), part, value in zip(parts, sums, objective_sums)]
+
+    def _stacked_layers(self, parts: list[tuple[Concept, list[int]]]) -> dict[str, torch.nn.Linear] | None:
+        """The scoped Linear layers, if `parts` go through the sampler together (else None): more than one, the
+        same samples, each batch fused (`_fuses`) with all parts' rows in one chunk, and every scoped tensor a
+        Linear layer's weight."""
+        if len(parts) < 2 or any(list(samples) != list(parts[0][1]) for _, samples in parts):
+            return None
+        batches = {}
+        for sample in parts[0][1]:
+            batches.setdefault(sample // self.batch, []).append(sample)
+        if not all(self._fuses(c, b) and len(parts) * len(b) <= self.chunk_size for c, _ in parts
+                   for b in batches.values()):
+            return None
+        try:
+            return linear_modules(self.model.unet, self.parameters)
+        except NotGroupable as why:
+            log.info("concepts attributed one at a time: %s", why)
+            return None
+
+    def _fused_stacked(self, parts: list[tuple[Concept, list[int]]], layers: dict[str, torch.nn.Linear],
+                       sums) -> list[float] | None:
+        """`_fused` of several concepts' batches in one sampler call, each concept's dJ/dW added to its own
+        `sums`; their weighted sums of J, or None after a CUDA out-of-memory or where a layer cannot be split
+        (the sums are then part-filled: the caller starts again, one concept at a time)."""
+        totals, waiting = [0.0] * len(parts), []
+
+        def flush() -> None:
+            if waiting:
+                with torch.enable_grad():
+                    weighted = torch.cat([v.double() * w.to(v.device) for v, w, _ in waiting])
+                    weighted.sum().backward()
+                labels = torch.cat([labels for _, _, labels in waiting]).to(weighted.device)
+                for i, value in enumerate(torch.zeros(len(parts), dtype=torch.float64, device=weighted.device)
+                                          .index_add_(0, labels, weighted.detach()).tolist()):
+                    totals[i] += value
+                waiting.clear()
+
+        def backward(values: torch.Tensor, weights: torch.Tensor, labels: torch.Tensor) -> None:
+            if sum(len(v) for v, _, _ in waiting) + len(values) > self.chunk_size:
+                flush()
+            waiting.append((values, weights, labels))
+
+        grouped = GroupedLinearGradients(layers, sums)
+        failed = None
+        try:
+            with grouped:
+                self.objective.fused_backward_stacked(self.model, parts, self.seed, backward,
+                                                      lambda labels: setattr(grouped, "labels", labels))
+                flush()
+        except OUT_OF_MEMORY:
+            failed = "out of device memory in a stacked pass"
+        except NotGroupable as why:
+            failed = str(why)
+        if failed is None and any(p.grad is not None for _, p in self.parameters):
+            failed = "a scoped weight got its gradient outside the split"
+        if failed is None:
+            return totals
+        waiting.clear()
+        for _, p in self.parameters:
+            p.grad = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log.warning("%s; attributing the concepts one at a time", failed)
+        return None
 
     def _fuses(self, concept: Concept, group: list[int]) -> bool:
         """Whether the group's points take their forward pass from the sampler (`EraseObjective.fused_backward`):

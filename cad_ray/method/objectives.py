@@ -109,10 +109,15 @@ def denoising_target(kind: str, x0: torch.Tensor, noise: torch.Tensor, alphas: t
     raise CadRayError(f"unknown prediction type {kind!r}; cad-ray supports {', '.join(PREDICTION_TYPES)}")
 
 
+def trajectory_seed(seed: int, concept: Concept) -> int:
+    """The seed of a concept's trajectories: sample s starts from noise seeded by (this, s)."""
+    return derive_seed(seed, concept.name, "trajectory")
+
+
 def concept_trajectories(model, concept: Concept, prompts: list[str], samples: list[int], seed: int,
                          guidance: float | None, steps: int | None, keep_unguided: bool = False, gradient_rows=None):
     """Guided trajectories of a concept's samples; sample s starts from noise seeded by (seed, concept, s)."""
-    return model.sample(prompts, seed=derive_seed(seed, concept.name, "trajectory"), guidance=guidance, steps=steps,
+    return model.sample(prompts, seed=trajectory_seed(seed, concept), guidance=guidance, steps=steps,
                         ids=samples, keep_unguided=keep_unguided, gradient_rows=gradient_rows)
 
 
@@ -183,6 +188,24 @@ class EraseObjective:
         concept_trajectories(model, concept, prompts, samples, seed, self.guidance, self.steps,
                              gradient_rows=_FusedPoints(self, concept, samples, seed, backward))
 
+    @torch.no_grad()
+    def fused_backward_stacked(self, model, parts: list[tuple[Concept, list[int]]], seed: int, backward,
+                               forward_parts) -> None:
+        """`fused_backward` of several concepts in one sampler call: the trajectories of `parts` ((concept,
+        samples), each `fusable`) are stacked in that order, each the one `fused_backward` would sample for its
+        concept (its noise comes from its concept's seed). `forward_parts(labels)` is told, before each pass
+        with gradients, the part index of each of its rows; `backward(values, weights, labels)` gets the points'
+        J, weights and part indices. The same points and J as `fused_backward` of each part, up to float
+        rounding (the rows are computed in larger batches)."""
+        prompts, seeds, ids, views = [], [], [], []
+        for concept, samples in parts:
+            prompts += [concept.prompt(s)[0] for s in samples]
+            seeds += [trajectory_seed(seed, concept)] * len(samples)
+            ids += list(samples)
+            views.append(_FusedPoints(self, concept, samples, seed, None))
+        model.sample(prompts, guidance=self.guidance, steps=self.steps, ids=ids, seeds=seeds,
+                     gradient_rows=_StackedFusedPoints(views, backward, forward_parts))
+
 
 class _FusedPoints:
     """The sampler's view of the fused erase points (`TextToImageModel.sample`'s `gradient_rows`)."""
@@ -197,9 +220,34 @@ class _FusedPoints:
                           for s in self.samples]
         return torch.tensor([row for row, kept in enumerate(self._kept) if step in kept], dtype=torch.long)
 
+    def weights(self, rows: torch.Tensor) -> torch.Tensor:
+        """1 / (points of the row's sample) for each of `rows`."""
+        return torch.tensor([1.0 / len(self._kept[row]) for row in rows.tolist()], dtype=torch.float64)
+
     def backward(self, step: int, rows: torch.Tensor, out_c: torch.Tensor, out_u: torch.Tensor) -> None:
-        weights = torch.tensor([1.0 / len(self._kept[row]) for row in rows.tolist()], dtype=torch.float64)
-        self._backward(squared_errors(out_c, out_u, self.objective.sign), weights)
+        self._backward(squared_errors(out_c, out_u, self.objective.sign), self.weights(rows))
+
+
+class _StackedFusedPoints:
+    """The sampler's view of several concepts' fused erase points stacked in one batch (`fused_backward_stacked`):
+    part i's rows follow part i - 1's."""
+
+    def __init__(self, parts: list[_FusedPoints], backward, forward_parts):
+        self.parts, self._backward, self._forward_parts = parts, backward, forward_parts
+        self.offsets = np.cumsum([0] + [len(p.samples) for p in parts[:-1]]).tolist()
+        self._rows: list[torch.Tensor] = []
+
+    def rows(self, step: int, steps: int) -> torch.Tensor:
+        self._rows = [part.rows(step, steps) for part in self.parts]
+        labels = torch.cat([torch.full((len(r),), i, dtype=torch.long) for i, r in enumerate(self._rows)])
+        if len(labels):  # the sampler's pass with gradients comes next
+            self._forward_parts(labels)
+        return torch.cat([r + offset for r, offset in zip(self._rows, self.offsets)])
+
+    def backward(self, step: int, rows: torch.Tensor, out_c: torch.Tensor, out_u: torch.Tensor) -> None:
+        weights = torch.cat([part.weights(r) for part, r in zip(self.parts, self._rows)])
+        labels = torch.cat([torch.full((len(r),), i, dtype=torch.long) for i, r in enumerate(self._rows)])
+        self._backward(squared_errors(out_c, out_u, self.parts[0].objective.sign), weights, labels)
 
 
 class AmplifyObjective:

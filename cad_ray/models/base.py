@@ -196,9 +196,11 @@ class TextToImageModel:
         scheduler.set_timesteps(steps, device=self.device)
         return scheduler
 
-    def initial_noise(self, n: int, seed: int, ids: Sequence[int] | None = None, scheduler=None) -> torch.Tensor:
+    def initial_noise(self, n: int, seed: int, ids: Sequence[int] | None = None, scheduler=None,
+                      seeds: Sequence[int] | None = None) -> torch.Tensor:
         """x_T for n samples; sample k's noise depends on (seed, ids[k]) alone (ids default to 0..n-1),
-        so a run gives the same starting points however it is batched.
+        so a run gives the same starting points however it is batched. `seeds`, one per sample, replace `seed`
+        (several concepts' trajectories in one batch, each with its concept's seed).
 
         Scaled by `scheduler.init_noise_sigma` (default: the model's); pass the scheduler already set to the
         sampling steps, since for Euler-type samplers that sigma depends on them (as in diffusers' pipelines)."""
@@ -206,19 +208,25 @@ class TextToImageModel:
         ids = range(n) if ids is None else ids
         if len(ids) != n:
             raise ValueError(f"{n} samples but {len(ids)} ids")
+        seeds = [seed] * n if seeds is None else seeds
+        if len(seeds) != n:
+            raise ValueError(f"{n} samples but {len(seeds)} seeds")
         shape = self.latent_shape
-        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(seed, int(k)))) for k in ids]
+        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(derive_seed(s, int(k))))
+                 for s, k in zip(seeds, ids)]
         return torch.stack(noise).to(self.device, self.dtype) * scheduler.init_noise_sigma
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seed: int = 0, guidance: float | None = None, steps: int | None = None,
                negative_prompt: str = NEGATIVE_PROMPT, ids: Sequence[int] | None = None, progress: bool = False,
                keep_unguided: bool = False, gradient_rows=None, start: torch.Tensor | None = None,
-               start_step: int = 0, conditioning: torch.Tensor | None = None, guide=None) -> Trajectory:
+               start_step: int = 0, conditioning: torch.Tensor | None = None, guide=None,
+               seeds: Sequence[int] | None = None) -> Trajectory:
         """Sample one image per prompt with classifier-free guidance, keeping every x_t on the way.
 
         Image k's starting noise, and the step noise of a stochastic sampler, come from (seed, ids[k])
-        alone, so an image is the same whatever else is in the batch. Each step is diffusers'
+        alone (or (seeds[k], ids[k]) where `seeds` gives one per image), so an image is the same whatever else is
+        in the batch. Each step is diffusers'
         `StableDiffusionPipeline` step: the UNet on `scale_model_input(x_t, t)`, guidance on its outputs
         (linear, so right for every prediction type), the guided output to `scheduler.step`.
 
@@ -240,7 +248,7 @@ class TextToImageModel:
         cond = self.encode(list(prompts)) if conditioning is None else conditioning.to(self.device, self.dtype)
         uncond = self.encode([negative_prompt] * len(prompts))
         if start is None:
-            x = self.initial_noise(len(prompts), seed, ids, scheduler=scheduler)
+            x = self.initial_noise(len(prompts), seed, ids, scheduler=scheduler, seeds=seeds)
         else:
             if not 0 <= start_step <= steps:
                 raise CadRayError(f"a completion starts at a step from 0 to {steps}, got {start_step}")
@@ -249,9 +257,11 @@ class TextToImageModel:
                 scheduler.set_begin_index(start_step * scheduler.order)
         # stochastic samplers draw their step noise from one generator per image, seeded by (seed, id)
         ids = range(len(prompts)) if ids is None else ids
+        seeds = [seed] * len(prompts) if seeds is None else seeds
         step_kwargs = {}
         if "generator" in inspect.signature(scheduler.step).parameters:
-            step_kwargs["generator"] = [torch.Generator().manual_seed(derive_seed(seed, int(k), "steps")) for k in ids]
+            step_kwargs["generator"] = [torch.Generator().manual_seed(derive_seed(s, int(k), "steps"))
+                                        for s, k in zip(seeds, ids)]
         kept, inputs, unguided = [], [], []
         timesteps = scheduler.timesteps[start_step * scheduler.order:] if start is not None else scheduler.timesteps
         iterator = timesteps

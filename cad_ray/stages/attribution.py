@@ -2,8 +2,9 @@
 
 - units: shards, (concept, objective, block of sample indices), keyed by the config hash and the model's
   fingerprint (`plan_shards`, `shard_status`);
-- one unit: `AttributionWorker.run_shard` (cad_ray.stages.attribution_worker) writes the shard's partial
-  gradient sum to `_shards/`;
+- one unit: `AttributionWorker.run_shards` (cad_ray.stages.attribution_worker) writes a shard's partial
+  gradient sum to `_shards/`; a stack of several concepts' shards is one unit with `concept_batch`
+  (`concept_stacks`);
 - finish: `AttributionWorker.finalize` adds a (concept, objective)'s shards in shard order and writes
   scores/, neurons/ and layers/; once those are read back whole the driver removes the pair's shards
   (`release_shards`; `keep_shards: true` keeps them), and `mark_complete` marks the manifest.
@@ -61,6 +62,26 @@ def plan_shards(config: AttributionConfig) -> list[Shard]:
             stop = min(start + config.block, config.samples)
             shards.append(Shard(spec.name, objective, i, tuple(range(start, stop))))
     return shards
+
+
+def concept_stacks(config: AttributionConfig, shards: list[Shard]) -> list[tuple[Shard, ...]]:
+    """The shards that one worker call computes together: with `concept_batch` above 1 and a fused erase, the erase
+    shards of one sample block whose concepts fall in the same `concept_batch` of the config's erase concepts;
+    any other shard alone. Fixed by the config (not by what is pending, nor by the workers), so a concept is
+    stacked with the same others in every run of the config, and its numbers are the same."""
+    size = config.concept_batch if config.erase.fused else 1
+    erase = [spec.name for spec, objective in config.pairs() if objective == "erase"]
+    group = {name: i // size for i, name in enumerate(erase)}
+    stacks, where = [], {}
+    for shard in shards:
+        if size > 1 and shard.objective == "erase":
+            key = (shard.index, group[shard.concept])
+            if key in where:
+                stacks[where[key]].append(shard)
+                continue
+            where[key] = len(stacks)
+        stacks.append([shard])
+    return [tuple(stack) for stack in stacks]
 
 
 def weights_are_whole(run: RunRoot, manifest: dict) -> bool:
@@ -193,19 +214,31 @@ def run(config: AttributionConfig, root: str, executor, overwrite: bool = False)
     results, released = [], 0
     # in the order the objectives declare (the residual's first edit ranks the other objectives' scores)
     phases = executor.first(WORKER, "objective_phases")
+    # a stack holds shards of finished pairs too: they are computed again, not written, so that each concept is
+    # stacked with the same others as in a run that was never stopped
+    stacks = concept_stacks(config, shards)
     for when in sorted({phases[objective] for _, objective in to_finalize}):
         phase = [p for p in to_finalize if phases[p[1]] == when]
-        written = [s for s in pending if (s.concept, s.objective) in phase and (s.concept, s.objective) not in direct]
-        for _ in executor.map(WORKER, "run_shard", written, "attribution",
-                              total=sum(len(by_pair[p]) for p in phase if p not in direct)):
+        written = {s for s in pending if (s.concept, s.objective) in phase and (s.concept, s.objective) not in direct}
+        mine = [stack for stack in stacks if any((s.concept, s.objective) in phase and (s.concept, s.objective)
+                                                 not in direct for s in stack)]
+        units = [(stack, tuple(i for i, s in enumerate(stack) if s in written)) for stack in mine
+                 if any(s in written for s in stack)]
+        for _ in executor.map(WORKER, "run_shards", units, "attribution", total=len(mine)):
             pass
-        todo = [(*pair, by_pair[pair], manifest, pair in direct) for pair in phase]
-        for _, result in executor.map(WORKER, "finalize_pair", todo, "reduce"):
-            results.append(result)
-            pair = (result["concept"], result["objective"])
-            # removed only once its tables read back whole: until then they are what a repair would reduce
-            if not config.keep_shards and all(table_is_whole(run_root, t, *pair, manifest) for t in RESULT_TABLES):
-                released += release_shards(run_root, *pair)
+        todo = [(tuple((s.concept, s.objective, [s]) for s in stack), manifest,  # a direct pair has one shard
+                 tuple(i for i, s in enumerate(stack) if (s.concept, s.objective) in direct), True)
+                for stack in stacks if any((s.concept, s.objective) in direct and (s.concept, s.objective) in phase
+                                           for s in stack)]
+        todo += [(((*pair, by_pair[pair]),), manifest, (0,), False) for pair in phase if pair not in direct]
+        for _, finished in executor.map(WORKER, "finalize_pairs", todo, "reduce"):
+            for result in finished:
+                results.append(result)
+                pair = (result["concept"], result["objective"])
+                # removed only once its tables read back whole: until then they are what a repair would reduce
+                if not config.keep_shards and all(table_is_whole(run_root, t, *pair, manifest)
+                                                  for t in RESULT_TABLES):
+                    released += release_shards(run_root, *pair)
     if not config.keep_shards:  # pairs finished before (a run killed between its tables and this, or kept)
         released += sum(release_shards(run_root, spec.name, objective) for spec, objective in config.pairs()
                         if (spec.name, objective) not in to_finalize)

@@ -87,29 +87,42 @@ class AttributionWorker:
                                                     protected=never_selected(self.model))
         return edited(self.model, self.first_edits[concept])
 
-    def partial_sum(self, shard: Shard) -> GradientSum:
-        """A shard's partial gradient sum (float64), in memory."""
-        with self.first_edit(shard.concept, shard.objective):
-            return self.estimator(shard.objective).partial_sum(self.concepts[shard.concept], list(shard.samples))
+    def partial_sums(self, shards: tuple[Shard, ...]) -> list[GradientSum]:
+        """The partial gradient sums (float64, in memory) of a stack of shards (`concept_stacks`): several concepts'
+        erase shards of the same samples computed together (`CAD.gradient_sums`), or one shard."""
+        first = shards[0]
+        with self.first_edit(first.concept, first.objective):
+            estimator = self.estimator(first.objective)
+            if len(shards) == 1:
+                return [estimator.partial_sum(self.concepts[first.concept], list(first.samples))]
+            return estimator.gradient_sums([(self.concepts[s.concept], list(s.samples)) for s in shards])
 
-    def run_shard(self, shard: Shard) -> dict:
+    def run_shards(self, unit: tuple) -> list[dict]:
+        """Compute a stack of shards and write those at `indices` (the others are computed only so that every
+        concept is stacked as in any run of this config): unit = (shards, indices)."""
+        shards, indices = unit
         start = time.time()
-        estimator = self.estimator(shard.objective)
-        total = self.partial_sum(shard)
-        flat = np.concatenate([total.grads[n].numpy().reshape(-1) for n in estimator.tensor_names])
-        meta = {"shard": asdict(shard), "samples": total.samples, "objective_sum": total.objective_sum,
-                "tensors": estimator.tensor_names, "fingerprint": self.fingerprint(),
-                "config_hash": self.config.config_hash()}
-        self.run.write_table(pa.table({"grad_sum": flat}), *shard.path, metadata=meta, byte_stream_split=("grad_sum",))
-        return {"shard": shard, "seconds": time.time() - start, "samples": total.samples}
+        sums = self.partial_sums(shards)
+        written = []
+        for i in indices:
+            shard, total = shards[i], sums[i]
+            estimator = self.estimator(shard.objective)
+            flat = np.concatenate([total.grads[n].numpy().reshape(-1) for n in estimator.tensor_names])
+            meta = {"shard": asdict(shard), "samples": total.samples, "objective_sum": total.objective_sum,
+                    "tensors": estimator.tensor_names, "fingerprint": self.fingerprint(),
+                    "config_hash": self.config.config_hash()}
+            self.run.write_table(pa.table({"grad_sum": flat}), *shard.path, metadata=meta,
+                                 byte_stream_split=("grad_sum",))
+            written.append({"shard": shard, "seconds": time.time() - start, "samples": total.samples})
+        return written
 
     def finalize(self, concept: str, objective: str, shards: list[Shard], manifest: dict,
-                 direct: bool = False) -> dict:
-        """Reduce the shards of one (concept, objective) in shard order and write its three tables. `direct`: the
-        shards are computed here and reduced from memory, never written (`direct_pairs`)."""
+                 parts: list[GradientSum] | None = None) -> dict:
+        """Reduce the shards of one (concept, objective) in shard order and write its three tables. `parts`: the
+        shards' sums, computed by the caller and never written (`direct_pairs`); else read from the shard files."""
         estimator = self.estimator(objective)
-        parts = [self.partial_sum(s) if direct else read_shard(self.run, s, estimator.layout(), manifest)
-                 for s in shards]
+        if parts is None:
+            parts = [read_shard(self.run, s, estimator.layout(), manifest) for s in shards]
         if any(p is None for p in parts):
             raise CadRayError(f"shards of {concept}/{objective} are missing or damaged; re-run to recompute them")
         total = GradientSum.reduce(parts)
@@ -128,10 +141,13 @@ class AttributionWorker:
         return {"concept": concept, "objective": objective, "objective_value": attribution.objective_value,
                 "components": sum(w.numel() for w in weights.values())}
 
-    def finalize_pair(self, work: tuple) -> dict:
-        """`finalize` of (concept, objective, shards, manifest, direct)."""
-        *pair, direct = work
-        return self.finalize(*pair, direct=True) if direct else self.finalize(*pair)
+    def finalize_pairs(self, unit: tuple) -> list[dict]:
+        """`finalize` of the pairs at `indices`; unit = (pairs [(concept, objective, shards)], manifest, indices,
+        direct). `direct`: every pair has one shard, and the stack of them is computed here, reduced from memory
+        (the pairs not at `indices` only so that each concept is stacked as in any run of this config)."""
+        pairs, manifest, indices, direct = unit
+        sums = self.partial_sums(tuple(shards[0] for _, _, shards in pairs)) if direct else None
+        return [self.finalize(*pairs[i], manifest, parts=[sums[i]] if direct else None) for i in indices]
 
     def write_weights(self, manifest: dict) -> None:
         """The run's weights table: the scoped weights once, for every concept's grad = score / weight."""
