@@ -199,6 +199,11 @@ class _RayPool:
         while queue or running:
             while queue and self.actors and len(running) < IN_FLIGHT_PER_WORKER * len(self.actors):
                 actor = min(self.actors, key=lambda a: load[a])
+                if load[actor] and len(queue) <= len(self.starting):
+                    # what is left waits for the actors still loading the model, one unit each: the first actor
+                    # ready would otherwise take two of a few large units (stacked concepts) and leave the
+                    # others idle; a unit whose actor never comes goes to the first that is free
+                    break
                 call = queue.popleft()
                 running[self._call(actor, call[1], *call[2])] = (call, actor)
                 load[actor] += 1

@@ -2,6 +2,7 @@
 scores, the same as attributed alone, and a run gives the same tables however it was stopped."""
 
 import shutil
+import sys
 
 import pytest
 import torch
@@ -182,3 +183,49 @@ def test_stacked_concepts_on_a_stable_diffusion_pipeline(tmp_path, monkeypatch, 
         assert (x - y).abs().max() <= 1e-4 * x.abs().max()
     tench, church = (torch.cat([g.flatten() for g in part.grads.values()]) for part in alone)
     assert (tench - church).abs().max() > 1e-2 * tench.abs().max()  # the concepts' gradients differ far beyond that
+
+
+class _LateSecondWorker:
+    """A stage worker whose second instance takes a while to load (as a second actor that imports and loads the
+    model later than the first); `unit` says which process ran it."""
+
+    def __init__(self, config, root):
+        import os
+        import time
+
+        marker = os.path.join(root, "first-loaded")
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            time.sleep(2)
+
+    def fingerprint(self):
+        return "late"
+
+    def unit(self, number):
+        import os
+        import time
+
+        time.sleep(3)
+        return os.getpid()
+
+
+def test_a_few_large_units_go_one_to_each_worker(tmp_path):
+    """Two units (two stacks of concepts) and two workers, the second ready 2 s after the first: the first does not
+    take both (two at a time is the pipelining of many small units); each worker runs one."""
+    ray = pytest.importorskip("ray")
+    from ray import cloudpickle
+
+    from cad_ray.distributed import Executor
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the Ray workers cannot import this test module
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    executor = Executor(small_config(workers=2), str(tmp_path), progress=False)
+    try:
+        pids = [pid for _, pid in executor.map(_LateSecondWorker, "unit", [0, 1], "units")]
+    finally:
+        executor.close()
+        ray.shutdown()
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    assert len(set(pids)) == 2

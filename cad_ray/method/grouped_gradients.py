@@ -32,6 +32,10 @@ def linear_modules(root: torch.nn.Module, parameters) -> dict[str, torch.nn.Line
     for name, p in parameters:
         if id(p) not in owners:
             raise NotGroupable(f"{name} is not a Linear layer's weight")
+        layer = owners[id(p)]
+        # a subclass's or a library's own forward (adapters, offloading) may do more than x W^T + b
+        if "forward" in vars(layer) or type(layer).forward is not torch.nn.Linear.forward:
+            raise NotGroupable(f"the layer of {name} has a forward of its own")
         modules[name] = owners[id(p)]
     return modules
 
