@@ -143,3 +143,25 @@ def test_bad_model_folders(tmp_path, index, message):
         (folder / "model_index.json").write_text(index)
     with pytest.raises(CadRayError, match=message):
         load_model(folder)
+
+
+def test_attribution_decodes_no_image_and_a_sample_decodes_its_images_once(monkeypatch):
+    """The final images of a sampling run are decoded when they are first asked for: the erase and amplify points
+    (fused or not) never ask, which at Stable Diffusion size saves a VAE decode a trajectory (docs/benchmarks.md)."""
+    from conftest import untrained_float64_model
+
+    from cad_ray.method.attribution import CAD
+    from cad_ray.method.objectives import AmplifyObjective, Concept, EraseObjective
+
+    model = untrained_float64_model(seed=3)
+    decoded, decode = [], model.decode
+    monkeypatch.setattr(model, "decode", lambda latents: decoded.append(len(latents)) or decode(latents))
+    concept = Concept("seven", ("seven",))
+    for objective in (EraseObjective(steps=3), EraseObjective(steps=3, fused=True),
+                      AmplifyObjective(points_per_sample=2, steps=3)):
+        CAD(model, objective, "ff", chunk_size=8, batch=2).attribute(concept, 2)
+    assert decoded == []
+    trajectory = model.sample(["seven", "a red two"], seed=1, steps=3)
+    images = trajectory.images
+    assert trajectory.images is images and decoded == [2]
+    np.testing.assert_array_equal(images, decode(trajectory.latents[-1]))

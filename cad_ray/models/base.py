@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -63,16 +63,25 @@ class Trajectory:
     sample. `inputs[k]` is what the UNet saw at that step, `scheduler.scale_model_input(latents[k], t_k)`:
     the same tensor for DDPM/DDIM/DPM-Solver, the sigma-space state divided by sqrt(sigma^2 + 1) for
     Euler-type samplers. It is kept because that scaling depends on the sampler's step state, which cannot be
-    rebuilt reliably from t alone. `images` are the decoded final samples, (N, H, W, 3) in [0, 1].
+    rebuilt reliably from t alone. `images` are the decoded final samples, (N, H, W, 3) in [0, 1], decoded by
+    `decoder` on first use: attribution never looks at them, and at Stable Diffusion size a VAE decode costs more
+    than a guided UNet step (docs/benchmarks.md).
     """
 
     prompts: list[str]
     latents: torch.Tensor  # (steps + 1, N, C, H, W)
     timesteps: torch.Tensor  # (steps,)
-    images: np.ndarray
+    decoder: Callable[[torch.Tensor], np.ndarray] = field(repr=False, compare=False)
     guidance: float
     inputs: torch.Tensor | None = None  # (steps, N, C, H, W); None: the same as latents[:-1]
     unguided: torch.Tensor | None = None  # (steps, N, C, H, W): the UNet's output for the negative prompt
+    _images: np.ndarray | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            self._images = self.decoder(self.latents[-1])
+        return self._images
 
     @property
     def model_inputs(self) -> torch.Tensor:
@@ -289,7 +298,7 @@ class TextToImageModel:
         kept.append(x)
         # an identity scaling (DDPM, DDIM, DPM-Solver) returns its input: no second copy of the trajectory
         same = all(i is k for i, k in zip(inputs, kept))
-        return Trajectory(list(prompts), torch.stack(kept), timesteps.detach().cpu(), self.decode(x), guidance,
+        return Trajectory(list(prompts), torch.stack(kept), timesteps.detach().cpu(), self.decode, guidance,
                           inputs=None if same else torch.stack(inputs),
                           unguided=torch.stack(unguided) if keep_unguided else None)
 
