@@ -116,7 +116,7 @@ class AttributionConfig(Strict):
         exclude = {key: True for key in ("workers", "device", "keep_shards", *LATER_STAGES, *unused)}
         if not self.erase.fused:  # runs made before the option keep their hash
             exclude["erase"] = {"fused"}
-        if self.concept_batch == 1:  # likewise
+        if self.concept_batch == 1 or not self.erase.fused:  # likewise, and it stacks fused erase shards only
             exclude["concept_batch"] = True
         return self.model_dump(exclude=exclude, mode="json")
 

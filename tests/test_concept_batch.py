@@ -68,7 +68,7 @@ def test_concepts_that_cannot_be_stacked_are_attributed_one_at_a_time(small_mode
 def test_a_layer_that_folds_images_into_rows_falls_back_to_one_at_a_time(small_model, monkeypatch):
     """A scoped Linear that sees other rows than the pass's images (here a feed-forward block that folds its
     images into one row of tokens, which changes nothing else) cannot be split by concept: the stacked pass is
-    dropped, nothing of it counts, and each concept is attributed alone."""
+    dropped, nothing of it counts, and each concept is attributed alone, in this call and the next."""
     objective = EraseObjective(steps=3, points_per_sample=2, fused=True)
     estimator = CAD(small_model, objective, "ff", chunk_size=64, batch=2)
     alone = [estimator.gradient_sum(c, [0, 1]) for c in CONCEPTS]
@@ -82,6 +82,9 @@ def test_a_layer_that_folds_images_into_rows_falls_back_to_one_at_a_time(small_m
     for a, b in zip(alone, stacked):
         for name in a.grads:
             torch.testing.assert_close(b.grads[name], a.grads[name], rtol=1e-9, atol=1e-14)
+    calls.clear()
+    estimator.gradient_sums([(c, [0, 1]) for c in CONCEPTS])
+    assert calls == [2, 2, 2]  # the estimator does not try again a stack that failed
 
 
 def test_stacks_are_fixed_by_the_config():
@@ -95,6 +98,7 @@ def test_stacks_are_fixed_by_the_config():
     assert all(len(stack) == 1 for stack in stacks if stack[0].objective == "amplify")
     unfused = small_config(concepts=concepts, concept_batch=2, erase={"steps": 4})
     assert all(len(stack) == 1 for stack in concept_stacks(unfused, plan_shards(unfused)))
+    assert "concept_batch" not in unfused.result_fields()  # it changes nothing there: a resume must not refuse
     assert "concept_batch" not in small_config().result_fields()
     assert config.config_hash() != small_config(concepts=concepts, erase={"steps": 4, "fused": True}).config_hash()
 

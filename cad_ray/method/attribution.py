@@ -139,6 +139,7 @@ class CAD:
         self.parameters = select_parameters(model.named_parameters(), scope)
         self.reads_text = reads_text_encoder(n for n, _ in self.parameters)
         self.fuse = getattr(objective, "fused", False)  # turned off for good by an out-of-memory in a fused pass
+        self.stack = True  # turned off for good by a stacked pass that failed: the next one would fail the same way
 
     @property
     def tensor_names(self) -> list[str]:
@@ -227,7 +228,7 @@ class CAD:
         """The scoped Linear layers, if `parts` go through the sampler together (else None): more than one, the
         same samples, each batch fused (`_fuses`) with all parts' rows in one chunk, and every scoped tensor a
         Linear layer's weight."""
-        if len(parts) < 2 or any(list(samples) != list(parts[0][1]) for _, samples in parts):
+        if not self.stack or len(parts) < 2 or any(list(samples) != list(parts[0][1]) for _, samples in parts):
             return None
         batches = {}
         for sample in parts[0][1]:
@@ -284,7 +285,8 @@ class CAD:
             p.grad = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        log.warning("%s; attributing the concepts one at a time", failed)
+        self.stack = False
+        log.warning("%s; attributing the concepts one at a time from now on", failed)
         return None
 
     def _fuses(self, concept: Concept, group: list[int]) -> bool:

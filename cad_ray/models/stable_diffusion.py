@@ -45,7 +45,9 @@ class StableDiffusionModel(TextToImageModel):
 
     def decode_tensor(self, latents: torch.Tensor) -> torch.Tensor:
         """`decode` with gradients: (N, H, W, 3) in [0, 1] (classifier guidance differentiates a judge through it)."""
-        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
+        # the VAE's device too: a trajectory's images are decoded when first asked for, maybe after a move
+        latents = latents.to(self.vae.device, self.vae.dtype)
+        images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
 
     def save_pretrained(self, folder: str | Path) -> None:
