@@ -91,6 +91,17 @@ class AttributionConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _concept_batch_can_stack(self):
+        if self.concept_batch > 1:
+            if not self.erase.fused:
+                raise ValueError(f"concept_batch {self.concept_batch} stacks fused erase trajectories only: set "
+                                 "erase.fused: true, or concept_batch: 1")
+            if isinstance(self.chunk_size, int) and self.concept_batch * self.batch > self.chunk_size:
+                raise ValueError(f"concept_batch x batch ({self.concept_batch} x {self.batch}) rows must fit one "
+                                 f"chunk (chunk_size {self.chunk_size}): lower one of them or raise chunk_size")
+        return self
+
+    @model_validator(mode="after")
     def _residual_follows_its_first_edit(self):
         listing = [c.name for c in self.concepts if "residual" in c.objectives]
         if listing:
@@ -116,7 +127,7 @@ class AttributionConfig(Strict):
         exclude = {key: True for key in ("workers", "device", "keep_shards", *LATER_STAGES, *unused)}
         if not self.erase.fused:  # runs made before the option keep their hash
             exclude["erase"] = {"fused"}
-        if self.concept_batch == 1 or not self.erase.fused:  # likewise, and it stacks fused erase shards only
+        if self.concept_batch == 1:  # likewise
             exclude["concept_batch"] = True
         return self.model_dump(exclude=exclude, mode="json")
 

@@ -96,11 +96,21 @@ def test_stacks_are_fixed_by_the_config():
     erase = [[(s.concept, s.index) for s in stack] for stack in stacks if stack[0].objective == "erase"]
     assert erase == [[("seven", 0), ("three", 0)], [("seven", 1), ("three", 1)], [("one", 0)], [("one", 1)]]
     assert all(len(stack) == 1 for stack in stacks if stack[0].objective == "amplify")
-    unfused = small_config(concepts=concepts, concept_batch=2, erase={"steps": 4})
-    assert all(len(stack) == 1 for stack in concept_stacks(unfused, plan_shards(unfused)))
-    assert "concept_batch" not in unfused.result_fields()  # it changes nothing there: a resume must not refuse
+    single = small_config(concepts=concepts, erase={"steps": 4, "fused": True})
+    assert all(len(stack) == 1 for stack in concept_stacks(single, plan_shards(single)))
     assert "concept_batch" not in small_config().result_fields()
     assert config.config_hash() != small_config(concepts=concepts, erase={"steps": 4, "fused": True}).config_hash()
+
+
+@pytest.mark.parametrize("changes, says", [
+    ({"erase": {"steps": 4}}, "stacks fused erase trajectories only: set erase.fused: true"),
+    ({"erase": {"fused": True}, "chunk_size": 3}, r"concept_batch x batch \(2 x 2\) rows must fit one chunk"),
+])
+def test_a_concept_batch_that_would_stack_nothing_is_refused(changes, says):
+    from cad_ray.errors import CadRayError
+
+    with pytest.raises(CadRayError, match=says):
+        small_config(concept_batch=2, **changes)
 
 
 def stacked_config(**changes):
