@@ -168,9 +168,6 @@ class CAD:
         sums = [{n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in self.parameters}
                 for _ in parts]
         objective_sums = [0.0] * len(parts)
-        groups: dict[int, list[int]] = {}
-        for sample in parts[0][1]:
-            groups.setdefault(sample // self.batch, []).append(sample)
         stacked = self._stacked_layers(parts)
 
         def add_gradients(i: int):
@@ -181,7 +178,7 @@ class CAD:
 
         with gradients_for(params):
             if stacked is not None:
-                for group in groups.values():
+                for group in self._batches(parts[0][1]):
                     values = self._fused_stacked([(c, group) for c, _ in parts], stacked, sums)
                     if values is None:
                         break
@@ -192,10 +189,7 @@ class CAD:
                 sums = [{n: torch.zeros_like(v) for n, v in part.items()} for part in sums]
                 objective_sums = [0.0] * len(parts)
             for i, (concept, samples) in enumerate(parts):
-                part_groups: dict[int, list[int]] = {}
-                for sample in samples:
-                    part_groups.setdefault(sample // self.batch, []).append(sample)
-                for group in part_groups.values():
+                for group in self._batches(samples):
                     if self._fuses(concept, group):
                         value = self._fused(concept, group)
                         if value is not None:
@@ -214,6 +208,13 @@ class CAD:
                         add_gradients(i)
         return self._finished(parts, sums, objective_sums)
 
+    def _batches(self, samples: list[int]) -> list[list[int]]:
+        """The samples by batch of the global grid (sample s is in batch s // batch), in order."""
+        batches: dict[int, list[int]] = {}
+        for sample in samples:
+            batches.setdefault(sample // self.batch, []).append(sample)
+        return list(batches.values())
+
     def _finished(self, parts, sums, objective_sums) -> list[GradientSum]:
         for (concept, samples), part in zip(parts, sums):
             for name, total in part.items():
@@ -230,11 +231,8 @@ class CAD:
         Linear layer's weight."""
         if not self.stack or len(parts) < 2 or any(list(samples) != list(parts[0][1]) for _, samples in parts):
             return None
-        batches = {}
-        for sample in parts[0][1]:
-            batches.setdefault(sample // self.batch, []).append(sample)
         if not all(self._fuses(c, b) and len(parts) * len(b) <= self.chunk_size for c, _ in parts
-                   for b in batches.values()):
+                   for b in self._batches(parts[0][1])):
             return None
         try:
             return linear_modules(self.model.unet, self.parameters)

@@ -235,19 +235,19 @@ class _StackedFusedPoints:
     def __init__(self, parts: list[_FusedPoints], backward, forward_parts):
         self.parts, self._backward, self._forward_parts = parts, backward, forward_parts
         self.offsets = np.cumsum([0] + [len(p.samples) for p in parts[:-1]]).tolist()
-        self._rows: list[torch.Tensor] = []
+        self._rows: list[torch.Tensor] = []  # the step's rows of each part, and their part indices
+        self._labels = torch.empty(0, dtype=torch.long)
 
     def rows(self, step: int, steps: int) -> torch.Tensor:
         self._rows = [part.rows(step, steps) for part in self.parts]
-        labels = torch.cat([torch.full((len(r),), i, dtype=torch.long) for i, r in enumerate(self._rows)])
-        if len(labels):  # the sampler's pass with gradients comes next
-            self._forward_parts(labels)
+        self._labels = torch.cat([torch.full((len(r),), i, dtype=torch.long) for i, r in enumerate(self._rows)])
+        if len(self._labels):  # the sampler's pass with gradients comes next
+            self._forward_parts(self._labels)
         return torch.cat([r + offset for r, offset in zip(self._rows, self.offsets)])
 
     def backward(self, step: int, rows: torch.Tensor, out_c: torch.Tensor, out_u: torch.Tensor) -> None:
         weights = torch.cat([part.weights(r) for part, r in zip(self.parts, self._rows)])
-        labels = torch.cat([torch.full((len(r),), i, dtype=torch.long) for i, r in enumerate(self._rows)])
-        self._backward(squared_errors(out_c, out_u, self.parts[0].objective.sign), weights, labels)
+        self._backward(squared_errors(out_c, out_u, self.parts[0].objective.sign), weights, self._labels)
 
 
 class AmplifyObjective:
